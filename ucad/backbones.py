@@ -1,0 +1,198 @@
+"""Feature maps from a frozen timm backbone, with or without a task prompt.
+
+ViTs are run block by block with our own prefix-prompted attention (on top of timm's modules, not a
+fork); CNNs are run with forward hooks. Both stop at the deepest extracted layer: UCAD reads block 5
+of 12, so the other 6 blocks are never computed.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from ucad.errors import UcadError
+from ucad.images import IMAGENET_MEAN, IMAGENET_STD, normalize
+from ucad.prompt import ChannelPrompt, PrefixPrompt
+from ucad.weights import create_backbone
+
+DEFAULT_LAYERS_VIT = ["5"]
+DEFAULT_LAYERS_CNN = ["2", "3"]  # timm feature stages of stride 8 and 16 (layer2/layer3 of a ResNet)
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the deepest extracted layer so the rest of the network is skipped."""
+
+
+class FeatureExtractor(nn.Module):
+    """images (uint8, B x 3 x S x S) -> list of feature maps (B x C x h x w), one per extracted layer."""
+
+    def __init__(self, backbone_name: str, layers: list[str] | tuple[str, ...], weights: str = "auto"):
+        super().__init__()
+        self.model, self.weights_description = create_backbone(backbone_name, weights=weights)
+        self.model.eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.is_vit = isinstance(self.model, VisionTransformer)
+        cfg = getattr(self.model, "pretrained_cfg", {}) or {}
+        # normalise as the weights were trained (ViT augreg and TF EfficientNets use 0.5/0.5, ResNets ImageNet)
+        self.mean = tuple(cfg.get("mean", IMAGENET_MEAN))
+        self.std = tuple(cfg.get("std", IMAGENET_STD))
+        layers = list(layers) or (DEFAULT_LAYERS_VIT if self.is_vit else DEFAULT_LAYERS_CNN)
+        if self.is_vit:
+            self._setup_vit(layers)
+        else:
+            self._setup_cnn(layers)
+
+    # ----------------------------------------------------------------- ViT
+    def _setup_vit(self, layers: list[str]) -> None:
+        depth = len(self.model.blocks)
+        indices = []
+        for layer in layers:
+            match = re.fullmatch(r"(?:blocks\.)?(\d+)", layer)
+            if not match or int(match.group(1)) >= depth:
+                raise UcadError(
+                    f"-le/--layers_to_extract_from '{layer}' is not a block of this ViT: use an index 0..{depth - 1} "
+                    "or blocks.N (UCAD uses 5)"
+                )
+            indices.append(int(match.group(1)))
+        for block in self.model.blocks[: max(indices) + 1]:
+            missing = [a for a in ("norm1", "attn", "ls1", "norm2", "mlp", "ls2") if not hasattr(block, a)]
+            if missing or not hasattr(block.attn, "qkv"):
+                raise UcadError(f"backbone block type {type(block).__name__} is not supported for prefix prompts")
+        self.block_indices = sorted(set(indices))
+        self.layer_names = [f"blocks.{i}" for i in self.block_indices]
+        self.prompt_layers = max(self.block_indices) + 1
+        self.embed_dim = self.model.embed_dim
+        self.channels = [self.embed_dim] * len(self.block_indices)
+
+    @staticmethod
+    def _attention(attn: nn.Module, x: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None):
+        batch, tokens, _ = x.shape
+        qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        if prefix is not None:
+            def heads(p):
+                return p.to(x.dtype).reshape(1, -1, attn.num_heads, attn.head_dim).transpose(1, 2).expand(
+                    batch, -1, -1, -1)
+            k = torch.cat([heads(prefix[0]), k], dim=2)
+            v = torch.cat([heads(prefix[1]), v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(batch, tokens, -1)
+        out = getattr(attn, "norm", nn.Identity())(out)
+        gate = getattr(attn, "gate", None)
+        if gate is not None:
+            out = out * gate(x).sigmoid()
+        return attn.proj(out)
+
+    def _vit_features(self, x: torch.Tensor, prompt: PrefixPrompt | None) -> list[torch.Tensor]:
+        model = self.model
+        x = model.patch_embed(x)
+        x = model._pos_embed(x)
+        x = model.norm_pre(x)
+        grid = model.patch_embed.grid_size
+        outputs = []
+        for index in range(max(self.block_indices) + 1):
+            block = model.blocks[index]
+            prefix = prompt.key_value(index) if prompt is not None and index < prompt.tokens.shape[0] else None
+            x = x + block.ls1(self._attention(block.attn, block.norm1(x), prefix))
+            x = x + block.ls2(block.mlp(block.norm2(x)))
+            if index in self.block_indices:
+                patches = x[:, model.num_prefix_tokens:]
+                outputs.append(patches.transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1]))
+        return outputs
+
+    # ----------------------------------------------------------------- CNN
+    def _resolve_cnn_layer(self, layer: str) -> str:
+        if layer.isdigit():
+            info = self.model.feature_info
+            names = [entry["module"] for entry in info]
+            if int(layer) >= len(names):
+                raise UcadError(f"-le '{layer}': this backbone has feature stages 0..{len(names) - 1} ({names})")
+            return names[int(layer)]
+        modules = dict(self.model.named_modules())
+        if layer not in modules:
+            stages = [entry["module"] for entry in getattr(self.model, "feature_info", [])]
+            raise UcadError(f"-le/--layers_to_extract_from '{layer}' is not a module of this backbone; "
+                            f"its feature stages are {stages} (or give their index 0..{len(stages) - 1})")
+        return layer
+
+    def _stages_up_to(self, name: str) -> list[str]:
+        modules = dict(self.model.named_modules())
+        dotted = re.fullmatch(r"(.*)\.(\d+)", name)
+        if dotted:
+            return [f"{dotted.group(1)}.{i}" for i in range(int(dotted.group(2)) + 1)
+                    if f"{dotted.group(1)}.{i}" in modules]
+        numbered = re.fullmatch(r"(\D+)(\d+)", name)
+        if numbered:
+            return [f"{numbered.group(1)}{i}" for i in range(int(numbered.group(2)) + 1)
+                    if f"{numbered.group(1)}{i}" in modules]
+        return [name]
+
+    def _setup_cnn(self, layers: list[str]) -> None:
+        names = [self._resolve_cnn_layer(layer) for layer in layers]
+        order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
+        self.layer_names = sorted(set(names), key=order.get)
+        self.prompt_stage_names = self._stages_up_to(self.layer_names[-1])
+        modules = dict(self.model.named_modules())
+        self._captured: dict[str, torch.Tensor] = {}
+        self._active_prompt: ChannelPrompt | None = None
+        self._stage_inputs: list[int] = []
+        for name in self.layer_names:
+            modules[name].register_forward_hook(self._make_output_hook(name))
+        for stage_index, name in enumerate(self.prompt_stage_names):
+            modules[name].register_forward_pre_hook(self._make_prompt_hook(stage_index))
+        # one dry run on a small image finds the channel counts the prompts need
+        with torch.no_grad():
+            self._recording = True
+            maps = self._cnn_features(torch.zeros(1, 3, 64, 64), None)
+            self._recording = False
+        self.channels = [m.shape[1] for m in maps]
+
+    def _make_output_hook(self, name: str):
+        def hook(module, inputs, output):
+            self._captured[name] = output
+            if name == self.layer_names[-1]:
+                raise _StopForward
+        return hook
+
+    def _make_prompt_hook(self, stage_index: int):
+        def hook(module, inputs):
+            if getattr(self, "_recording", False):
+                self._stage_inputs.append(inputs[0].shape[1])
+            if self._active_prompt is None:
+                return None
+            return (self._active_prompt.apply(stage_index, inputs[0]),) + tuple(inputs[1:])
+        return hook
+
+    def _cnn_features(self, x: torch.Tensor, prompt: ChannelPrompt | None) -> list[torch.Tensor]:
+        self._captured = {}
+        self._active_prompt = prompt
+        try:
+            self.model(x)
+        except _StopForward:
+            pass
+        finally:
+            self._active_prompt = None
+        return [self._captured[name] for name in self.layer_names]
+
+    # ----------------------------------------------------------------- common
+    def new_prompt(self, length: int, generator: torch.Generator | None = None) -> nn.Module:
+        if self.is_vit:
+            return PrefixPrompt(self.prompt_layers, length, self.embed_dim, generator=generator)
+        return ChannelPrompt(self._stage_inputs)
+
+    def describe(self) -> str:
+        kind = "ViT, prefix prompts on blocks 0..%d" % (self.prompt_layers - 1) if self.is_vit else (
+            "CNN, channel prompts at the inputs of " + ", ".join(self.prompt_stage_names))
+        return (f"{self.weights_description}; extracting {', '.join(self.layer_names)} ({kind}); "
+                f"input normalised with mean {self.mean} std {self.std}")
+
+    def forward(self, images_uint8: torch.Tensor, prompt: nn.Module | None = None) -> list[torch.Tensor]:
+        x = normalize(images_uint8, self.mean, self.std)
+        if self.is_vit:
+            return self._vit_features(x, prompt)
+        return self._cnn_features(x, prompt)

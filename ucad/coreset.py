@@ -1,0 +1,63 @@
+"""Memory-bank reduction: PatchCore's greedy k-center coreset (exact and approximate) and identity.
+
+Both greedy variants keep only an (N,) vector of distances to the selected set, never an N x N
+matrix, so they run on large banks and on the GPU when the features live there.
+"""
+from __future__ import annotations
+
+import torch
+
+from ucad.errors import UcadError
+
+SAMPLER_NAMES = ("identity", "greedy_coreset", "approx_greedy_coreset")
+
+
+class CoresetSampler:
+    """Selects rows of a feature matrix, either a fraction `percentage` or a fixed `size`."""
+
+    def __init__(self, name: str = "approx_greedy_coreset", percentage: float = 0.1, seed: int = 0,
+                 projection_dim: int = 128, starting_points: int = 10, chunk_size: int = 65536):
+        if name not in SAMPLER_NAMES:
+            raise UcadError(f"unknown sampler '{name}': choose one of {', '.join(SAMPLER_NAMES)}")
+        if not 0.0 < percentage <= 1.0:
+            raise UcadError(f"sampler -p/--percentage must be in (0, 1], got {percentage}")
+        self.name = name
+        self.percentage = percentage
+        self.seed = seed
+        self.projection_dim = projection_dim
+        self.starting_points = starting_points
+        self.chunk_size = chunk_size
+
+    def select(self, features: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """Indices of the selected rows; `size` overrides the percentage (UCAD's fixed memory sizes)."""
+        n = features.shape[0]
+        target = size if size is not None else max(1, int(n * self.percentage))
+        if self.name == "identity" or target >= n:
+            return torch.arange(n, device=features.device)
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        work = features.float()
+        if self.name == "approx_greedy_coreset" and work.shape[1] > self.projection_dim:
+            projection = torch.randn(work.shape[1], self.projection_dim, generator=generator) / self.projection_dim ** 0.5
+            work = work @ projection.to(work.device)
+        if self.name == "approx_greedy_coreset":
+            starts = torch.randperm(n, generator=generator)[: min(self.starting_points, n)].to(work.device)
+            # PatchCore's approximation: distance to the mean of the random starts' distances
+            min_distances = torch.stack([self._distances(work, work[s]) for s in starts], dim=1).mean(dim=1)
+            selected = []
+        else:
+            start = int(torch.randint(n, (1,), generator=generator))
+            min_distances = self._distances(work, work[start])
+            selected = [start]
+        while len(selected) < target:
+            index = int(torch.argmax(min_distances))
+            selected.append(index)
+            min_distances = torch.minimum(min_distances, self._distances(work, work[index]))
+        return torch.tensor(selected, device=features.device, dtype=torch.long)
+
+    def subsample(self, features: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        return features[self.select(features, size)]
+
+    def _distances(self, work: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+        parts = [torch.linalg.vector_norm(work[i:i + self.chunk_size] - point, dim=1)
+                 for i in range(0, work.shape[0], self.chunk_size)]
+        return torch.cat(parts)

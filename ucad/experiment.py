@@ -1,0 +1,217 @@
+"""The continual experiment: tasks one after another, evaluation of all seen tasks after each, results
+and a checkpoint written as each task finishes (so a crash in task 7 keeps tasks 1-6 and --resume
+continues from there)."""
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ucad.coreset import CoresetSampler
+from ucad.datasets import TaskSamples, list_tasks
+from ucad.device import select_device
+from ucad.errors import UcadError
+from ucad.evaluation import VARIANTS, ContinualEvaluator, TestSet
+from ucad.images import ImageGeometry, load_images, load_label_map, load_masks
+from ucad.learner import LearningConfig, learn_task
+from ucad.model import ModelConfig, UcadModel
+from ucad.nearest_neighbor import NearestNeighbourScorer
+from ucad.results import final_table, latest_run_dir, new_run_dir, summarize, write_csv, write_heatmap, \
+    write_json, write_matrices
+from ucad.structure_maps import default_structure_root, load_structure_map, structure_map_path
+from ucad.timing import PhaseTimer
+from ucad.visualize import save_segmentation_images
+
+CHECKPOINT = "checkpoint.pt"
+# options that must agree for --resume to continue a run instead of mixing two experiments
+RESUME_KEYS = ("seed", "model", "learning", "sampler", "dataset_name", "data_path", "categories", "geometry")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def echo(message: str = "") -> None:
+    print(message, flush=True)
+
+
+def structure_root_for(config: dict) -> Path:
+    return Path(config["structure_path"]) if config.get("structure_path") else default_structure_root(config["data_path"])
+
+
+def check_structure_maps(tasks: list[TaskSamples], structure_root: Path) -> None:
+    """Fail before any training if a map is missing, naming the first missing file."""
+    for task in tasks:
+        for sample in task.train:
+            path = structure_map_path(sample.image_path, task.root, structure_root)
+            if not path.is_file():
+                load_structure_map(path)  # raises the UcadError that explains how to make the maps
+
+
+def load_label_maps(task: TaskSamples, structure_root: Path, geometry: ImageGeometry) -> torch.Tensor:
+    maps = [load_label_map(load_structure_map(structure_map_path(s.image_path, task.root, structure_root)), geometry)
+            for s in task.train]
+    return torch.from_numpy(np.stack(maps))
+
+
+def load_test_set(index: int, task: TaskSamples, geometry: ImageGeometry, workers: int) -> TestSet:
+    images = load_images(task.test, geometry, workers, description=f"[{task.category}] decode test")
+    masks = load_masks(task.test, geometry, workers)
+    labels = np.array([int(s.is_anomalous) for s in task.test])
+    return TestSet(index, task.category, images, masks, labels, [s.image_path for s in task.test])
+
+
+def _resume_state(config: dict) -> tuple[Path, dict] | None:
+    run_dir = latest_run_dir(config["results_path"], config["log_project"], config["log_group"])
+    if run_dir is None or not (run_dir / CHECKPOINT).is_file():
+        return None
+    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+    saved = state["config"]
+    differing = [k for k in RESUME_KEYS if json.loads(json.dumps(saved.get(k), default=str))
+                 != json.loads(json.dumps(config.get(k), default=str))]
+    if differing:
+        raise UcadError(f"--resume: the last run in '{run_dir}' was made with other settings ({', '.join(differing)}); "
+                        "rerun without --resume to start a new run, or with the same options")
+    return run_dir, state
+
+
+def run_experiment(config: dict) -> Path:
+    """config: the merged options of the command line (see ucad.cli). Returns the run folder."""
+    seed_everything(config["seed"])
+    device = select_device(config["gpu"], config.get("cpu", False), warn=echo)
+    geometry = ImageGeometry(**config["geometry"])
+    tasks = list_tasks(config["dataset_name"], config["data_path"], config["categories"],
+                       config["train_val_split"], config["seed"])
+    model_config = ModelConfig(**config["model"])
+    learning = LearningConfig(**config["learning"])
+    if model_config.mode == "ucad" and learning.train_prompt:
+        structure_root = structure_root_for(config)
+        check_structure_maps(tasks, structure_root)
+    else:
+        structure_root = None
+
+    resumed = _resume_state(config) if config.get("resume") else None
+    if config.get("resume") and resumed is None:
+        echo("note: --resume found no unfinished run of this log group; starting a new one")
+    run_dir = resumed[0] if resumed else new_run_dir(config["results_path"], config["log_project"], config["log_group"])
+
+    model = UcadModel(model_config, device, config.get("precision", "auto"))
+    sampler = CoresetSampler(config["sampler"]["name"], config["sampler"]["percentage"], config["seed"])
+    scorer = NearestNeighbourScorer(model_config.anomaly_scorer_num_nn, config.get("nn_backend", "auto"), device,
+                                    config.get("faiss_on_gpu", False), config.get("faiss_num_workers", 4))
+    if config.get("faiss_on_gpu") and not scorer.faiss_on_gpu:
+        echo("note: --faiss_on_gpu: this faiss has no GPU support or no GPU is visible; "
+             f"nearest neighbours use {scorer.describe()}")
+    timer = PhaseTimer()
+    evaluator = ContinualEvaluator(model, scorer, timer, learning.feature_batch_size, config.get("fpr_limit", 0.3))
+    task_names = [t.category for t in tasks]
+    records: list[dict] = []
+    losses: dict[str, list[float]] = {}
+    done = 0
+    if resumed:
+        state = resumed[1]
+        model.load_tasks(state["model"])
+        records, losses, done = state["records"], state["losses"], len(state["model"]["tasks"])
+        timer.merge(_timer_from(state.get("timings", {})))
+
+    echo(f"UCAD run folder: {run_dir}")
+    echo(f"device: {device}{' (autocast ' + str(model.amp_dtype).replace('torch.', '') + ')' if model.amp_dtype else ''}")
+    echo(f"backbone: {model.extractor.describe()}")
+    echo(f"mode: {model_config.mode}; patch size {model_config.patchsize}, embedding {model_config.target_embed_dimension}; "
+         f"sampler {sampler.name}; nearest neighbours: {scorer.describe()}")
+    if model_config.mode == "ucad":
+        echo(f"memory: keys {learning.key_size}, knowledge {learning.memory_size}, unlimited {learning.basic_size} "
+             f"per task; prompt training: " + (f"{learning.epochs_num} epochs, SCL with structure maps from "
+                                              f"{structure_root}" if learning.train_prompt else
+                                              "OFF (--no_scl): prompts keep their random initialisation"))
+    echo(f"tasks ({len(tasks)}): {', '.join(task_names)}" + (f"; resuming after task {done}" if done else ""))
+    write_json(run_dir / "config.json", {**config, "task_order": task_names, "device": str(device),
+                                        "backbone_description": model.extractor.describe(),
+                                        "nn": scorer.describe()})
+
+    variants = VARIANTS if model_config.mode == "ucad" else ("task_agnostic", "oracle")
+    started = time.perf_counter()
+    for index, task in enumerate(tasks):
+        with timer.phase("image_loading", len(task.test)):
+            evaluator.add_test_set(load_test_set(index, task, geometry, config["num_workers"]))
+        if index < done:
+            continue
+        echo(f"\n== task {index + 1}/{len(tasks)}: {task.category} ({len(task.train)} train, {len(task.test)} test)")
+        with timer.phase("image_loading", len(task.train)):
+            train_images = load_images(task.train, geometry, config["num_workers"],
+                                       description=f"[{task.category}] decode train")
+            label_maps = load_label_maps(task, structure_root, geometry) if structure_root else None
+        if train_images.shape[0] == 0:
+            raise UcadError(f"task '{task.category}' has an empty training set")
+        train_images = train_images.to(device)
+        memory, history = learn_task(model, index, task.category, train_images, label_maps, sampler, learning, timer)
+        del train_images, label_maps
+        model.tasks.append(memory)
+        losses[task.category] = history
+        if history:
+            echo(f"   prompt loss {history[0]:.4f} -> {history[-1]:.4f} over {len(history)} epochs")
+        phase_records = evaluator.evaluate_phase(index, variants)
+        records += phase_records
+        _write_results(run_dir, records, task_names, losses, timer, model, config)
+        mine = {r["task_index"]: r for r in phase_records if r["variant"] == "task_agnostic"}
+        echo(f"   after {task.category}: mean image AUROC {np.mean([r['image_auroc'] for r in mine.values()]):.3f}, "
+             f"mean routing accuracy {np.mean([r['routing_accuracy'] for r in mine.values()]):.3f} over {len(mine)} task(s)")
+
+    total = time.perf_counter() - started
+    echo("\n" + final_table(records, task_names, model_config.mode))
+    echo(f"\nwall time {total:.1f} s; per phase: " + ", ".join(f"{k} {v['seconds']:.1f}s"
+                                                             for k, v in timer.as_dict().items()))
+    if config.get("save_segmentation_images"):
+        count = 0
+        for test_set in evaluator.test_sets:
+            routes, scores, maps = evaluator.final_maps(test_set, len(tasks) - 1)
+            names = [f"{Path(p).parent.name}_{Path(p).stem}" for p in test_set.paths]
+            captions = [f"{Path(p).parent.name} -> {task_names[int(r)]}" for p, r in zip(test_set.paths, routes)]
+            count += save_segmentation_images(run_dir / "segmentation_images" / test_set.name, test_set.images,
+                                              test_set.masks, maps.numpy(), scores.numpy(), names, captions)
+        echo(f"segmentation images: {count} in {run_dir / 'segmentation_images'}")
+    if config.get("save_patchcore_model"):
+        model.save(run_dir / "models" / "ucad_model.pt")
+        echo(f"model: {run_dir / 'models' / 'ucad_model.pt'} (score new images: python -m ucad.predict "
+             f"{run_dir / 'models' / 'ucad_model.pt'} IMAGE_FOLDER OUTPUT_FOLDER)")
+    echo(f"results: {run_dir}")
+    sys.stdout.flush()
+    return run_dir
+
+
+def _timer_from(timings: dict) -> PhaseTimer:
+    timer = PhaseTimer()
+    for name, value in timings.items():
+        timer.seconds[name] = value["seconds"]
+        timer.items[name] = value["items"]
+    return timer
+
+
+def _write_results(run_dir: Path, records, task_names, losses, timer: PhaseTimer, model: UcadModel, config) -> None:
+    write_csv(run_dir / "results_all_phases.csv", records)
+    last = max(r["phase"] for r in records)
+    write_csv(run_dir / "results_per_task.csv", [r for r in records if r["phase"] == last])
+    summary = summarize(records, task_names)
+    write_csv(run_dir / "results_mean.csv", summary)
+    write_matrices(run_dir, records, task_names)
+    write_heatmap(run_dir / "image_auroc_matrix.png", records, task_names)
+    write_json(run_dir / "summary.json", {"summary": summary, "losses": losses, "timings": timer.as_dict(),
+                                          "tasks_finished": last + 1, "task_order": task_names})
+    write_json(run_dir / "timings.json", timer.as_dict())
+    state = {"config": json.loads(json.dumps(config, default=str)), "model": model.state(), "records": records,
+             "losses": losses, "timings": timer.as_dict()}
+    temporary = run_dir / (CHECKPOINT + ".tmp")
+    torch.save(state, temporary)
+    temporary.replace(run_dir / CHECKPOINT)
+
+
+def learning_config_dict(**kwargs) -> dict:
+    return asdict(LearningConfig(**kwargs))

@@ -1,0 +1,105 @@
+"""Decoding images, masks and structure maps once, into compact in-memory tensors.
+
+Images are kept as uint8 (3 x S x S) and normalised on the device just before the backbone,
+so a task's training set is decoded once and reused by every epoch and every phase.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ucad.datasets import Sample
+from ucad.errors import UcadError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """How a source image becomes the network input.
+
+    resize_mode "crop": shorter side to `resize`, then centre crop `imagesize` (MVTec convention).
+    resize_mode "square": the whole image squashed to imagesize x imagesize, nothing cropped
+    (for non-square data such as magnetic tiles, whose defects a centre crop would cut away).
+    """
+
+    resize: int = 224
+    imagesize: int = 224
+    resize_mode: str = "crop"
+
+    def apply(self, image: Image.Image, nearest: bool = False) -> Image.Image:
+        method = Image.NEAREST if nearest else Image.BILINEAR
+        if self.resize_mode == "square":
+            return image.resize((self.imagesize, self.imagesize), method)
+        width, height = image.size
+        scale = self.resize / min(width, height)
+        new_w, new_h = max(self.imagesize, round(width * scale)), max(self.imagesize, round(height * scale))
+        image = image.resize((new_w, new_h), method)
+        left, top = (new_w - self.imagesize) // 2, (new_h - self.imagesize) // 2
+        return image.crop((left, top, left + self.imagesize, top + self.imagesize))
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+        return image
+    except FileNotFoundError:
+        raise UcadError(f"{what} '{path}' does not exist") from None
+    except Exception as error:  # PIL raises many types for damaged files
+        raise UcadError(f"cannot read {what} '{path}': {error}. Replace or remove the file.") from None
+
+
+def load_image(path: Path, geometry: ImageGeometry) -> np.ndarray:
+    """uint8 array (3, S, S); grayscale and palette images become RGB."""
+    image = _open(path, "image").convert("RGB")
+    return np.asarray(geometry.apply(image), dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def load_mask(path: Path | None, geometry: ImageGeometry) -> np.ndarray:
+    """uint8 {0,1} array (S, S); any value above 0 is defect (VisA masks are not 0/255)."""
+    if path is None:
+        return np.zeros((geometry.imagesize, geometry.imagesize), dtype=np.uint8)
+    mask = _open(path, "mask")
+    array = np.asarray(mask.convert("L") if mask.mode not in ("L", "I", "I;16", "1") else mask)
+    binary = Image.fromarray(((array > 0) * 255).astype(np.uint8))
+    return (np.asarray(geometry.apply(binary, nearest=True)) > 0).astype(np.uint8)
+
+
+def load_label_map(array: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
+    """A full-resolution region-label map brought to the input geometry with nearest sampling."""
+    resized = geometry.apply(Image.fromarray(array.astype(np.int32), mode="I"), nearest=True)
+    return np.asarray(resized, dtype=np.int32)
+
+
+def _parallel(function, items, workers: int, description: str, show: bool):
+    if workers <= 1:
+        return [function(item) for item in tqdm(items, desc=description, disable=not show, leave=False)]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(tqdm(pool.map(function, items), total=len(items), desc=description, disable=not show,
+                         leave=False))
+
+
+def load_images(samples: list[Sample], geometry: ImageGeometry, workers: int = 4, show: bool = True,
+                description: str = "decode") -> torch.Tensor:
+    arrays = _parallel(lambda s: load_image(s.image_path, geometry), samples, workers, description, show)
+    return torch.from_numpy(np.stack(arrays))
+
+
+def load_masks(samples: list[Sample], geometry: ImageGeometry, workers: int = 4) -> torch.Tensor:
+    arrays = _parallel(lambda s: load_mask(s.mask_path, geometry), samples, workers, "masks", False)
+    return torch.from_numpy(np.stack(arrays))
+
+
+def normalize(images_uint8: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 (B,3,H,W) on any device -> float normalised with the backbone's mean and std."""
+    mean_t = torch.tensor(mean, device=images_uint8.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=images_uint8.device).view(1, 3, 1, 1)
+    return (images_uint8.float() / 255.0 - mean_t) / std_t

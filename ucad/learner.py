@@ -1,0 +1,63 @@
+"""Learning one task: keys from the frozen backbone, a prompt trained with SCL, knowledge from the
+prompted backbone. Only these three are kept; the task's images are dropped afterwards."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ucad.coreset import CoresetSampler
+from ucad.model import TaskMemory, UcadModel
+from ucad.timing import PhaseTimer
+from ucad.training import train_prompt
+
+
+@dataclass
+class LearningConfig:
+    key_size: int = 196
+    memory_size: int = 196
+    basic_size: int = 1960
+    epochs_num: int = 25
+    lr: float = 5e-4
+    batch_size: int = 8
+    grad_clip: float = 1.0
+    temperature: float = 0.5
+    train_prompt: bool = True  # False with --no_scl: the prompt keeps its initialisation
+    augment: bool = False
+    feature_batch_size: int = 32
+    seed: int = 0
+
+
+def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tensor, label_maps: torch.Tensor | None,
+               sampler: CoresetSampler, config: LearningConfig, timer: PhaseTimer) -> tuple[TaskMemory, list[float]]:
+    """images: (N,3,S,S) uint8 (CPU or device). Returns the task's memory and the loss per epoch."""
+    n = images.shape[0]
+    with timer.phase("key_features", n):
+        frozen = model.features(images, None, config.feature_batch_size, f"[{name}] key features")
+        frozen = frozen.reshape(-1, frozen.shape[-1])
+    with timer.phase("coreset"):
+        keys = sampler.subsample(frozen, config.key_size)
+
+    if model.config.mode == "patchcore":
+        # the oracle baseline: one PatchCore memory bank per task from frozen features, sized by -p
+        with timer.phase("coreset"):
+            knowledge = sampler.subsample(frozen)
+        return TaskMemory(name, keys, None, knowledge), []
+    del frozen
+
+    prompt = model.new_prompt(task_index, config.seed)
+    history: list[float] = []
+    if config.train_prompt:
+        with timer.phase("prompt_training", n * config.epochs_num):
+            history = train_prompt(model, prompt, images, label_maps, config.epochs_num, config.lr, config.batch_size,
+                                   config.grad_clip, config.temperature, config.augment,
+                                   seed=config.seed * 1000 + task_index, description=f"[{name}] prompt")
+    prompt.requires_grad_(False)
+    with timer.phase("knowledge_features", n):
+        prompted = model.features(images, prompt, config.feature_batch_size, f"[{name}] knowledge features")
+        prompted = prompted.reshape(-1, prompted.shape[-1])
+    with timer.phase("coreset"):
+        knowledge = sampler.subsample(prompted, config.memory_size)
+        unlimited = sampler.subsample(prompted, config.basic_size) if config.basic_size > 0 else None
+    state = {k: v.detach().clone() for k, v in prompt.state_dict().items()}
+    return TaskMemory(name, keys, state, knowledge, unlimited, {"loss_history": history}), history

@@ -1,0 +1,38 @@
+"""PatchCore's patch embedding: local neighbourhood aggregation, alignment of layers to the largest
+grid, and projection by adaptive average pooling over the channel axis."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class PatchEmbedder:
+    """list of (B, C_l, h_l, w_l) maps -> (B, H*W, target_dim) patch features on the largest grid."""
+
+    def __init__(self, patchsize: int = 3, pretrain_embed_dimension: int = 1024,
+                 target_embed_dimension: int = 1024):
+        if patchsize < 1:
+            raise ValueError("--patchsize must be at least 1")
+        self.patchsize = patchsize
+        self.pretrain_dim = pretrain_embed_dimension
+        self.target_dim = target_embed_dimension
+
+    def __call__(self, feature_maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        height = max(m.shape[2] for m in feature_maps)
+        width = max(m.shape[3] for m in feature_maps)
+        batch = feature_maps[0].shape[0]
+        padding = (self.patchsize - 1) // 2
+        per_layer = []
+        for fmap in feature_maps:
+            fmap = fmap.float()
+            if self.patchsize > 1:
+                h, w = fmap.shape[2:]
+                # every location gets its p x p neighbourhood, flattened channel-major as PatchCore does
+                fmap = F.unfold(fmap, self.patchsize, padding=padding).reshape(batch, -1, h, w)
+            if fmap.shape[2:] != (height, width):
+                fmap = F.interpolate(fmap, size=(height, width), mode="bilinear", align_corners=False)
+            vectors = fmap.permute(0, 2, 3, 1).reshape(batch * height * width, 1, -1)
+            per_layer.append(F.adaptive_avg_pool1d(vectors, self.pretrain_dim))
+        stacked = torch.cat(per_layer, dim=1).reshape(batch * height * width, 1, -1)
+        embedded = F.adaptive_avg_pool1d(stacked, self.target_dim).reshape(batch, height * width, -1)
+        return embedded, (height, width)

@@ -1,0 +1,191 @@
+"""Result files of a run: log_project/log_group_N/ with per-phase records, accuracy matrices, the
+final summary (mean and forgetting), configuration and timings, written after every task."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ucad.metrics import final_average, forgetting_measure
+
+METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")
+TABLE_METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
+MATRIX_METRICS = METRICS + ("routing_accuracy",)
+
+
+def new_run_dir(results_path: str | Path, log_project: str, log_group: str) -> Path:
+    """results_path/log_project/log_group_N with N one more than the largest there: nothing is overwritten."""
+    project = Path(results_path) / log_project
+    project.mkdir(parents=True, exist_ok=True)
+    numbers = [int(m.group(1)) for p in project.iterdir()
+               if (m := re.fullmatch(re.escape(log_group) + r"_(\d+)", p.name))]
+    run_dir = project / f"{log_group}_{max(numbers, default=-1) + 1}"
+    run_dir.mkdir()
+    return run_dir
+
+
+def latest_run_dir(results_path: str | Path, log_project: str, log_group: str) -> Path | None:
+    project = Path(results_path) / log_project
+    if not project.is_dir():
+        return None
+    runs = [(int(m.group(1)), p) for p in project.iterdir()
+            if (m := re.fullmatch(re.escape(log_group) + r"_(\d+)", p.name))]
+    return max(runs)[1] if runs else None
+
+
+def accuracy_matrix(records: list[dict], variant: str, metric: str, num_tasks: int) -> np.ndarray:
+    matrix = np.full((num_tasks, num_tasks), np.nan)
+    for r in records:
+        if r["variant"] == variant:
+            matrix[r["phase"], r["task_index"]] = r[metric]
+    return matrix
+
+
+def summarize(records: list[dict], task_names: list[str]) -> list[dict]:
+    """Final mean and forgetting per (variant, metric), over the phases finished so far."""
+    phases = max((r["phase"] for r in records), default=-1) + 1
+    summary = []
+    for variant in sorted({r["variant"] for r in records}):
+        row = {"variant": variant, "tasks_finished": phases}
+        for metric in MATRIX_METRICS:
+            matrix = accuracy_matrix(records, variant, metric, phases)
+            row[f"final_{metric}"] = final_average(matrix)
+            row[f"fm_{metric}"] = forgetting_measure(matrix) if phases > 1 else float("nan")
+        summary.append(row)
+    return summary
+
+
+def _clean(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, (np.floating,)):
+        return _clean(float(value))
+    return value
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    fields = list(rows[0].keys())
+    for row in rows[1:]:
+        fields += [k for k in row if k not in fields]
+    temporary = path.with_suffix(".tmp")
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if _clean(v) is None else v) for k, v in row.items()})
+    temporary.replace(path)
+
+
+def write_json(path: Path, data) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(_jsonable(data), indent=2))
+    temporary.replace(path)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.floating, float)):
+        return None if math.isnan(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_matrices(run_dir: Path, records: list[dict], task_names: list[str]) -> None:
+    folder = run_dir / "matrices"
+    folder.mkdir(exist_ok=True)
+    phases = max((r["phase"] for r in records), default=-1) + 1
+    for variant in sorted({r["variant"] for r in records}):
+        for metric in MATRIX_METRICS:
+            matrix = accuracy_matrix(records, variant, metric, phases)
+            rows = [{"after_task": task_names[t], **{task_names[j]: _fmt(matrix[t, j]) for j in range(phases)}}
+                    for t in range(phases)]
+            write_csv(folder / f"{variant}_{metric}.csv", rows)
+
+
+def _fmt(value: float) -> str:
+    return "" if np.isnan(value) else f"{value:.6f}"
+
+
+def write_heatmap(path: Path, records: list[dict], task_names: list[str], variant: str = "task_agnostic",
+                  metric: str = "image_auroc") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = max((r["phase"] for r in records), default=-1) + 1
+    matrix = accuracy_matrix(records, variant, metric, phases)
+    size = max(4.0, 0.55 * phases + 2)
+    figure, axis = plt.subplots(figsize=(size, size * 0.85))
+    image = axis.imshow(np.ma.masked_invalid(matrix), vmin=0.5, vmax=1.0, cmap="viridis")
+    names = task_names[:phases]
+    axis.set_xticks(range(phases), names, rotation=60, ha="right", fontsize=8)
+    axis.set_yticks(range(phases), names, fontsize=8)
+    axis.set_xlabel("evaluated task")
+    axis.set_ylabel("after learning task")
+    for t in range(phases):
+        for j in range(t + 1):
+            axis.text(j, t, f"{matrix[t, j]:.2f}", ha="center", va="center", fontsize=7,
+                      color="white" if matrix[t, j] < 0.8 else "black")
+    axis.set_title(f"{metric} ({variant})")
+    figure.colorbar(image, ax=axis, fraction=0.046)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def final_table(records: list[dict], task_names: list[str], mode: str) -> str:
+    """The readable end-of-run table: per task after the last phase, then mean and forgetting."""
+    if not records:
+        return "(no results)"
+    last = max(r["phase"] for r in records)
+    by_key = {(r["task_index"], r["variant"]): r for r in records if r["phase"] == last}
+    has_unlimited = any(v == "task_agnostic_unlimited" for _, v in by_key)
+    header = ["task"] + [f"{m}" for m in TABLE_METRICS] + ["routing"] + ["oracle_img_auroc"]
+    if has_unlimited:
+        header.append("unlim_img_auroc")
+    lines = []
+    for j in range(last + 1):
+        agnostic = by_key.get((j, "task_agnostic"), {})
+        row = [task_names[j]] + [_num(agnostic.get(m)) for m in TABLE_METRICS]
+        row += [_num(agnostic.get("routing_accuracy")), _num(by_key.get((j, "oracle"), {}).get("image_auroc"))]
+        if has_unlimited:
+            row.append(_num(by_key.get((j, "task_agnostic_unlimited"), {}).get("image_auroc")))
+        lines.append(row)
+    summary = {s["variant"]: s for s in summarize(records, task_names)}
+    for label, prefix in (("mean", "final_"), ("FM", "fm_")):
+        agnostic = summary.get("task_agnostic", {})
+        row = [label] + [_num(agnostic.get(prefix + m)) for m in TABLE_METRICS]
+        row += [_num(agnostic.get(prefix + "routing_accuracy")),
+                _num(summary.get("oracle", {}).get(prefix + "image_auroc"))]
+        if has_unlimited:
+            row.append(_num(summary.get("task_agnostic_unlimited", {}).get(prefix + "image_auroc")))
+        lines.append(row)
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
+    render = [" | ".join(str(x).ljust(w) for x, w in zip(header, widths))]
+    render.append("-+-".join("-" * w for w in widths))
+    for i, row in enumerate(lines):
+        if i == last + 1:
+            render.append("-+-".join("-" * w for w in widths))
+        render.append(" | ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+    title = f"{mode.upper()} after {last + 1} task(s): task-agnostic results (routing by keys); " \
+            "oracle = task given"
+    return title + "\n" + "\n".join(render)
+
+
+def _num(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3f}"

@@ -1,0 +1,321 @@
+"""Structure maps for structure-based contrastive learning (SCL): where they live and how they are stored.
+
+UCAD's contrastive loss needs, for every training image, a map that labels each pixel with the id of the region
+(Segment Anything automatic mask, or an offline superpixel segmentation) it belongs to.
+
+Convention (shared by ``segment_anything_prep/make_structure_maps.py``, which writes the maps, and the training
+code, which reads them):
+
+* Location: a tree parallel to the data set. The default root is ``DATA_PATH + "-sam-b"`` (the released code's
+  convention, see :func:`default_structure_root`); each map has the same path relative to that root as its image
+  has relative to ``DATA_PATH``, with the suffix replaced by ``.png`` (:func:`structure_map_path`).
+* Resolution: a map has the image's FULL original resolution (same width and height as the source image file as
+  PIL opens it, no EXIF rotation applied). Maps therefore do not depend on ``--resize`` / ``--imagesize``: the
+  training loader applies the same resize / crop to the map as to the image, with *nearest* sampling, and then
+  brings it to the patch grid (again nearest).
+* Encoding: 16-bit grayscale PNG (PIL mode ``"I;16"``, written from a ``uint16`` array). 0 = pixel in no region,
+  1..K = regions, numbered by decreasing area (1 = largest). Ids must fit in 16 bits (K <= 65535).
+* :func:`load_structure_map` returns an ``int32`` array of shape (H, W).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ucad.errors import UcadError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MAX_LABEL = 65535
+STRUCTURE_SUFFIX = "-sam-b"
+VISA_SPLIT_CSV = Path("split_csv") / "1cls.csv"
+
+MAKE_MAPS_HINT = (
+    "make them with `python segment_anything_prep/make_structure_maps.py --data_path DATA "
+    "--method felzenszwalb` (or `--sam_checkpoint sam_vit_b_01ec64.pth` for Segment Anything masks), "
+    "or train without them with the option `--no_scl` of the `ucad` sub-command (the prompt is then not trained)"
+)
+
+LAYOUTS_HINT = (
+    "expected the MVTec layout (ROOT/<category>/train/good/*.png, ROOT/<category>/test/<type>/*.png), "
+    "a single category folder (ROOT/train/good/*, ROOT/test/<type>/*), or VisA as distributed "
+    "(ROOT/<category>/Data/Images/{Normal,Anomaly}/*.JPG with ROOT/split_csv/1cls.csv)"
+)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# paths
+# --------------------------------------------------------------------------------------------------------------
+
+
+def default_structure_root(data_root) -> Path:
+    """The released code's convention: ``DATA_PATH`` + ``-sam-b`` (e.g. ``/data/mvtec`` -> ``/data/mvtec-sam-b``)."""
+    return Path(str(data_root).rstrip("/").rstrip(os.sep) + STRUCTURE_SUFFIX)
+
+
+def _relative_to_root(image_path: Path, data_root: Path) -> Path:
+    image_path = Path(image_path)
+    data_root = Path(data_root)
+    candidates = [
+        (Path(os.path.abspath(image_path)), Path(os.path.abspath(data_root))),
+        (image_path.resolve(), data_root.resolve()),
+    ]
+    for img, root in candidates:
+        try:
+            return img.relative_to(root)
+        except ValueError:
+            continue
+    raise UcadError(f"image {image_path} is not inside the data path {data_root}; cannot place its structure map")
+
+
+def structure_map_path(image_path, data_root, structure_root) -> Path:
+    """Path of the structure map of ``image_path``: same relative path under ``structure_root``, suffix ``.png``."""
+    rel = _relative_to_root(Path(image_path), Path(data_root))
+    return Path(structure_root) / rel.with_suffix(".png")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reading / writing
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_structure_map(path) -> np.ndarray:
+    """Read a structure map written by :func:`save_structure_map`; returns int32 (H, W), 0 = no region."""
+    path = Path(path)
+    if not path.is_file():
+        raise UcadError(f"structure map {path} does not exist; {MAKE_MAPS_HINT}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            arr = np.array(img)
+    except Exception as exc:  # PIL raises many kinds (UnidentifiedImageError, OSError, SyntaxError ...)
+        raise UcadError(
+            f"structure map {path} cannot be read ({type(exc).__name__}: {exc}); delete it and make it again "
+            f"with segment_anything_prep/make_structure_maps.py"
+        ) from None
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise UcadError(
+            f"structure map {path} is not a single-channel integer label map (shape {arr.shape}, "
+            f"dtype {arr.dtype}); delete it and make it again with segment_anything_prep/make_structure_maps.py"
+        )
+    return arr.astype(np.int32, copy=False)
+
+
+def save_structure_map(path, labels) -> Path:
+    """Write an integer label map (H, W), values 0..65535, as a 16-bit grayscale PNG (atomically)."""
+    path = Path(path)
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"structure map must be 2-D (H, W), got shape {labels.shape}")
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        if not np.all(np.equal(np.mod(labels, 1), 0)):
+            raise ValueError("structure map must hold integer labels")
+    if labels.size:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi > MAX_LABEL:
+            raise ValueError(f"structure map labels must be in 0..{MAX_LABEL}, got {lo}..{hi}")
+    img = Image.fromarray(np.ascontiguousarray(labels.astype(np.uint16)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # write to a temporary file in the same folder, then rename: an interrupted run never leaves a broken map
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# label maps
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _compact_in_order(painted: np.ndarray, n_ids: int) -> np.ndarray:
+    """Renumber the ids present in ``painted`` (0..n_ids) to 1..K keeping their order; 0 stays 0."""
+    present = np.zeros(n_ids + 1, dtype=bool)
+    present[np.unique(painted)] = True
+    present[0] = False
+    k = int(present.sum())
+    if k > MAX_LABEL:
+        raise ValueError(f"{k} regions do not fit a 16-bit structure map (at most {MAX_LABEL})")
+    lut = np.zeros(n_ids + 1, dtype=np.int32)
+    lut[present] = np.arange(1, k + 1, dtype=np.int32)
+    return lut[painted]
+
+
+def masks_to_label_map(masks, shape) -> np.ndarray:
+    """Turn a list of binary masks into one label map of ``shape`` (H, W), int32.
+
+    ``masks``: boolean arrays (H, W) or Segment Anything annotation dicts (``"segmentation"``, optional ``"area"``).
+    Regions are sorted by area, larger first, and painted in that order, so each smaller region is painted over the
+    larger ones it overlaps; ids are 1..K in that order (regions fully covered by smaller ones, or empty, are
+    dropped and the ids stay consecutive); 0 where no mask covers the pixel. More than 65535 regions -> ValueError.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 2:
+        raise ValueError(f"shape must be (H, W), got {shape}")
+    seg_list = []
+    for m in masks:
+        seg = m["segmentation"] if isinstance(m, dict) else m
+        seg = np.asarray(seg, dtype=bool)
+        if seg.shape != shape:
+            raise ValueError(f"mask of shape {seg.shape} does not match the map shape {shape}")
+        seg_list.append(seg)
+    areas = [int(s.sum()) for s in seg_list]
+    order = sorted(range(len(seg_list)), key=lambda i: -areas[i])  # stable: ties keep their input order
+    order = [i for i in order if areas[i] > 0]
+    painted = np.zeros(shape, dtype=np.int32)
+    for rank, i in enumerate(order, start=1):
+        painted[seg_list[i]] = rank
+    return _compact_in_order(painted, len(order))
+
+
+def relabel_by_area(segments, background=None) -> np.ndarray:
+    """Renumber a segmentation (any non-negative integer ids) to 1..K by decreasing area (ties: smaller old id
+    first). Pixels whose id equals ``background`` (if given) become 0. Returns int32."""
+    seg = np.asarray(segments)
+    if seg.ndim != 2:
+        raise ValueError(f"segmentation must be 2-D, got shape {seg.shape}")
+    seg = seg.astype(np.int64, copy=False)
+    if seg.size and seg.min() < 0:
+        raise ValueError("segmentation ids must be non-negative")
+    counts = np.bincount(seg.ravel()) if seg.size else np.zeros(1, dtype=np.int64)
+    if background is not None and background < len(counts):
+        counts[background] = 0
+    ids = np.flatnonzero(counts)
+    ids = ids[np.argsort(-counts[ids], kind="stable")]
+    if len(ids) > MAX_LABEL:
+        raise ValueError(f"{len(ids)} regions do not fit a 16-bit structure map (at most {MAX_LABEL})")
+    lut = np.zeros(len(counts), dtype=np.int32)
+    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    return lut[seg]
+
+
+def resize_labels_nearest(labels, shape) -> np.ndarray:
+    """Nearest-neighbour resampling of a label map to ``shape`` (H, W) (pixel centres aligned)."""
+    labels = np.asarray(labels)
+    h, w = labels.shape
+    out_h, out_w = (int(s) for s in shape)
+    if (h, w) == (out_h, out_w):
+        return labels.copy()
+    rows = np.minimum(((np.arange(out_h) + 0.5) * h / out_h).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(out_w) + 0.5) * w / out_w).astype(np.int64), w - 1)
+    return labels[rows[:, None], cols[None, :]]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# finding images
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _images_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if _is_image(p)]
+
+
+def _mvtec_category_images(cat_dir: Path, include_test: bool) -> list[Path]:
+    images = _images_in(cat_dir / "train" / "good")
+    if include_test and (cat_dir / "test").is_dir():
+        for sub in sorted((cat_dir / "test").iterdir()):
+            if sub.is_dir():
+                images.extend(_images_in(sub))
+    return images
+
+
+def _visa_folder_images(cat_dir: Path, include_test: bool) -> list[Path]:
+    # VisA folder without the split file: every Normal image (a superset of the train split; maps for extra
+    # images are harmless), and the Anomaly ones with include_test
+    images = _images_in(cat_dir / "Data" / "Images" / "Normal")
+    if include_test:
+        images.extend(_images_in(cat_dir / "Data" / "Images" / "Anomaly"))
+    return images
+
+
+def _visa_csv_images(root: Path, csv_path: Path, include_test: bool, categories) -> list[Path]:
+    try:
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UcadError(f"VisA split file {csv_path} cannot be read: {exc}") from None
+    if rows and not {"object", "split", "image"} <= set(rows[0].keys()):
+        raise UcadError(
+            f"VisA split file {csv_path} lacks the columns object, split, image (has {sorted(rows[0].keys())})"
+        )
+    known = sorted({r["object"].strip() for r in rows})
+    _check_categories(categories, known, root)
+    wanted = {"train", "test"} if include_test else {"train"}
+    images, missing = [], []
+    for r in rows:
+        if r["split"].strip().lower() not in wanted:
+            continue
+        if categories and r["object"].strip() not in categories:
+            continue
+        p = root / r["image"].strip()
+        if p.is_file():
+            images.append(p)
+        else:
+            missing.append(p)
+    if missing:
+        raise UcadError(
+            f"{len(missing)} image(s) listed in {csv_path} are missing, e.g. {missing[0]}; "
+            f"choose the categories present with -d CATEGORY"
+        )
+    return images
+
+
+def _check_categories(categories, available: Sequence[str], root: Path) -> None:
+    if not categories:
+        return
+    unknown = [c for c in categories if c not in available]
+    if unknown:
+        raise UcadError(
+            f"categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} not found in {root}; "
+            f"available: {', '.join(available) if available else 'none'}"
+        )
+
+
+def find_images(data_root, include_test: bool = False, categories: Iterable[str] | None = None) -> list[Path]:
+    """Images of a data set that need structure maps (training images; with ``include_test`` the test ones too).
+
+    Layouts: MVTec (``ROOT/<cat>/train/good/*``, test ``ROOT/<cat>/test/*/*``), a single MVTec category folder
+    (``ROOT/train/good/*``), VisA as distributed (``ROOT/<cat>/Data/Images/...`` with ``ROOT/split_csv/1cls.csv``:
+    train = rows whose split is ``train``; the image column is relative to ROOT). Extensions are matched
+    case-insensitively; the result is sorted. ``categories`` keeps only those categories. Nothing found -> UcadError.
+    """
+    root = Path(data_root)
+    if not root.is_dir():
+        raise UcadError(f"data path {root} is not a folder; {LAYOUTS_HINT}")
+    categories = [c for c in (categories or []) if c]
+    csv_path = root / VISA_SPLIT_CSV
+    if csv_path.is_file():
+        images = _visa_csv_images(root, csv_path, include_test, categories)
+    elif (root / "train").is_dir():
+        _check_categories(categories, [root.name], root.parent)
+        images = _mvtec_category_images(root, include_test)
+    else:
+        found: dict[str, list[Path]] = {}
+        for cat_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if (cat_dir / "train").is_dir():
+                found[cat_dir.name] = _mvtec_category_images(cat_dir, include_test)
+            elif (cat_dir / "Data" / "Images").is_dir():
+                found[cat_dir.name] = _visa_folder_images(cat_dir, include_test)
+        _check_categories(categories, sorted(found), root)
+        images = [p for name, imgs in found.items() if not categories or name in categories for p in imgs]
+    if not images:
+        which = f" (categories {', '.join(categories)})" if categories else ""
+        raise UcadError(f"no {'' if include_test else 'training '}images found in {root}{which}; {LAYOUTS_HINT}")
+    return sorted(images, key=lambda p: str(p))

@@ -1,0 +1,54 @@
+"""Training one task's prompt with the structure-based contrastive loss, for a fixed number of epochs.
+
+Nothing here sees test data: the number of epochs is fixed up front and the last prompt is kept.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from ucad.loss import labels_to_grid, structure_contrastive_loss
+
+
+def train_prompt(model, prompt: torch.nn.Module, images: torch.Tensor, label_maps: torch.Tensor,
+                 epochs: int = 25, lr: float = 5e-4, batch_size: int = 8, clip: float = 1.0,
+                 temperature: float = 0.5, augment: bool = False, seed: int = 0,
+                 description: str = "prompt") -> list[float]:
+    """images (N,3,S,S) uint8 and label_maps (N,S,S) int on the CPU or the device. Returns mean loss per epoch."""
+    prompt.train()
+    prompt.requires_grad_(True)
+    optimizer = torch.optim.Adam(prompt.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    history = []
+    progress = tqdm(range(epochs), desc=description, leave=False)
+    for _ in progress:
+        order = torch.randperm(images.shape[0], generator=generator)
+        total, count = 0.0, 0
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            batch = images[index].to(model.device, non_blocking=True)
+            labels = label_maps[index].to(model.device, non_blocking=True)
+            if augment:
+                batch, labels = _flip(batch, labels, generator)
+            features = model.embed(batch, prompt)
+            loss = structure_contrastive_loss(features, labels_to_grid(labels, model.grid), temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(prompt.parameters(), clip)
+            optimizer.step()
+            total += float(loss.detach()) * len(index)
+            count += len(index)
+        history.append(total / count)
+        progress.set_postfix(loss=f"{history[-1]:.4f}")
+    prompt.eval()
+    prompt.requires_grad_(False)
+    return history
+
+
+def _flip(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+    """Random horizontal / vertical flips, the same for an image and its region map."""
+    if torch.rand(1, generator=generator).item() < 0.5:
+        images, labels = images.flip(-1), labels.flip(-1)
+    if torch.rand(1, generator=generator).item() < 0.5:
+        images, labels = images.flip(-2), labels.flip(-2)
+    return images, labels
