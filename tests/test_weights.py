@@ -14,7 +14,6 @@ import torch
 import timm
 
 from ucad.errors import UcadError
-from ucad import weights as W
 from ucad.weights import (
     BACKBONE_ALIASES,
     create_backbone,
@@ -279,7 +278,7 @@ def test_offline_mapping_is_complete_and_matches_positional_order():
     assert len(raw) == len(target)
     for (rk, rv), tk in zip(raw.items(), target.keys()):
         assert rv.shape == target[tk].shape, (rk, tk)
-        assert mapped[tk] is rv, (rk, tk)
+        assert torch.equal(mapped[tk], rv), (rk, tk)
     # TF BatchNorm epsilon
     eps = {m.eps for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert eps == {1e-3}

@@ -47,17 +47,23 @@ class CoresetSampler:
         else:
             start = int(torch.randint(n, (1,), generator=generator))
             min_distances = self._distances(work, work[start])
+            min_distances[start] = -1.0
             selected = [start]
         while len(selected) < target:
             index = int(torch.argmax(min_distances))
             selected.append(index)
             min_distances = torch.minimum(min_distances, self._distances(work, work[index]))
+            # a chosen row stays below every distance (>= 0), so duplicate features never get it picked twice
+            min_distances[index] = -1.0
+        self._norms_for = self._squared_norms = None  # do not keep the bank alive after selection
         return torch.tensor(selected, device=features.device, dtype=torch.long)
 
     def subsample(self, features: torch.Tensor, size: int | None = None) -> torch.Tensor:
         return features[self.select(features, size)]
 
     def _distances(self, work: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
-        parts = [torch.linalg.vector_norm(work[i:i + self.chunk_size] - point, dim=1)
-                 for i in range(0, work.shape[0], self.chunk_size)]
-        return torch.cat(parts)
+        # |x - p|^2 = |x|^2 - 2 x.p + |p|^2: one matrix-vector product instead of an N x D difference
+        if getattr(self, "_norms_for", None) is not work:
+            self._norms_for, self._squared_norms = work, (work * work).sum(dim=1)
+        squared = self._squared_norms - 2.0 * (work @ point) + (point * point).sum()
+        return squared.clamp_min(0).sqrt()

