@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
-    radius = int(math.ceil(4.0 * sigma))  # the truncation scipy.ndimage.gaussian_filter uses by default
+    radius = int(4.0 * sigma + 0.5)  # scipy.ndimage.gaussian_filter's radius for its default truncate=4.0
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     return kernel / kernel.sum()
@@ -16,17 +16,24 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
 
 def anomaly_maps(patch_scores: torch.Tensor, grid: tuple[int, int], image_size: int,
                  sigma: float = 4.0) -> torch.Tensor:
-    """(N, h*w) patch scores -> (N, S, S) smoothed maps (reflect padding, as scipy's default)."""
+    """(N, h*w) patch scores -> (N, S, S) smoothed maps, as scipy.ndimage.gaussian_filter(mode="reflect")."""
     maps = patch_scores.float().reshape(-1, 1, grid[0], grid[1])
     maps = F.interpolate(maps, size=(image_size, image_size), mode="bilinear", align_corners=False)
     if sigma > 0:
         kernel = gaussian_kernel(sigma).to(maps.device)
         radius = kernel.numel() // 2
-        maps = F.pad(maps, (radius, radius, 0, 0), mode="reflect")
+        maps = maps.index_select(3, _reflect_indices(maps.shape[3], radius, maps.device))
         maps = F.conv2d(maps, kernel.view(1, 1, 1, -1))
-        maps = F.pad(maps, (0, 0, radius, radius), mode="reflect")
+        maps = maps.index_select(2, _reflect_indices(maps.shape[2], radius, maps.device))
         maps = F.conv2d(maps, kernel.view(1, 1, -1, 1))
     return maps[:, 0]
+
+
+def _reflect_indices(size: int, radius: int, device) -> torch.Tensor:
+    """Source indices of a row padded by `radius` in scipy's 'reflect' mode (d c b a | a b c d | d c b a),
+    which repeats the edge sample (torch's 'reflect' padding does not) and works for any radius."""
+    index = torch.arange(-radius, size + radius, device=device) % (2 * size)
+    return torch.where(index >= size, 2 * size - 1 - index, index)
 
 
 def image_scores(patch_scores: torch.Tensor) -> torch.Tensor:

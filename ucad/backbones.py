@@ -29,9 +29,14 @@ class _StopForward(Exception):
 class FeatureExtractor(nn.Module):
     """images (uint8, B x 3 x S x S) -> list of feature maps (B x C x h x w), one per extracted layer."""
 
-    def __init__(self, backbone_name: str, layers: list[str] | tuple[str, ...], weights: str = "auto"):
+    def __init__(self, backbone_name: str, layers: list[str] | tuple[str, ...], weights: str = "auto",
+                 imagesize: int | None = None):
         super().__init__()
         self.model, self.weights_description = create_backbone(backbone_name, weights=weights)
+        if (imagesize and isinstance(self.model, VisionTransformer)
+                and tuple(self.model.patch_embed.img_size) != (imagesize, imagesize)):
+            # a ViT has a fixed input size: rebuild it for this one (timm resamples the position embedding)
+            self.model, self.weights_description = create_backbone(backbone_name, weights=weights, img_size=imagesize)
         self.model.eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)

@@ -51,7 +51,8 @@ class UcadModel:
                  extractor: FeatureExtractor | None = None):
         self.config = config
         self.device = device
-        self.extractor = extractor or FeatureExtractor(config.backbone, config.layers, config.weights)
+        self.extractor = extractor or FeatureExtractor(config.backbone, config.layers, config.weights,
+                                                               config.imagesize)
         self.extractor.to(device)
         self.embedder = PatchEmbedder(config.patchsize, config.pretrain_embed_dimension,
                                       config.target_embed_dimension)

@@ -60,8 +60,11 @@ class NearestNeighbourScorer:
         for start in range(0, queries.shape[0], self.chunk_size):
             chunk = queries[start:start + self.chunk_size].float()
             squared = (chunk * chunk).sum(dim=1, keepdim=True) - 2.0 * chunk @ bank.T + bank_sq[None]
-            nearest = torch.topk(squared, k, dim=1, largest=False).values
-            parts.append(nearest.clamp_min(0).sqrt().mean(dim=1))
+            nearest = torch.topk(squared, k, dim=1, largest=False).indices
+            # the expansion above only ranks; distances of the k winners are recomputed directly, because it
+            # cancels catastrophically for near-identical vectors (a noise floor of sqrt(eps) * |x|)
+            exact = torch.linalg.vector_norm(chunk[:, None, :] - bank[nearest], dim=2)
+            parts.append(exact.mean(dim=1))
         return torch.cat(parts)
 
     def _faiss(self, queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:

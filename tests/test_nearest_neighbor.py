@@ -1,0 +1,100 @@
+"""ucad.nearest_neighbor.NearestNeighbourScorer: faiss and torch back ends against brute force (torch.cdist)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ucad.errors import UcadError
+from ucad.nearest_neighbor import NearestNeighbourScorer
+
+faiss = pytest.importorskip("faiss")
+
+
+def brute_force(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean Euclidean distance to the k nearest bank rows, in float64 with the exact (non-mm) formula."""
+    d = torch.cdist(queries.double(), bank.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    k = min(k, bank.shape[0])
+    return d.topk(k, dim=1, largest=False).values.mean(dim=1).float()
+
+
+def data(q=300, m=120, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(q, d, generator=g), torch.randn(m, d, generator=g)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_faiss_torch_and_brute_force_agree(k):
+    queries, bank = data()
+    expected = brute_force(queries, bank, k)
+    by_faiss = NearestNeighbourScorer(k=k, backend="faiss").distances(queries, bank)
+    by_torch = NearestNeighbourScorer(k=k, backend="torch").distances(queries, bank)
+    assert by_faiss.shape == by_torch.shape == (300,)
+    assert by_faiss.dtype == by_torch.dtype == torch.float32
+    torch.testing.assert_close(by_faiss, expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(by_torch, expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(by_faiss, by_torch, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_torch_backend_chunks_queries(k):
+    queries, bank = data(q=101, seed=1)
+    whole = NearestNeighbourScorer(k=k, backend="torch").distances(queries, bank)
+    chunked = NearestNeighbourScorer(k=k, backend="torch", chunk_size=7).distances(queries, bank)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(chunked, brute_force(queries, bank, k), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_k_larger_than_bank_uses_every_row(backend):
+    queries, bank = data(q=20, m=2, d=8, seed=2)
+    got = NearestNeighbourScorer(k=5, backend=backend).distances(queries, bank)
+    expected = torch.cdist(queries.double(), bank.double()).mean(dim=1).float()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_single_row_bank_and_scaled_features(backend):
+    # large-magnitude features (like unnormalised ViT tokens) still agree with brute force
+    queries, bank = data(q=50, m=1, d=64, seed=3)
+    queries, bank = queries * 30.0, bank * 30.0
+    got = NearestNeighbourScorer(k=1, backend=backend).distances(queries, bank)
+    torch.testing.assert_close(got, brute_force(queries, bank, 1), atol=1e-3, rtol=1e-5)
+
+
+def test_auto_picks_faiss_on_cpu():
+    scorer = NearestNeighbourScorer(k=1, backend="auto", device="cpu")
+    assert scorer.backend == "faiss"
+    assert "faiss" in scorer.describe()
+    assert NearestNeighbourScorer(k=1, backend="auto").backend == "faiss"  # the default device is the CPU
+
+
+def test_bad_options_raise():
+    with pytest.raises(UcadError, match="anomaly_scorer_num_nn"):
+        NearestNeighbourScorer(k=0)
+    with pytest.raises(UcadError, match="annoy"):
+        NearestNeighbourScorer(backend="annoy")
+
+
+def test_double_and_non_contiguous_inputs():
+    queries, bank = data(q=40, m=30, d=16, seed=4)
+    q64, b64 = queries.double(), bank.double()
+    strided_bank = bank.T.contiguous().T  # non-contiguous (column-major) view equal to bank
+    assert not strided_bank.is_contiguous()
+    expected = brute_force(queries, bank, 3)
+    for backend in ("faiss", "torch"):
+        scorer = NearestNeighbourScorer(k=3, backend=backend)
+        torch.testing.assert_close(scorer.distances(q64, b64), expected, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(scorer.distances(queries, strided_bank), expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("scale", [1.0, 3.0, 20.0])
+def test_query_equal_to_a_bank_row_scores_zero(backend, scale):
+    # normal test patches often (nearly) coincide with memory rows: the ||q||^2 - 2 q.b + ||b||^2 expansion
+    # cancels catastrophically there and must not leave a noise floor of sqrt(eps * ||q||^2)
+    bank = torch.randn(196, 1024, generator=torch.Generator().manual_seed(0)) * scale
+    queries = torch.cat([bank[:50], bank[50:60] + 1e-2])
+    got = NearestNeighbourScorer(k=1, backend=backend).distances(queries, bank)
+    expected = brute_force(queries, bank, 1)
+    torch.testing.assert_close(got, expected, atol=1e-4 * scale, rtol=1e-4)
