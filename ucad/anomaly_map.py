@@ -1,8 +1,6 @@
 """Patch scores -> pixel anomaly maps: bilinear upsampling to the image size, Gaussian smoothing."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 

@@ -18,17 +18,21 @@ class PatchEmbedder:
         self.target_dim = target_embed_dimension
 
     def __call__(self, feature_maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
-        height = max(m.shape[2] for m in feature_maps)
-        width = max(m.shape[3] for m in feature_maps)
         batch = feature_maps[0].shape[0]
         padding = (self.patchsize - 1) // 2
-        per_layer = []
+        patched = []
         for fmap in feature_maps:
             fmap = fmap.float()
             if self.patchsize > 1:
-                h, w = fmap.shape[2:]
+                # grid of patch centres: the map's own size for odd p, one less per p-1 for even p (PatchCore)
+                h, w = (s + 2 * padding - self.patchsize + 1 for s in fmap.shape[2:])
                 # every location gets its p x p neighbourhood, flattened channel-major as PatchCore does
                 fmap = F.unfold(fmap, self.patchsize, padding=padding).reshape(batch, -1, h, w)
+            patched.append(fmap)
+        height = max(m.shape[2] for m in patched)
+        width = max(m.shape[3] for m in patched)
+        per_layer = []
+        for fmap in patched:
             if fmap.shape[2:] != (height, width):
                 fmap = F.interpolate(fmap, size=(height, width), mode="bilinear", align_corners=False)
             vectors = fmap.permute(0, 2, 3, 1).reshape(batch * height * width, 1, -1)
