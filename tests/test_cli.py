@@ -165,3 +165,21 @@ def test_saved_model_scores_new_images_without_task(demo_root, tmp_path):
     assert len(list((tmp_path / "pred" / "maps").glob("*.npy"))) == 12
     bad = CliRunner().invoke(predict, [str(tmp_path / "nope.pt"), str(demo_root), str(tmp_path / "o"), "--cpu"])
     assert bad.exit_code == 2 and "nope.pt" in bad.output
+
+
+def test_fast_path_agrees_with_the_reference_path(demo_root, tmp_path):
+    """Cached evaluation with batched features vs recomputing everything every phase, one image at a time."""
+    args = dataset(demo_root, "weave", "washer", "pcb_chip")
+    code, _ = run(global_options(tmp_path / "fast") + TINY + ["--feature_batch_size", "32"] + args)
+    assert code == 0
+    code, _ = run(["--reference_evaluation"] + global_options(tmp_path / "slow") + TINY
+                  + ["--feature_batch_size", "1"] + args)
+    assert code == 0
+    fast = list(csv.DictReader(open(tmp_path / "fast" / "p" / "g_0" / "results_all_phases.csv")))
+    slow = {(r["phase"], r["task"], r["variant"]): r
+            for r in csv.DictReader(open(tmp_path / "slow" / "p" / "g_0" / "results_all_phases.csv"))}
+    assert len(fast) == len(slow) == 6 * 3
+    for r in fast:
+        other = slow[(r["phase"], r["task"], r["variant"])]
+        for metric in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "routing_accuracy"):
+            assert abs(float(r[metric]) - float(other[metric])) < 0.005, (metric, r, other)

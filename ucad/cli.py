@@ -31,6 +31,8 @@ from ucad.nearest_neighbor import BACKENDS
 @click.option("--resume", is_flag=True, help="Continue the last run of this log group after its last finished task (new).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Autocast for the backbone: auto = bf16 on GPU, fp32 on CPU (new).")
+@click.option("--reference_evaluation", is_flag=True, hidden=True,
+              help="Recompute every test feature and score in every phase (slow reference for checking the caches).")
 def main(**kwargs):
     """UCAD: unsupervised continual anomaly detection with contrastively-learned prompts."""
 
@@ -97,7 +99,7 @@ def dataset_command(**kwargs):
 
 @main.result_callback()
 def run(methods, results_path, gpu, cpu, seed, log_group, log_project, save_segmentation_images, save_patchcore_model,
-        memory_size, epochs_num, key_size, basic_size, resume, precision):
+        memory_size, epochs_num, key_size, basic_size, resume, precision, reference_evaluation):
     parts = dict(methods)
     order = [name for name, _ in methods]
     if "dataset" not in parts:
@@ -113,6 +115,7 @@ def run(methods, results_path, gpu, cpu, seed, log_group, log_project, save_segm
     config = {
         "results_path": results_path, "log_project": log_project, "log_group": log_group, "seed": seed,
         "gpu": list(gpu), "cpu": cpu, "resume": resume, "precision": precision,
+        "reference_evaluation": reference_evaluation,
         "save_segmentation_images": save_segmentation_images, "save_patchcore_model": save_patchcore_model,
         "faiss_on_gpu": model["faiss_on_gpu"], "faiss_num_workers": model["faiss_num_workers"],
         "nn_backend": model["nn_backend"],

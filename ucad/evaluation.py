@@ -39,13 +39,14 @@ class TestSet:
 
 class ContinualEvaluator:
     def __init__(self, model: UcadModel, scorer: NearestNeighbourScorer, timer: PhaseTimer,
-                 batch_size: int = 32, fpr_limit: float = 0.3):
+                 batch_size: int = 32, fpr_limit: float = 0.3, reuse: bool = True):
         self.model = model
         self.scorer = scorer
         self.key_scorer = NearestNeighbourScorer(1, scorer.backend, scorer.device, scorer.faiss_on_gpu)
         self.timer = timer
         self.batch_size = batch_size
         self.fpr_limit = fpr_limit
+        self.reuse = reuse  # False recomputes everything every phase, as the released code does (reference)
         self.test_sets: list[TestSet] = []
 
     def add_test_set(self, test_set: TestSet) -> None:
@@ -123,6 +124,8 @@ class ContinualEvaluator:
         """Metrics of every test set j <= phase after learning task `phase`: one record per (j, variant)."""
         records = []
         for test_set in self.test_sets[: phase + 1]:
+            if not self.reuse:
+                test_set.frozen, test_set.key_distance, test_set.patch_scores, test_set.metric_cache = None, {}, {}, {}
             routes = self._routing(test_set, phase)
             oracle_routes = torch.full_like(routes, test_set.index)
             routing_accuracy = float((routes == test_set.index).float().mean())

@@ -111,7 +111,8 @@ def run_experiment(config: dict) -> Path:
         echo("note: --faiss_on_gpu: this faiss has no GPU support or no GPU is visible; "
              f"nearest neighbours use {scorer.describe()}")
     timer = PhaseTimer()
-    evaluator = ContinualEvaluator(model, scorer, timer, learning.feature_batch_size, config.get("fpr_limit", 0.3))
+    evaluator = ContinualEvaluator(model, scorer, timer, learning.feature_batch_size, config.get("fpr_limit", 0.3),
+                                   reuse=not config.get("reference_evaluation", False))
     task_names = [t.category for t in tasks]
     records: list[dict] = []
     losses: dict[str, list[float]] = {}

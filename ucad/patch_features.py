@@ -24,7 +24,7 @@ class PatchEmbedder:
         for fmap in feature_maps:
             fmap = fmap.float()
             if self.patchsize > 1:
-                # grid of patch centres: the map's own size for odd p, one less per p-1 for even p (PatchCore)
+                # grid of patch centres: the map size for odd p, one less for even p (as PatchCore computes it)
                 h, w = (s + 2 * padding - self.patchsize + 1 for s in fmap.shape[2:])
                 # every location gets its p x p neighbourhood, flattened channel-major as PatchCore does
                 fmap = F.unfold(fmap, self.patchsize, padding=padding).reshape(batch, -1, h, w)
