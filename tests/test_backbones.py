@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 
 import pytest
+import timm
 import torch
-from torch import nn
 
 import ucad.backbones as backbones
 from ucad.backbones import FeatureExtractor
@@ -141,7 +141,8 @@ def test_vit_prefix_prompt_equals_reference(variant, length):
             if index in (1, 3):
                 expected.append(to_map(tokens, model))
     for p, e, u in zip(prompted, expected, plain):
-        torch.testing.assert_close(p, e, atol=1e-5, rtol=1e-5)
+        # fused SDPA vs an explicit softmax over sharpened attention: equal to float32 rounding
+        torch.testing.assert_close(p, e, atol=5e-5, rtol=1e-4)
         assert (p - u).abs().max() > 1e-2  # the prompt changes the features
 
 
@@ -210,10 +211,13 @@ def test_cnn_stages_by_name_and_index(resnets):
     assert [tuple(m.shape) for m in a] == [(2, 128, 12, 12), (2, 256, 6, 6)]  # strides 8 and 16
     for m, n in zip(a, b):
         torch.testing.assert_close(m, n, atol=0, rtol=0)  # same seed, same weights, same maps
-    # equal to timm's own feature extraction of the same model
+    # equal to timm's own feature extraction of the same weights (on a separate copy: the extractor's model
+    # carries hooks that stop its forward after layer3)
+    reference = timm.create_model("resnet18", pretrained=False).eval()
+    reference.load_state_dict(by_name.model.state_dict())
     with torch.no_grad():
         normalised = normalize(x, by_name.mean, by_name.std)
-        theirs = by_name.model.forward_intermediates(normalised, indices=[2, 3], intermediates_only=True)
+        theirs = reference.forward_intermediates(normalised, indices=[2, 3], intermediates_only=True)
     for m, t in zip(a, theirs):
         torch.testing.assert_close(m, t, atol=1e-5, rtol=1e-5)
 
