@@ -6,6 +6,7 @@ prompt; blocks after the deepest extracted one never run.
 CNN: timm ResNet-18 stages by name and by index, strides 8/16, channel prompts, errors."""
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -50,6 +51,12 @@ def tiny_vit(layers=("1", "3"), depth=4, **kwargs) -> FeatureExtractor:
     return extractor
 
 
+@functools.lru_cache(maxsize=None)
+def shared_vit(variant: str) -> FeatureExtractor:
+    """One extractor per variant for the tests that neither hook nor modify the model."""
+    return tiny_vit(**VIT_VARIANTS[variant])
+
+
 def images(batch=2, size=IMG, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8)
@@ -64,7 +71,7 @@ def to_map(tokens: torch.Tensor, model) -> torch.Tensor:
 # ----------------------------------------------------------------------------- ViT
 @pytest.mark.parametrize("variant", list(VIT_VARIANTS))
 def test_vit_without_prompt_equals_timm(variant):
-    extractor = tiny_vit(**VIT_VARIANTS[variant])
+    extractor = shared_vit(variant)
     model = extractor.model
     x = images()
     with torch.no_grad():
@@ -124,7 +131,7 @@ def reference_prefix_block(block, x, key_prefix, value_prefix):
 @pytest.mark.parametrize("variant", ["plain", "layerscale_qknorm"])
 @pytest.mark.parametrize("length", [1, 3])
 def test_vit_prefix_prompt_equals_reference(variant, length):
-    extractor = tiny_vit(**VIT_VARIANTS[variant])
+    extractor = shared_vit(variant)
     model = extractor.model
     prompt = extractor.new_prompt(length, generator=torch.Generator().manual_seed(4))
     assert isinstance(prompt, PrefixPrompt)
@@ -147,7 +154,7 @@ def test_vit_prefix_prompt_equals_reference(variant, length):
 
 
 def test_vit_gradient_reaches_only_the_prompt():
-    extractor = tiny_vit()
+    extractor = shared_vit("plain")
     prompt = extractor.new_prompt(1, generator=torch.Generator().manual_seed(5))
     maps = extractor(images(seed=3), prompt)
     (maps[0].square().mean() + maps[1].square().mean()).backward()

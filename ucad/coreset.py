@@ -6,6 +6,7 @@ matrix, so they run on large banks and on the GPU when the features live there.
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from ucad.errors import UcadError
 
@@ -39,31 +40,36 @@ class CoresetSampler:
         if self.name == "approx_greedy_coreset" and work.shape[1] > self.projection_dim:
             projection = torch.randn(work.shape[1], self.projection_dim, generator=generator) / self.projection_dim ** 0.5
             work = work @ projection.to(work.device)
+        # rows as columns: point @ (D x N) runs ~3x faster on CPU BLAS than (N x D) @ point
+        work_t = work.T.contiguous()
+        squared_norms = (work * work).sum(dim=1)
+        del work
+
+        def squared_distances(index: int) -> torch.Tensor:
+            point = work_t[:, index]
+            return (squared_norms - 2.0 * (point @ work_t) + squared_norms[index]).clamp_min(0)
+
+        # min over squared distances selects the same points as over distances and saves a sqrt per step
         if self.name == "approx_greedy_coreset":
-            starts = torch.randperm(n, generator=generator)[: min(self.starting_points, n)].to(work.device)
-            # PatchCore's approximation: distance to the mean of the random starts' distances
-            min_distances = torch.stack([self._distances(work, work[s]) for s in starts], dim=1).mean(dim=1)
+            starts = torch.randperm(n, generator=generator)[: min(self.starting_points, n)].tolist()
+            # PatchCore's approximation: the mean distance to the random starts seeds the running minimum
+            min_distances = torch.stack([squared_distances(s).sqrt() for s in starts], dim=1).mean(dim=1) ** 2
             selected = []
         else:
             start = int(torch.randint(n, (1,), generator=generator))
-            min_distances = self._distances(work, work[start])
+            min_distances = squared_distances(start)
             min_distances[start] = -1.0
             selected = [start]
+        progress = tqdm(total=target, desc=f"{self.name} {n} -> {target}", leave=False,
+                        disable=target < 2000, initial=len(selected))
         while len(selected) < target:
             index = int(torch.argmax(min_distances))
             selected.append(index)
-            min_distances = torch.minimum(min_distances, self._distances(work, work[index]))
-            # a chosen row stays below every distance (>= 0), so duplicate features never get it picked twice
-            min_distances[index] = -1.0
-        self._norms_for = self._squared_norms = None  # do not keep the bank alive after selection
+            min_distances = torch.minimum(min_distances, squared_distances(index))
+            min_distances[index] = -1.0  # with duplicate rows every distance can reach 0: never pick a row twice
+            progress.update()
+        progress.close()
         return torch.tensor(selected, device=features.device, dtype=torch.long)
 
     def subsample(self, features: torch.Tensor, size: int | None = None) -> torch.Tensor:
         return features[self.select(features, size)]
-
-    def _distances(self, work: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
-        # |x - p|^2 = |x|^2 - 2 x.p + |p|^2: one matrix-vector product instead of an N x D difference
-        if getattr(self, "_norms_for", None) is not work:
-            self._norms_for, self._squared_norms = work, (work * work).sum(dim=1)
-        squared = self._squared_norms - 2.0 * (work @ point) + (point * point).sum()
-        return squared.clamp_min(0).sqrt()

@@ -94,10 +94,14 @@ def list_mvtec_task(root: Path, category: str) -> TaskSamples:
                 continue
             mask = folder / "ground_truth" / defect / f"{image.stem}_mask.png"
             if not mask.is_file():
-                raise UcadError(
-                    f"defect image '{image}' has no mask: expected '{mask}'. Every image in test/{defect}/ needs "
-                    f"ground_truth/{defect}/<name>_mask.png"
-                )
+                # VisA converted by its official script (spot-diff prepare_data.py) names masks <name>.png
+                same_name = mask.with_name(f"{image.stem}.png")
+                if not same_name.is_file():
+                    raise UcadError(
+                        f"defect image '{image}' has no mask: expected '{mask}' (or '{same_name}'). Every image "
+                        f"in test/{defect}/ needs ground_truth/{defect}/<name>_mask.png"
+                    )
+                mask = same_name
             test.append(Sample(image, mask, True, defect))
     if not test:
         raise UcadError(f"test folder '{test_dir}' holds no images")

@@ -31,7 +31,7 @@ class TestSet:
     masks: torch.Tensor  # (N,S,S) uint8 {0,1}, CPU
     labels: np.ndarray  # (N,) 0 normal / 1 anomalous
     paths: list
-    frozen: torch.Tensor | None = None  # (N,P,D) fp16 on the device
+    frozen: torch.Tensor | None = None  # (N,P,D) on the device
     key_distance: dict = field(default_factory=dict)  # task k -> (N,) mean nearest-key distance
     patch_scores: dict = field(default_factory=dict)  # (task k, bank) -> (N,P) float, nan rows = not computed
     metric_cache: dict = field(default_factory=dict)
@@ -56,8 +56,11 @@ class ContinualEvaluator:
     def _frozen(self, test_set: TestSet) -> torch.Tensor:
         if test_set.frozen is None:
             with self.timer.phase("test_frozen_features", len(test_set.labels)):
+                # routing only compares means of key distances, so fp16 halves the cache at no cost; in
+                # PatchCore mode these features are also scored against the memory bank and stay fp32
+                dtype = torch.float32 if self.model.config.mode == "patchcore" else torch.float16
                 test_set.frozen = self.model.features(test_set.images, None, self.batch_size,
-                                                      f"[{test_set.name}] test features", out_dtype=torch.float16)
+                                                      f"[{test_set.name}] test features", out_dtype=dtype)
         return test_set.frozen
 
     def _routing(self, test_set: TestSet, phase: int) -> torch.Tensor:
