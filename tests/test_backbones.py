@@ -29,6 +29,15 @@ VIT_VARIANTS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: a second intra-op thread only adds spin-waits (worse on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build(name: str, layers, **timm_kwargs) -> FeatureExtractor:
     """A FeatureExtractor whose backbone is created with random weights and extra timm kwargs."""
     def random_backbone(backbone_name, weights="auto"):
