@@ -190,9 +190,11 @@ class FeatureExtractor(nn.Module):
             return PrefixPrompt(self.prompt_layers, length, self.embed_dim, generator=generator)
         return ChannelPrompt(self._stage_inputs)
 
-    def describe(self) -> str:
+    def describe(self, prompts: bool = True) -> str:
         kind = "ViT, prefix prompts on blocks 0..%d" % (self.prompt_layers - 1) if self.is_vit else (
             "CNN, channel prompts at the inputs of " + ", ".join(self.prompt_stage_names))
+        if not prompts:
+            kind = ("ViT" if self.is_vit else "CNN") + ", frozen, no prompts"
         return (f"{self.weights_description}; extracting {', '.join(self.layer_names)} ({kind}); "
                 f"input normalised with mean {self.mean} std {self.std}")
 

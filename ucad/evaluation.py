@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ucad.anomaly_map import anomaly_maps, image_scores
-from ucad.metrics import compute_task_metrics
+from ucad.metrics import PixelGroundTruth, compute_task_metrics
 from ucad.model import UcadModel
 from ucad.nearest_neighbor import NearestNeighbourScorer
 from ucad.router import key_distances, route
@@ -35,6 +35,7 @@ class TestSet:
     key_distance: dict = field(default_factory=dict)  # task k -> (N,) mean nearest-key distance
     patch_scores: dict = field(default_factory=dict)  # (task k, bank) -> (N,P) float, nan rows = not computed
     metric_cache: dict = field(default_factory=dict)
+    ground_truth: PixelGroundTruth | None = None  # pixel labels and AUPRO regions, built once on the device
 
 
 class ContinualEvaluator:
@@ -108,8 +109,9 @@ class ContinualEvaluator:
         return scores
 
     def maps(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        """(N,P) patch scores -> (N,S,S) anomaly maps on the model's device."""
         parts = [anomaly_maps(patch_scores[s:s + 64].to(self.model.device), self.model.grid,
-                              self.model.config.imagesize, self.model.config.smoothing_sigma).cpu()
+                              self.model.config.imagesize, self.model.config.smoothing_sigma)
                  for s in range(0, patch_scores.shape[0], 64)]
         return torch.cat(parts)
 
@@ -117,9 +119,11 @@ class ContinualEvaluator:
         cache_key = (variant, routes.numpy().tobytes())
         if cache_key not in test_set.metric_cache:
             with self.timer.phase("metrics", len(test_set.labels)):
-                maps = self.maps(patch_scores).numpy()
+                if test_set.ground_truth is None:
+                    test_set.ground_truth = PixelGroundTruth(test_set.masks, device=self.model.device)
                 test_set.metric_cache[cache_key] = compute_task_metrics(
-                    test_set.labels, image_scores(patch_scores).numpy(), test_set.masks.numpy(), maps, self.fpr_limit)
+                    test_set.labels, image_scores(patch_scores).numpy(), None, self.maps(patch_scores),
+                    self.fpr_limit, ground_truth=test_set.ground_truth)
         return test_set.metric_cache[cache_key]
 
     # ------------------------------------------------------------------ one phase
@@ -129,6 +133,7 @@ class ContinualEvaluator:
         for test_set in self.test_sets[: phase + 1]:
             if not self.reuse:
                 test_set.frozen, test_set.key_distance, test_set.patch_scores, test_set.metric_cache = None, {}, {}, {}
+                test_set.ground_truth = None
             routes = self._routing(test_set, phase)
             oracle_routes = torch.full_like(routes, test_set.index)
             routing_accuracy = float((routes == test_set.index).float().mean())
@@ -149,4 +154,4 @@ class ContinualEvaluator:
         """Routes, image scores and anomaly maps of the task-agnostic variant (for pictures and predictions)."""
         routes = self._routing(test_set, phase)
         scores = self._assemble(test_set, routes, "memory")
-        return routes, image_scores(scores), self.maps(scores)
+        return routes, image_scores(scores), self.maps(scores).cpu()

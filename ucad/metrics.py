@@ -13,6 +13,8 @@ scores takes milliseconds), with the same tie handling and the same numbers as t
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -342,58 +344,72 @@ def pixel_metrics_torch(ground_truth: PixelGroundTruth, anomaly_maps,
     s_sorted, order = torch.sort(scores, descending=True)
     ends = torch.nonzero(s_sorted[1:] != s_sorted[:-1]).squeeze(1)
     del s_sorted
-    last = torch.full((1,), scores.numel() - 1, dtype=ends.dtype, device=dev)
-    ends = torch.cat((ends, last))
+    ends = torch.cat((ends, ends.new_full((1,), scores.numel() - 1)))
+    zero = ends.new_zeros(1)
 
-    tps = torch.cumsum(gt.labels[order], 0, dtype=torch.int64)[ends]
-    fps = (ends + 1) - tps
-    zero = torch.zeros(1, dtype=torch.int64, device=dev)
+    # Counts at each distinct threshold (int64, exact): predicted positives, TP, FP and steps.
+    k_pred = ends + 1
+    # index_select: the same gather as [idx], several times faster on CPU.
+    tps = torch.cumsum(gt.labels.index_select(0, order), 0, dtype=torch.int64).index_select(0, ends)
+    fps = k_pred - tps
+    dtp = torch.diff(tps, prepend=zero)
+    dfp = torch.diff(fps, prepend=zero)
+    # ROC trapezoids from (0, 0): dfp * (tp_prev + tp) = dfp * (2 tp - dtp), summed exactly.
+    twice_area = torch.sum(dfp * (2 * tps - dtp))
 
-    # Trapezoid ROC area on integer counts, exact in int64 (starts at (0, 0)).
-    tp = torch.cat((zero, tps))
-    fp = torch.cat((zero, fps))
-    twice_area = torch.sum(torch.diff(fp) * (tp[1:] + tp[:-1]))
-
-    # sklearn's AP: sum over distinct thresholds of (recall step) * precision.
+    # sklearn's AP: sum of (recall step) * precision = sum(dtp * tp / k) / n_pos.
+    # F1 = 2 p r / (p + r) = 2 tp / (k + n_pos).
     tps_f = tps.to(torch.float64)
-    precision = tps_f / (ends.to(torch.float64) + 1.0)
-    recall = tps_f / float(n_pos)
-    ap = torch.sum(torch.diff(recall, prepend=recall.new_zeros(1)) * precision)
-    denom = precision + recall
-    f1 = torch.where(denom > 0, 2.0 * precision * recall / denom.clamp_min(1e-300),
-                     torch.zeros_like(denom))
-    f1max = f1.max()
+    k_f = k_pred.to(torch.float64)
+    ap = torch.sum(dtp.to(torch.float64) * tps_f / k_f) / float(n_pos)
+    f1max = 2.0 * torch.max(tps_f / (k_f + float(n_pos)))
+    del tps_f, k_f, dtp, dfp, tps
 
-    # AUPRO: normal pixels are the negatives, so the FPR curve is fps / n_neg.
+    # AUPRO: normal pixels are the negatives, so FPR = fps / n_neg; the curve starts at (0, 0)
+    # and has one point per threshold. Only the points up to the limit (and one beyond, to
+    # interpolate) are needed, so PRO is accumulated over that prefix of pixels only.
     aupro_t = None
     if gt.pro_increment is not None:
-        fpr = torch.cat((fp.new_zeros(1, dtype=torch.float64), fps.to(torch.float64) / float(n_neg)))
-        limit_t = torch.tensor([fpr_limit], dtype=torch.float64, device=dev)
-        k = int(torch.searchsorted(fpr, limit_t, right=True).item())  # points with fpr <= limit
-        n_pts = fpr.numel()
-        # PRO is needed at points 0..k (k + 1 is only for the interpolation): ends[:m].
-        m = min(k, n_pts - 1)
+        t = _max_count_within(fpr_limit, n_neg)
+        k = 1 + int(torch.searchsorted(fps, fps.new_full((1,), t), right=True).item())
+        n_pts = fps.numel() + 1
+        m = min(k, n_pts - 1)  # thresholds needed: ends[:m]
         ends_m = ends[:m]
-        stop = int(ends_m[-1].item()) + 1 if m > 0 else 0
-        pro = torch.cumsum(gt.pro_increment[order[:stop]], 0)[ends_m]
+        stop = int(ends_m[-1].item()) + 1
+        pro = torch.cumsum(gt.pro_increment.index_select(0, order[:stop]), 0).index_select(0, ends_m)
+        # Rounding can overshoot 1 by an ulp; the curve is a fraction.
         pro = torch.cat((pro.new_zeros(1), pro)).clamp_(0.0, 1.0)
-        x = fpr[: m + 1]
-        area = torch.sum((0.5 * (pro[1:k] + pro[: k - 1]) * torch.diff(x[:k])))
-        if k < n_pts:
+        x = torch.cat((pro.new_zeros(1), fps[:m].to(torch.float64) / float(n_neg)))
+        area = torch.sum(0.5 * (pro[1:k] + pro[: k - 1]) * torch.diff(x[:k]))
+        if k < n_pts:  # interpolate the segment that crosses the limit
             x0, x1, y0, y1 = x[k - 1], x[k], pro[k - 1], pro[k]
             y_at = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
             part = 0.5 * (y0 + y_at) * (fpr_limit - x0)
             area = area + torch.where(x0 < fpr_limit, part, torch.zeros_like(part))
         aupro_t = area / fpr_limit
 
-    vals = torch.stack((twice_area.to(torch.float64), ap, f1max)
-                       + ((aupro_t,) if aupro_t is not None else ())).cpu().tolist()
+    parts = [twice_area.to(torch.float64), ap, f1max]
+    if aupro_t is not None:
+        parts.append(aupro_t)
+    vals = torch.stack(parts).cpu().tolist()  # one device-to-host copy
     return {
-        "pixel_auroc": float(vals[0] / (2.0 * n_pos * n_neg)),
-        "pixel_ap": float(vals[1]),
-        "pixel_f1max": float(vals[2]),
-        "aupro": float(vals[3]) if aupro_t is not None else _NAN,
+        "pixel_auroc": vals[0] / (2.0 * n_pos * n_neg),
+        "pixel_ap": vals[1],
+        "pixel_f1max": vals[2],
+        "aupro": vals[3] if aupro_t is not None else _NAN,
     }
+
+
+def _max_count_within(fpr_limit: float, n_neg: int) -> int:
+    """Largest integer c with float64(c / n_neg) <= fpr_limit, as the numpy path rounds it."""
+    # Python's int / int is correctly rounded like numpy's float64(c) / float64(n), and
+    # rounding is monotone, so the counts within the limit are exactly 0..c.
+    c = int(math.floor(fpr_limit * n_neg))
+    while (c + 1) / n_neg <= fpr_limit:
+        c += 1
+    while c >= 0 and c / n_neg > fpr_limit:
+        c -= 1
+    return c
 
 
 # ----------------------------------------------------------------------------- continual
