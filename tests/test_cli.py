@@ -183,3 +183,43 @@ def test_fast_path_agrees_with_the_reference_path(demo_root, tmp_path):
         other = slow[(r["phase"], r["task"], r["variant"])]
         for metric in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "routing_accuracy"):
             assert abs(float(r[metric]) - float(other[metric])) < 0.005, (metric, r, other)
+
+
+def test_visa_as_distributed_runs_end_to_end(demo_root, tmp_path):
+    """VisA layout (JPG images, 0/1 masks, split_csv/1cls.csv) built from demo images, with its structure maps."""
+    import numpy as np
+    from PIL import Image
+
+    from segment_anything_prep.make_structure_maps import make_structure_maps
+
+    root = tmp_path / "visa"
+    rows = ["object,split,label,image,mask"]
+    for category in ("weave", "washer"):
+        images = root / category / "Data" / "Images"
+        masks = root / category / "Data" / "Masks" / "Anomaly"
+        for folder in (images / "Normal", images / "Anomaly", masks):
+            folder.mkdir(parents=True, exist_ok=True)
+        source = demo_root / category
+        for i, path in enumerate(sorted((source / "train" / "good").glob("*.png"))):
+            Image.open(path).convert("RGB").save(images / "Normal" / f"{i:03d}.JPG")
+            rows.append(f"{category},train,normal,{category}/Data/Images/Normal/{i:03d}.JPG,")
+        for i, path in enumerate(sorted((source / "test" / "good").glob("*.png"))):
+            Image.open(path).convert("RGB").save(images / "Normal" / f"t{i:03d}.JPG")
+            rows.append(f"{category},test,normal,{category}/Data/Images/Normal/t{i:03d}.JPG,")
+        defects = sorted(p for p in (source / "test").glob("*/*.png") if p.parent.name != "good")
+        for i, path in enumerate(defects):
+            Image.open(path).convert("RGB").save(images / "Anomaly" / f"{i:03d}.JPG")
+            mask = np.asarray(Image.open(source / "ground_truth" / path.parent.name / f"{path.stem}_mask.png")) > 0
+            Image.fromarray(mask.astype(np.uint8)).save(masks / f"{i:03d}.png")  # VisA masks are 0/1
+            rows.append(f"{category},test,anomaly,{category}/Data/Images/Anomaly/{i:03d}.JPG,"
+                        f"{category}/Data/Masks/Anomaly/{i:03d}.png")
+    (root / "split_csv").mkdir()
+    (root / "split_csv" / "1cls.csv").write_text("\n".join(rows) + "\n")
+    make_structure_maps(root, method="felzenszwalb", progress=False, log=lambda *a, **k: None)
+    code, output = run(global_options(tmp_path) + TINY + ["dataset", "--resize", "64", "--imagesize", "64",
+                                                          "--num_workers", "1", "-d", "weave", "-d", "washer",
+                                                          "visa", str(root)])
+    assert code == 0, output
+    rows = list(csv.DictReader(open(tmp_path / "p" / "g_0" / "results_per_task.csv")))
+    assert {r["task"] for r in rows} == {"weave", "washer"}
+    assert all(float(r["pixel_auroc"]) > 0.5 for r in rows)

@@ -106,8 +106,8 @@ def run(methods, results_path, gpu, cpu, seed, log_group, log_project, save_segm
         _fail("the 'dataset NAME DATA_PATH' sub-command is missing (e.g. ... dataset mvtec /data/mvtec)")
     if order != sorted(order, key=["ucad", "sampler", "dataset"].index):
         _fail(f"sub-commands must come in the order ucad, sampler, dataset (got {', '.join(order)})")
-    model = parts.get("ucad") or ucad_command.make_context("ucad", []).params
-    model = ucad_command.callback(**model)[1] if "ucad" not in parts else model
+    # an omitted sub-command means its defaults
+    model = parts["ucad"] if "ucad" in parts else ucad_command.make_context("ucad", []).params
     sampler = parts.get("sampler", {"name": "approx_greedy_coreset", "percentage": 0.1})
     data = parts["dataset"]
     if len(model["backbone_names"]) != 1:
@@ -139,10 +139,12 @@ def run(methods, results_path, gpu, cpu, seed, log_group, log_project, save_segm
         "structure_path": data["structure_path"],
         "geometry": {"resize": data["resize"], "imagesize": data["imagesize"], "resize_mode": data["resize_mode"]},
     }
-    for name, value in (("--memory_size", memory_size), ("--key_size", key_size), ("--epochs_num", epochs_num + 1),
-                        ("--batch_size", data["batch_size"]), ("--imagesize", data["imagesize"])):
-        if value < 1:
-            _fail(f"{name} must be positive")
+    for name, value, minimum in (("--memory_size", memory_size, 1), ("--key_size", key_size, 1),
+                                 ("--basic_size", basic_size, 0), ("--epochs_num", epochs_num, 0),
+                                 ("--batch_size", data["batch_size"], 1), ("--imagesize", data["imagesize"], 16),
+                                 ("--resize", data["resize"], 16)):
+        if value < minimum:
+            _fail(f"{name} must be at least {minimum}, got {value}")
     from ucad.experiment import run_experiment  # heavy imports only once the command line is valid
 
     try:
