@@ -152,7 +152,9 @@ def run_experiment(config: dict) -> Path:
             label_maps = load_label_maps(task, structure_root, geometry) if structure_root else None
         if train_images.shape[0] == 0:
             raise UcadError(f"task '{task.category}' has an empty training set")
+        # the whole task lives on the device for all epochs: no per-step host transfers
         train_images = train_images.to(device)
+        label_maps = label_maps.to(device) if label_maps is not None else None
         memory, history = learn_task(model, index, task.category, train_images, label_maps, sampler, learning, timer)
         del train_images, label_maps
         model.tasks.append(memory)
