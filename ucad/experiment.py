@@ -98,12 +98,13 @@ def run_experiment(config: dict) -> Path:
     else:
         structure_root = None
 
+    # the backbone (and its weights) first: a download failure must not leave an empty run folder behind
+    model = UcadModel(model_config, device, config.get("precision", "auto"))
     resumed = _resume_state(config) if config.get("resume") else None
     if config.get("resume") and resumed is None:
         echo("note: --resume found no unfinished run of this log group; starting a new one")
     run_dir = resumed[0] if resumed else new_run_dir(config["results_path"], config["log_project"], config["log_group"])
 
-    model = UcadModel(model_config, device, config.get("precision", "auto"))
     sampler = CoresetSampler(config["sampler"]["name"], config["sampler"]["percentage"], config["seed"])
     scorer = NearestNeighbourScorer(model_config.anomaly_scorer_num_nn, config.get("nn_backend", "auto"), device,
                                     config.get("faiss_on_gpu", False), config.get("faiss_num_workers", 4))
