@@ -16,7 +16,6 @@ Usage:
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -140,7 +139,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_sam(sam_type: str, checkpoint) -> "torch.nn.Module":
+def load_sam(sam_type: str, checkpoint):
     """Build Segment Anything ``sam_type`` and load ``checkpoint``; any failure -> one-line UcadError."""
     import torch
     from segment_anything import sam_model_registry

@@ -7,7 +7,6 @@ import json
 import random
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +215,3 @@ def _write_results(run_dir: Path, records, task_names, losses, timer: PhaseTimer
     torch.save(state, temporary)
     temporary.replace(run_dir / CHECKPOINT)
 
-
-def learning_config_dict(**kwargs) -> dict:
-    return asdict(LearningConfig(**kwargs))
