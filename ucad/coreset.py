@@ -17,7 +17,7 @@ class CoresetSampler:
     """Selects rows of a feature matrix, either a fraction `percentage` or a fixed `size`."""
 
     def __init__(self, name: str = "approx_greedy_coreset", percentage: float = 0.1, seed: int = 0,
-                 projection_dim: int = 128, starting_points: int = 10, chunk_size: int = 65536):
+                 projection_dim: int = 128, starting_points: int = 10):
         if name not in SAMPLER_NAMES:
             raise UcadError(f"unknown sampler '{name}': choose one of {', '.join(SAMPLER_NAMES)}")
         if not 0.0 < percentage <= 1.0:
@@ -27,7 +27,6 @@ class CoresetSampler:
         self.seed = seed
         self.projection_dim = projection_dim
         self.starting_points = starting_points
-        self.chunk_size = chunk_size
 
     def select(self, features: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """Indices of the selected rows; `size` overrides the percentage (UCAD's fixed memory sizes)."""

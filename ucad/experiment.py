@@ -125,7 +125,8 @@ def run_experiment(config: dict) -> Path:
 
     echo(f"UCAD run folder: {run_dir}")
     echo(f"device: {device}{' (autocast ' + str(model.amp_dtype).replace('torch.', '') + ')' if model.amp_dtype else ''}")
-    echo(f"backbone: {model.extractor.describe(prompts=model_config.mode == 'ucad')}")
+    backbone_description = model.extractor.describe(prompts=model_config.mode == "ucad")
+    echo(f"backbone: {backbone_description}")
     echo(f"mode: {model_config.mode}; patch size {model_config.patchsize}, embedding {model_config.target_embed_dimension}; "
          f"sampler {sampler.name}; nearest neighbours: {scorer.describe()}")
     if model_config.mode == "ucad":
@@ -135,7 +136,7 @@ def run_experiment(config: dict) -> Path:
                                               "OFF (--no_scl): prompts keep their random initialisation"))
     echo(f"tasks ({len(tasks)}): {', '.join(task_names)}" + (f"; resuming after task {done}" if done else ""))
     write_json(run_dir / "config.json", {**config, "task_order": task_names, "device": str(device),
-                                        "backbone_description": model.extractor.describe(prompts=model_config.mode == "ucad"),
+                                        "backbone_description": backbone_description,
                                         "nn": scorer.describe()})
 
     variants = VARIANTS if model_config.mode == "ucad" else ("task_agnostic", "oracle")

@@ -52,7 +52,7 @@ class UcadModel:
         self.config = config
         self.device = device
         self.extractor = extractor or FeatureExtractor(config.backbone, config.layers, config.weights,
-                                                               config.imagesize)
+                                                       config.imagesize)
         self.extractor.to(device)
         self.embedder = PatchEmbedder(config.patchsize, config.pretrain_embed_dimension,
                                       config.target_embed_dimension)
