@@ -10,11 +10,15 @@ from ucad.nearest_neighbor import NearestNeighbourScorer
 faiss = pytest.importorskip("faiss")
 
 
-def brute_force(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean Euclidean distance to the k nearest bank rows, in float64 with the exact (non-mm) formula."""
+def brute_force(queries: torch.Tensor, bank: torch.Tensor, k: int, squared: bool = False) -> torch.Tensor:
+    """Mean (squared) Euclidean distance to the k nearest bank rows, in float64 with the exact (non-mm) formula."""
     d = torch.cdist(queries.double(), bank.double(), compute_mode="donot_use_mm_for_euclid_dist")
     k = min(k, bank.shape[0])
-    return d.topk(k, dim=1, largest=False).values.mean(dim=1).float()
+    nearest = d.topk(k, dim=1, largest=False).values
+    return (nearest ** 2 if squared else nearest).mean(dim=1).float()
+
+
+EUCLIDEAN = {"patch_distance": "euclidean"}  # most tests below pin the plain distance; squared is tested on its own
 
 
 def data(q=300, m=120, d=32, seed=0):
@@ -26,8 +30,8 @@ def data(q=300, m=120, d=32, seed=0):
 def test_faiss_torch_and_brute_force_agree(k):
     queries, bank = data()
     expected = brute_force(queries, bank, k)
-    by_faiss = NearestNeighbourScorer(k=k, backend="faiss").distances(queries, bank)
-    by_torch = NearestNeighbourScorer(k=k, backend="torch").distances(queries, bank)
+    by_faiss = NearestNeighbourScorer(k=k, backend="faiss", **EUCLIDEAN).distances(queries, bank)
+    by_torch = NearestNeighbourScorer(k=k, backend="torch", **EUCLIDEAN).distances(queries, bank)
     assert by_faiss.shape == by_torch.shape == (300,)
     assert by_faiss.dtype == by_torch.dtype == torch.float32
     torch.testing.assert_close(by_faiss, expected, atol=1e-4, rtol=1e-5)
@@ -38,8 +42,8 @@ def test_faiss_torch_and_brute_force_agree(k):
 @pytest.mark.parametrize("k", [1, 3])
 def test_torch_backend_chunks_queries(k):
     queries, bank = data(q=101, seed=1)
-    whole = NearestNeighbourScorer(k=k, backend="torch").distances(queries, bank)
-    chunked = NearestNeighbourScorer(k=k, backend="torch", chunk_size=7).distances(queries, bank)
+    whole = NearestNeighbourScorer(k=k, backend="torch", **EUCLIDEAN).distances(queries, bank)
+    chunked = NearestNeighbourScorer(k=k, backend="torch", chunk_size=7, **EUCLIDEAN).distances(queries, bank)
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
     torch.testing.assert_close(chunked, brute_force(queries, bank, k), atol=1e-4, rtol=1e-5)
 
@@ -47,7 +51,7 @@ def test_torch_backend_chunks_queries(k):
 @pytest.mark.parametrize("backend", ["faiss", "torch"])
 def test_k_larger_than_bank_uses_every_row(backend):
     queries, bank = data(q=20, m=2, d=8, seed=2)
-    got = NearestNeighbourScorer(k=5, backend=backend).distances(queries, bank)
+    got = NearestNeighbourScorer(k=5, backend=backend, **EUCLIDEAN).distances(queries, bank)
     expected = torch.cdist(queries.double(), bank.double()).mean(dim=1).float()
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
@@ -58,7 +62,7 @@ def test_single_row_bank_and_scaled_features(backend):
     # large-magnitude features (like unnormalised ViT tokens) still agree with brute force
     queries, bank = data(q=50, m=1, d=64, seed=3)
     queries, bank = queries * 30.0, bank * 30.0
-    got = NearestNeighbourScorer(k=1, backend=backend).distances(queries, bank)
+    got = NearestNeighbourScorer(k=1, backend=backend, **EUCLIDEAN).distances(queries, bank)
     torch.testing.assert_close(got, brute_force(queries, bank, 1), atol=1e-3, rtol=1e-5)
 
 
@@ -74,6 +78,23 @@ def test_bad_options_raise():
         NearestNeighbourScorer(k=0)
     with pytest.raises(UcadError, match="annoy"):
         NearestNeighbourScorer(backend="annoy")
+    with pytest.raises(UcadError, match="patch_distance"):
+        NearestNeighbourScorer(patch_distance="cosine")
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_default_is_squared_l2_as_faiss_index_flat_l2(backend, k):
+    # the released code scores patches with faiss IndexFlatL2, which returns squared distances
+    queries, bank = data(q=80, m=40, d=24, seed=5)
+    scorer = NearestNeighbourScorer(k=k, backend=backend)
+    assert scorer.squared and "squared" in scorer.describe()
+    got = scorer.distances(queries, bank)
+    torch.testing.assert_close(got, brute_force(queries, bank, k, squared=True), atol=1e-3, rtol=1e-5)
+    index = faiss.IndexFlatL2(24)
+    index.add(bank.numpy())
+    faiss_squared, _ = index.search(queries.numpy(), k)
+    torch.testing.assert_close(got, torch.from_numpy(faiss_squared).mean(dim=1), atol=1e-3, rtol=1e-5)
 
 
 def test_double_and_non_contiguous_inputs():
@@ -83,7 +104,7 @@ def test_double_and_non_contiguous_inputs():
     assert not strided_bank.is_contiguous()
     expected = brute_force(queries, bank, 3)
     for backend in ("faiss", "torch"):
-        scorer = NearestNeighbourScorer(k=3, backend=backend)
+        scorer = NearestNeighbourScorer(k=3, backend=backend, **EUCLIDEAN)
         torch.testing.assert_close(scorer.distances(q64, b64), expected, atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(scorer.distances(queries, strided_bank), expected, atol=1e-4, rtol=1e-5)
 
@@ -95,6 +116,6 @@ def test_query_equal_to_a_bank_row_scores_zero(backend, scale):
     # cancels catastrophically there and must not leave a noise floor of sqrt(eps * ||q||^2)
     bank = torch.randn(196, 1024, generator=torch.Generator().manual_seed(0)) * scale
     queries = torch.cat([bank[:50], bank[50:60] + 1e-2])
-    got = NearestNeighbourScorer(k=1, backend=backend).distances(queries, bank)
+    got = NearestNeighbourScorer(k=1, backend=backend, **EUCLIDEAN).distances(queries, bank)
     expected = brute_force(queries, bank, 1)
     torch.testing.assert_close(got, expected, atol=1e-4 * scale, rtol=1e-4)

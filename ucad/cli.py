@@ -11,7 +11,7 @@ import click
 
 from ucad.coreset import SAMPLER_NAMES
 from ucad.errors import UcadError
-from ucad.nearest_neighbor import BACKENDS
+from ucad.nearest_neighbor import BACKENDS, PATCH_DISTANCES
 
 
 @click.group(chain=True)
@@ -59,6 +59,8 @@ def main(**kwargs):
 @click.option("--faiss_num_workers", type=int, default=8, show_default=True, help="faiss CPU threads.")
 @click.option("--nn_backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="Nearest-neighbour search: auto = faiss on CPU, torch on GPU (new).")
+@click.option("--patch_distance", type=click.Choice(PATCH_DISTANCES), default="squared", show_default=True,
+              help="Patch score and key distance: squared L2 as the released faiss IndexFlatL2, or euclidean (new).")
 @click.option("--no_scl", is_flag=True, help="Train without structure maps: prompts stay at their initialisation (new).")
 @click.option("--prompt_length", type=int, default=1, show_default=True, help="Prefix key/value tokens per layer (new).")
 @click.option("--lr", type=float, default=5e-4, show_default=True, help="Adam learning rate of the prompt (new).")
@@ -125,7 +127,8 @@ def run(methods, results_path, gpu, cpu, seed, log_group, log_project, save_segm
             "pretrain_embed_dimension": model["pretrain_embed_dimension"],
             "target_embed_dimension": model["target_embed_dimension"], "prompt_length": model["prompt_length"],
             "imagesize": data["imagesize"], "resize": data["resize"], "resize_mode": data["resize_mode"],
-            "anomaly_scorer_num_nn": model["anomaly_scorer_num_nn"], "smoothing_sigma": model["smoothing_sigma"],
+            "anomaly_scorer_num_nn": model["anomaly_scorer_num_nn"], "patch_distance": model["patch_distance"],
+            "smoothing_sigma": model["smoothing_sigma"],
             "mode": model["mode"],
         },
         "learning": {

@@ -43,7 +43,8 @@ class ContinualEvaluator:
                  batch_size: int = 32, fpr_limit: float = 0.3, reuse: bool = True):
         self.model = model
         self.scorer = scorer
-        self.key_scorer = NearestNeighbourScorer(1, scorer.backend, scorer.device, scorer.faiss_on_gpu)
+        self.key_scorer = NearestNeighbourScorer(1, scorer.backend, scorer.device, scorer.faiss_on_gpu,
+                                                 patch_distance=scorer.patch_distance)
         self.timer = timer
         self.batch_size = batch_size
         self.fpr_limit = fpr_limit

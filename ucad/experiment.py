@@ -106,7 +106,8 @@ def run_experiment(config: dict) -> Path:
 
     sampler = CoresetSampler(config["sampler"]["name"], config["sampler"]["percentage"], config["seed"])
     scorer = NearestNeighbourScorer(model_config.anomaly_scorer_num_nn, config.get("nn_backend", "auto"), device,
-                                    config.get("faiss_on_gpu", False), config.get("faiss_num_workers", 4))
+                                    config.get("faiss_on_gpu", False), config.get("faiss_num_workers", 4),
+                                    patch_distance=model_config.patch_distance)
     if config.get("faiss_on_gpu") and not scorer.faiss_on_gpu:
         echo("note: --faiss_on_gpu: this faiss has no GPU support or no GPU is visible; "
              f"nearest neighbours use {scorer.describe()}")

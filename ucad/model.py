@@ -42,6 +42,7 @@ class ModelConfig:
     resize: int = 224
     resize_mode: str = "crop"
     anomaly_scorer_num_nn: int = 1
+    patch_distance: str = "squared"  # released: faiss IndexFlatL2 scores (squared L2); "euclidean" takes the root
     smoothing_sigma: float = 4.0
     mode: str = "ucad"
 

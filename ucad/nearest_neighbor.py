@@ -1,7 +1,9 @@
 """k-nearest-neighbour distances from query patches to a memory bank: faiss (CPU or GPU) or torch.
 
-Distances are Euclidean (not squared); with k > 1 the score is the mean of the k distances, as
-PatchCore's scorer does. Both back ends give the same numbers to float tolerance.
+Distances are squared L2 by default, as the released code's faiss `IndexFlatL2` returns them (its patch scores
+are squared distances before upsampling and smoothing); `patch_distance="euclidean"` takes the square root.
+With k > 1 the score is the mean of the k distances, as PatchCore's scorer does. Both back ends give the same
+numbers to float tolerance.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 from ucad.errors import UcadError
 
 BACKENDS = ("auto", "faiss", "torch")
+PATCH_DISTANCES = ("squared", "euclidean")
 
 
 def faiss_has_gpu() -> bool:
@@ -23,11 +26,14 @@ def faiss_has_gpu() -> bool:
 
 class NearestNeighbourScorer:
     def __init__(self, k: int = 1, backend: str = "auto", device: torch.device | str = "cpu",
-                 faiss_on_gpu: bool = False, faiss_num_workers: int = 4, chunk_size: int = 8192):
+                 faiss_on_gpu: bool = False, faiss_num_workers: int = 4, chunk_size: int = 8192,
+                 patch_distance: str = "squared"):
         if k < 1:
             raise UcadError(f"--anomaly_scorer_num_nn must be at least 1, got {k}")
         if backend not in BACKENDS:
             raise UcadError(f"unknown nearest-neighbour backend '{backend}': choose {', '.join(BACKENDS)}")
+        if patch_distance not in PATCH_DISTANCES:
+            raise UcadError(f"--patch_distance '{patch_distance}': choose {' or '.join(PATCH_DISTANCES)}")
         self.device = torch.device(device)
         if backend == "auto":
             # on a GPU the features are already there and torch's matmul beats a host round trip
@@ -43,14 +49,16 @@ class NearestNeighbourScorer:
         self.faiss_on_gpu = faiss_on_gpu and faiss_has_gpu()
         self.faiss_num_workers = faiss_num_workers
         self.chunk_size = chunk_size
+        self.squared = patch_distance == "squared"
+        self.patch_distance = patch_distance
 
     def describe(self) -> str:
         if self.backend == "faiss":
-            return f"faiss ({'GPU' if self.faiss_on_gpu else 'CPU'}), k={self.k}"
-        return f"torch on {self.device}, k={self.k}"
+            return f"faiss ({'GPU' if self.faiss_on_gpu else 'CPU'}), k={self.k}, {self.patch_distance} L2"
+        return f"torch on {self.device}, k={self.k}, {self.patch_distance} L2"
 
     def distances(self, queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-        """(Q, D) queries, (M, D) bank -> (Q,) mean distance to the k nearest bank rows."""
+        """(Q, D) queries, (M, D) bank -> (Q,) mean (squared or plain) L2 distance to the k nearest bank rows."""
         k = min(self.k, bank.shape[0])
         if self.backend == "faiss":
             return self._faiss(queries, bank, k).to(queries.device)
@@ -63,7 +71,8 @@ class NearestNeighbourScorer:
             nearest = torch.topk(squared, k, dim=1, largest=False).indices
             # the expansion above only ranks; distances of the k winners are recomputed directly, because it
             # cancels catastrophically for near-identical vectors (a noise floor of sqrt(eps) * |x|)
-            exact = torch.linalg.vector_norm(chunk[:, None, :] - bank[nearest], dim=2)
+            difference = chunk[:, None, :] - bank[nearest]
+            exact = (difference * difference).sum(dim=2) if self.squared else torch.linalg.vector_norm(difference, dim=2)
             parts.append(exact.mean(dim=1))
         return torch.cat(parts)
 
@@ -78,4 +87,5 @@ class NearestNeighbourScorer:
         index.add(bank_np)
         query_np = np.ascontiguousarray(queries.detach().float().cpu().numpy())
         squared, _ = index.search(query_np, k)
-        return torch.from_numpy(np.sqrt(np.maximum(squared, 0.0)).mean(axis=1))
+        squared = np.maximum(squared, 0.0)
+        return torch.from_numpy((squared if self.squared else np.sqrt(squared)).mean(axis=1))

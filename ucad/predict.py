@@ -32,8 +32,9 @@ def predict_folder(model: UcadModel, image_paths: list[Path], batch_size: int = 
     config = model.config
     geometry = ImageGeometry(config.resize, config.imagesize, config.resize_mode)
     images = load_images([Sample(p, None, False, "good") for p in image_paths], geometry, workers)
-    scorer = NearestNeighbourScorer(config.anomaly_scorer_num_nn, nn_backend, model.device)
-    key_scorer = NearestNeighbourScorer(1, scorer.backend, model.device)
+    scorer = NearestNeighbourScorer(config.anomaly_scorer_num_nn, nn_backend, model.device,
+                                    patch_distance=config.patch_distance)
+    key_scorer = NearestNeighbourScorer(1, scorer.backend, model.device, patch_distance=config.patch_distance)
     routes, scores, maps = [], [], []
     for start in range(0, len(image_paths), batch_size):
         batch = images[start:start + batch_size]
