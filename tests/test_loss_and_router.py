@@ -91,7 +91,7 @@ def test_labels_to_grid_keeps_ids_by_nearest_sampling():
     grid = labels_to_grid(labels, (4, 4))
     assert grid.shape == (1, 16)
     assert grid.dtype == torch.long
-    assert torch.equal(grid.reshape(4, 4), labels[0, ::2, ::2])
+    assert torch.equal(grid.reshape(4, 4), labels[0, 1::2, 1::2])  # the centre pixel of each 2x2 cell
     assert set(grid.unique().tolist()) == {3, 7, 100_000}
 
 
@@ -104,10 +104,25 @@ def test_labels_to_grid_never_blends(size, grid):
     out = labels_to_grid(labels, grid)
     assert out.shape == (2, grid[0] * grid[1])
     assert set(out.unique().tolist()) <= set(ids.tolist())
-    # nearest = floor(i * size / grid) as torch's 'nearest'
+    # centre sampling = floor((i + 0.5) * size / grid), torch's 'nearest-exact'
+    rows = ((torch.arange(grid[0]) + 0.5) * size / grid[0]).floor().long()
+    cols = ((torch.arange(grid[1]) + 0.5) * size / grid[1]).floor().long()
+    assert torch.equal(out.reshape(2, *grid), labels[:, rows][:, :, cols])
+    corner = labels_to_grid(labels, grid, "corner")  # the old top-left sampling, kept for ablations
     rows = (torch.arange(grid[0]) * size / grid[0]).floor().long()
     cols = (torch.arange(grid[1]) * size / grid[1]).floor().long()
-    assert torch.equal(out.reshape(2, *grid), labels[:, rows][:, :, cols])
+    assert torch.equal(corner.reshape(2, *grid), labels[:, rows][:, :, cols])
+
+
+@pytest.mark.parametrize("size,stride", [(224, 16), (224, 8), (128, 16)])
+def test_labels_are_sampled_at_patch_centres_on_vit_and_cnn_grids(size, stride):
+    # each label is its own row index: the sampled rows are read off directly
+    grid = size // stride
+    labels = torch.arange(size)[None, :, None].expand(1, size, size)
+    sampled = labels_to_grid(labels, (grid, grid)).reshape(grid, grid)[:, 0]
+    assert sampled.tolist() == [stride // 2 + stride * i for i in range(grid)]  # 8, 24, 40, ... for ViT-B/16
+    assert labels_to_grid(labels, (grid, grid), "corner").reshape(grid, grid)[:, 0].tolist() == [
+        stride * i for i in range(grid)]
 
 
 # ----------------------------------------------------------------------------- routing

@@ -20,6 +20,9 @@ from ucad.weights import create_backbone
 
 DEFAULT_LAYERS_VIT = ["5"]
 DEFAULT_LAYERS_CNN = ["2", "3"]  # timm feature stages of stride 8 and 16 (layer2/layer3 of a ResNet)
+# auto = ImageNet mean/std for every backbone, as the released loaders do (even for ViT weights trained on
+# [-1, 1] inputs), except for weight sources known to need their own scaling (see ucad.weights)
+INPUT_NORMS = ("auto", "imagenet", "backbone")
 
 
 class _StopForward(Exception):
@@ -30,7 +33,7 @@ class FeatureExtractor(nn.Module):
     """images (uint8, B x 3 x S x S) -> list of feature maps (B x C x h x w), one per extracted layer."""
 
     def __init__(self, backbone_name: str, layers: list[str] | tuple[str, ...], weights: str = "auto",
-                 imagesize: int | None = None):
+                 imagesize: int | None = None, input_norm: str = "auto"):
         super().__init__()
         self.model, self.weights_description = create_backbone(backbone_name, weights=weights)
         if (imagesize and isinstance(self.model, VisionTransformer)
@@ -41,10 +44,14 @@ class FeatureExtractor(nn.Module):
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self.is_vit = isinstance(self.model, VisionTransformer)
+        if input_norm not in INPUT_NORMS:
+            raise UcadError(f"--input_norm '{input_norm}': choose {', '.join(INPUT_NORMS)}")
+        if input_norm == "auto":
+            input_norm = getattr(self.model, "trained_input_norm", "imagenet")
+        self.input_norm = input_norm
         cfg = getattr(self.model, "pretrained_cfg", {}) or {}
-        # normalise as the weights were trained (ViT augreg and TF EfficientNets use 0.5/0.5, ResNets ImageNet)
-        self.mean = tuple(cfg.get("mean", IMAGENET_MEAN))
-        self.std = tuple(cfg.get("std", IMAGENET_STD))
+        backbone_norm = (tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)))
+        self.mean, self.std = backbone_norm if input_norm == "backbone" else (IMAGENET_MEAN, IMAGENET_STD)
         layers = list(layers) or (DEFAULT_LAYERS_VIT if self.is_vit else DEFAULT_LAYERS_CNN)
         if self.is_vit:
             self._setup_vit(layers)
@@ -196,7 +203,7 @@ class FeatureExtractor(nn.Module):
         if not prompts:
             kind = ("ViT" if self.is_vit else "CNN") + ", frozen, no prompts"
         return (f"{self.weights_description}; extracting {', '.join(self.layer_names)} ({kind}); "
-                f"input normalised with mean {self.mean} std {self.std}")
+                f"input normalised with mean {self.mean} std {self.std} (--input_norm {self.input_norm})")
 
     def forward(self, images_uint8: torch.Tensor, prompt: nn.Module | None = None) -> list[torch.Tensor]:
         x = normalize(images_uint8, self.mean, self.std)

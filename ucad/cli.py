@@ -11,7 +11,10 @@ import click
 
 from ucad.coreset import SAMPLER_NAMES
 from ucad.errors import UcadError
+from ucad.backbones import INPUT_NORMS
+from ucad.loss import LABEL_SAMPLING
 from ucad.nearest_neighbor import BACKENDS, PATCH_DISTANCES
+from ucad.training import SCL_FEATURES
 
 
 @click.group(chain=True)
@@ -44,6 +47,9 @@ def main(**kwargs):
               help="Layers to read: ViT block index (5 or blocks.5), CNN module (layer2) or feature-stage index (2). Default 5 / 2,3.")
 @click.option("--weights", default="auto", show_default=True,
               help="auto | hub | random | PATH to a .pth/.safetensors/.npz checkpoint (new; auto = offline package for efficientnet_lite0, else timm hub).")
+@click.option("--input_norm", type=click.Choice(INPUT_NORMS), default="auto", show_default=True,
+              help="Input mean/std: imagenet (as released, for every backbone), backbone (the weights' own config); "
+                   "auto = imagenet, except the offline EfficientNet-Lite0 weights, trained on [-1, 1] (new).")
 @click.option("--mode", type=click.Choice(["ucad", "patchcore"]), default="ucad", show_default=True,
               help="ucad = the continual method; patchcore = one PatchCore bank per task, no prompts (oracle baseline) (new).")
 @click.option("--pretrain_embed_dimension", type=int, default=1024, show_default=True, help="Per-layer feature size after pooling.")
@@ -62,6 +68,10 @@ def main(**kwargs):
 @click.option("--patch_distance", type=click.Choice(PATCH_DISTANCES), default="squared", show_default=True,
               help="Patch score and key distance: squared L2 as the released faiss IndexFlatL2, or euclidean (new).")
 @click.option("--no_scl", is_flag=True, help="Train without structure maps: prompts stay at their initialisation (new).")
+@click.option("--scl_features", type=click.Choice(SCL_FEATURES), default="raw", show_default=True,
+              help="What SCL sees: raw extractor tokens at the grid (as released) or the pooled PatchCore embedding (new).")
+@click.option("--label_sampling", type=click.Choice(sorted(LABEL_SAMPLING)), default="centre", show_default=True,
+              help="Region id of a patch: at its centre pixel (as released) or its top-left pixel (new).")
 @click.option("--prompt_length", type=int, default=1, show_default=True, help="Prefix key/value tokens per layer (new).")
 @click.option("--lr", type=float, default=5e-4, show_default=True, help="Adam learning rate of the prompt (new).")
 @click.option("--smoothing_sigma", type=float, default=4.0, show_default=True, help="Gaussian sigma of the anomaly map (new).")
@@ -123,7 +133,7 @@ def run(methods, results_path, gpu, cpu, seed, log_group, log_project, save_segm
         "nn_backend": model["nn_backend"],
         "model": {
             "backbone": model["backbone_names"][0], "layers": list(model["layers_to_extract_from"]),
-            "weights": model["weights"], "patchsize": model["patchsize"],
+            "weights": model["weights"], "input_norm": model["input_norm"], "patchsize": model["patchsize"],
             "pretrain_embed_dimension": model["pretrain_embed_dimension"],
             "target_embed_dimension": model["target_embed_dimension"], "prompt_length": model["prompt_length"],
             "imagesize": data["imagesize"], "resize": data["resize"], "resize_mode": data["resize_mode"],
@@ -134,6 +144,7 @@ def run(methods, results_path, gpu, cpu, seed, log_group, log_project, save_segm
         "learning": {
             "key_size": key_size, "memory_size": memory_size, "basic_size": basic_size, "epochs_num": epochs_num,
             "lr": model["lr"], "batch_size": data["batch_size"], "train_prompt": not model["no_scl"],
+            "scl_features": model["scl_features"], "label_sampling": model["label_sampling"],
             "augment": data["augment"], "feature_batch_size": model["feature_batch_size"], "seed": seed,
         },
         "sampler": sampler,

@@ -82,6 +82,17 @@ def _resume_state(config: dict) -> tuple[Path, dict] | None:
     return run_dir, state
 
 
+def fidelity_line(model: UcadModel, model_config: ModelConfig, learning: LearningConfig) -> str:
+    """The settings where a run can differ from the released code, each marked released / ours (README section
+    'Differences from the released code')."""
+    released = {"input_norm": "imagenet", "patch_distance": "squared", "scl_features": "raw",
+                "label_sampling": "centre"}
+    used = {"input_norm": model.extractor.input_norm, "patch_distance": model_config.patch_distance,
+            "scl_features": learning.scl_features, "label_sampling": learning.label_sampling}
+    return ", ".join(f"--{k} {v} ({'as released' if v == released[k] else 'differs from the released code'})"
+                     for k, v in used.items())
+
+
 def run_experiment(config: dict) -> Path:
     """config: the merged options of the command line (see ucad.cli). Returns the run folder."""
     seed_everything(config["seed"])
@@ -135,9 +146,12 @@ def run_experiment(config: dict) -> Path:
              f"per task; prompt training: " + (f"{learning.epochs_num} epochs, SCL with structure maps from "
                                               f"{structure_root}" if learning.train_prompt else
                                               "OFF (--no_scl): prompts keep their random initialisation"))
+    echo("comparability with the released code: " + fidelity_line(model, model_config, learning))
     echo(f"tasks ({len(tasks)}): {', '.join(task_names)}" + (f"; resuming after task {done}" if done else ""))
     write_json(run_dir / "config.json", {**config, "task_order": task_names, "device": str(device),
                                         "backbone_description": backbone_description,
+                                        "input_norm_used": model.extractor.input_norm,
+                                        "input_mean": model.extractor.mean, "input_std": model.extractor.std,
                                         "nn": scorer.describe()})
 
     variants = VARIANTS if model_config.mode == "ucad" else ("task_agnostic", "oracle")

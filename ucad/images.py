@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from ucad.datasets import Sample
@@ -23,27 +25,32 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class ImageGeometry:
-    """How a source image becomes the network input.
+    """How a source image becomes the network input, with torchvision's own ops so the pixels equal the
+    reference pipeline's (PatchCore / UCAD: `Resize(resize)` + `CenterCrop(imagesize)`).
 
-    resize_mode "crop": shorter side to `resize`, then centre crop `imagesize` (MVTec convention).
-    resize_mode "square": the whole image squashed to imagesize x imagesize, nothing cropped
-    (for non-square data such as magnetic tiles, whose defects a centre crop would cut away).
+    resize_mode "crop": shorter side to `resize` (torchvision's rounding of the long side), then centre crop
+    `imagesize` (MVTec convention). resize_mode "square": the whole image squashed to imagesize x imagesize,
+    nothing cropped (for non-square data such as magnetic tiles, whose defects a centre crop would cut away).
     """
 
     resize: int = 224
     imagesize: int = 224
     resize_mode: str = "crop"
 
-    def apply(self, image: Image.Image, nearest: bool = False) -> Image.Image:
-        method = Image.NEAREST if nearest else Image.BILINEAR
+    def apply(self, image: torch.Tensor, nearest: bool = False) -> torch.Tensor:
+        """(C, H, W) or (H, W) tensor -> the same at the input geometry. Bilinear with antialiasing for images
+        (as torchvision does on PIL images, to within one grey level); nearest sampling at pixel centres (PIL's
+        NEAREST) for masks and region labels, whose values must not blend."""
+        planar = image.ndim == 2
+        if planar:
+            image = image[None]
+        mode = InterpolationMode.NEAREST_EXACT if nearest else InterpolationMode.BILINEAR
         if self.resize_mode == "square":
-            return image.resize((self.imagesize, self.imagesize), method)
-        width, height = image.size
-        scale = self.resize / min(width, height)
-        new_w, new_h = max(self.imagesize, round(width * scale)), max(self.imagesize, round(height * scale))
-        image = image.resize((new_w, new_h), method)
-        left, top = (new_w - self.imagesize) // 2, (new_h - self.imagesize) // 2
-        return image.crop((left, top, left + self.imagesize, top + self.imagesize))
+            out = TF.resize(image, [self.imagesize, self.imagesize], interpolation=mode, antialias=not nearest)
+        else:
+            out = TF.resize(image, [self.resize], interpolation=mode, antialias=not nearest)
+            out = TF.center_crop(out, [self.imagesize, self.imagesize])
+        return out[0] if planar else out
 
 
 def _open(path: Path, what: str) -> Image.Image:
@@ -59,8 +66,8 @@ def _open(path: Path, what: str) -> Image.Image:
 
 def load_image(path: Path, geometry: ImageGeometry) -> np.ndarray:
     """uint8 array (3, S, S); grayscale and palette images become RGB."""
-    image = _open(path, "image").convert("RGB")
-    return np.asarray(geometry.apply(image), dtype=np.uint8).transpose(2, 0, 1).copy()
+    image = np.asarray(_open(path, "image").convert("RGB"), dtype=np.uint8)
+    return geometry.apply(torch.from_numpy(image.transpose(2, 0, 1).copy())).numpy()
 
 
 def load_mask(path: Path | None, geometry: ImageGeometry) -> np.ndarray:
@@ -69,14 +76,15 @@ def load_mask(path: Path | None, geometry: ImageGeometry) -> np.ndarray:
         return np.zeros((geometry.imagesize, geometry.imagesize), dtype=np.uint8)
     mask = _open(path, "mask")
     array = np.asarray(mask.convert("L") if mask.mode not in ("L", "I", "I;16", "1") else mask)
-    binary = Image.fromarray(((array > 0) * 255).astype(np.uint8))
-    return (np.asarray(geometry.apply(binary, nearest=True)) > 0).astype(np.uint8)
+    binary = torch.from_numpy((array > 0).astype(np.uint8))
+    return geometry.apply(binary, nearest=True).numpy()
 
 
 def load_label_map(array: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
     """A full-resolution region-label map brought to the input geometry with nearest sampling."""
-    resized = geometry.apply(Image.fromarray(array.astype(np.int32), mode="I"), nearest=True)
-    return np.asarray(resized, dtype=np.int32)
+    # float32 holds every 16-bit region id exactly; nearest sampling only copies values
+    resized = geometry.apply(torch.from_numpy(array.astype(np.float32)), nearest=True)
+    return resized.numpy().astype(np.int32)
 
 
 def _parallel(function, items, workers: int, description: str, show: bool):

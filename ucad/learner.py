@@ -22,6 +22,8 @@ class LearningConfig:
     batch_size: int = 8
     grad_clip: float = 1.0
     temperature: float = 0.5
+    scl_features: str = "raw"  # raw = the extractor's tokens, as released; "embedded" = the PatchCore embedding
+    label_sampling: str = "centre"  # region id at each patch's centre, as released; "corner" = its top-left pixel
     train_prompt: bool = True  # False with --no_scl: the prompt keeps its initialisation
     augment: bool = False
     feature_batch_size: int = 32
@@ -51,6 +53,7 @@ def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tenso
         with timer.phase("prompt_training", n * config.epochs_num):
             history = train_prompt(model, prompt, images, label_maps, config.epochs_num, config.lr, config.batch_size,
                                    config.grad_clip, config.temperature, config.augment,
+                                   scl_features=config.scl_features, label_sampling=config.label_sampling,
                                    seed=config.seed * 1000 + task_index, description=f"[{name}] prompt")
     prompt.requires_grad_(False)
     with timer.phase("knowledge_features", n):

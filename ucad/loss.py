@@ -6,9 +6,14 @@ import torch
 import torch.nn.functional as F
 
 
-def labels_to_grid(label_maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(B, S, S) integer region maps -> (B, h*w) with nearest sampling (region ids must not blend)."""
-    resized = F.interpolate(label_maps[:, None].float(), size=grid, mode="nearest")
+LABEL_SAMPLING = {"centre": "nearest-exact", "corner": "nearest"}
+
+
+def labels_to_grid(label_maps: torch.Tensor, grid: tuple[int, int], sampling: str = "centre") -> torch.Tensor:
+    """(B, S, S) integer region maps -> (B, h*w): each patch takes the region id at its centre pixel (rows 8, 24,
+    ... for 16-pixel patches, as the released code samples); "corner" takes its top-left pixel (rows 0, 16, ...).
+    Nearest sampling either way: region ids must not blend."""
+    resized = F.interpolate(label_maps[:, None].float(), size=grid, mode=LABEL_SAMPLING[sampling])
     return resized.reshape(label_maps.shape[0], -1).long()
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from ucad.backbones import FeatureExtractor
@@ -34,6 +35,7 @@ class ModelConfig:
     backbone: str = "vit_base_patch16_224"
     layers: tuple[str, ...] = ()
     weights: str = "auto"
+    input_norm: str = "auto"  # auto = ImageNet mean/std as released, except weight sources trained otherwise
     patchsize: int = 1
     pretrain_embed_dimension: int = 1024
     target_embed_dimension: int = 1024
@@ -53,7 +55,7 @@ class UcadModel:
         self.config = config
         self.device = device
         self.extractor = extractor or FeatureExtractor(config.backbone, config.layers, config.weights,
-                                                       config.imagesize)
+                                                       config.imagesize, config.input_norm)
         self.extractor.to(device)
         self.embedder = PatchEmbedder(config.patchsize, config.pretrain_embed_dimension,
                                       config.target_embed_dimension)
@@ -80,6 +82,18 @@ class UcadModel:
             maps = self.extractor(images_uint8, prompt)
         features, self.grid = self.embedder([m.float() for m in maps])
         return features
+
+    def scl_features(self, images_uint8: torch.Tensor, prompt: torch.nn.Module) -> tuple[torch.Tensor, tuple[int, int]]:
+        """What the structure-contrastive loss sees, as in the released code: the extractor's raw features of the
+        deepest extracted layer (ViT: that block's patch tokens, 768-d for ViT-B; CNN: that stage's map resized to
+        the patch grid), not the pooled PatchCore embedding. Returns (B, P, C) float32 and the grid."""
+        with autocast(self.device, self.amp_dtype):
+            maps = self.extractor(images_uint8, prompt)
+        grid = self.embedder.grid_of(tuple(max(m.shape[d] for m in maps) for d in (2, 3)))
+        deepest = maps[-1].float()  # layers are kept in network order
+        if tuple(deepest.shape[2:]) != grid:
+            deepest = F.interpolate(deepest, size=grid, mode="bilinear", align_corners=False)
+        return deepest.flatten(2).transpose(1, 2), grid
 
     @torch.no_grad()
     def features(self, images_uint8: torch.Tensor, prompt: torch.nn.Module | None = None, batch_size: int = 32,

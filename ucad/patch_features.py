@@ -17,6 +17,12 @@ class PatchEmbedder:
         self.pretrain_dim = pretrain_embed_dimension
         self.target_dim = target_embed_dimension
 
+    def grid_of(self, map_size: tuple[int, int]) -> tuple[int, int]:
+        """Patch grid of a feature map of size (h, w): the map size for odd p, one less for even p (as PatchCore
+        computes it)."""
+        padding = (self.patchsize - 1) // 2
+        return tuple(s + 2 * padding - self.patchsize + 1 for s in map_size)
+
     def __call__(self, feature_maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
         batch = feature_maps[0].shape[0]
         padding = (self.patchsize - 1) // 2
@@ -24,8 +30,7 @@ class PatchEmbedder:
         for fmap in feature_maps:
             fmap = fmap.float()
             if self.patchsize > 1:
-                # grid of patch centres: the map size for odd p, one less for even p (as PatchCore computes it)
-                h, w = (s + 2 * padding - self.patchsize + 1 for s in fmap.shape[2:])
+                h, w = self.grid_of(fmap.shape[2:])
                 # every location gets its p x p neighbourhood, flattened channel-major as PatchCore does
                 fmap = F.unfold(fmap, self.patchsize, padding=padding).reshape(batch, -1, h, w)
             patched.append(fmap)

@@ -9,12 +9,19 @@ from tqdm import tqdm
 
 from ucad.loss import labels_to_grid, structure_contrastive_loss
 
+SCL_FEATURES = ("raw", "embedded")
+
 
 def train_prompt(model, prompt: torch.nn.Module, images: torch.Tensor, label_maps: torch.Tensor,
                  epochs: int = 25, lr: float = 5e-4, batch_size: int = 8, clip: float = 1.0,
-                 temperature: float = 0.5, augment: bool = False, seed: int = 0,
-                 description: str = "prompt") -> list[float]:
-    """images (N,3,S,S) uint8 and label_maps (N,S,S) int on the CPU or the device. Returns mean loss per epoch."""
+                 temperature: float = 0.5, augment: bool = False, scl_features: str = "raw",
+                 label_sampling: str = "centre", seed: int = 0, description: str = "prompt") -> list[float]:
+    """images (N,3,S,S) uint8 and label_maps (N,S,S) int on the CPU or the device. Returns mean loss per epoch.
+
+    scl_features "raw": the loss sees the extractor's raw features at the patch grid (the released method);
+    "embedded": the pooled PatchCore embedding that the memory stores (an ablation)."""
+    if scl_features not in SCL_FEATURES:
+        raise ValueError(f"scl_features must be one of {SCL_FEATURES}, got {scl_features!r}")
     prompt.train()
     prompt.requires_grad_(True)
     optimizer = torch.optim.Adam(prompt.parameters(), lr=lr)
@@ -23,22 +30,26 @@ def train_prompt(model, prompt: torch.nn.Module, images: torch.Tensor, label_map
     progress = tqdm(range(epochs), desc=description, leave=False)
     for _ in progress:
         order = torch.randperm(images.shape[0], generator=generator)
-        total, count = 0.0, 0
+        # the epoch's loss is summed on the device: a float() per step would wait for the GPU every step
+        total, count = torch.zeros((), device=model.device), 0
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
             batch = images[index].to(model.device, non_blocking=True)
             labels = label_maps[index].to(model.device, non_blocking=True)
             if augment:
                 batch, labels = _flip(batch, labels, generator)
-            features = model.embed(batch, prompt)
-            loss = structure_contrastive_loss(features, labels_to_grid(labels, model.grid), temperature)
+            if scl_features == "raw":
+                features, grid = model.scl_features(batch, prompt)
+            else:
+                features, grid = model.embed(batch, prompt), model.grid
+            loss = structure_contrastive_loss(features, labels_to_grid(labels, grid, label_sampling), temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(prompt.parameters(), clip)
             optimizer.step()
-            total += float(loss.detach()) * len(index)
+            total += loss.detach() * len(index)
             count += len(index)
-        history.append(total / count)
+        history.append(float(total) / count)
         progress.set_postfix(loss=f"{history[-1]:.4f}")
     prompt.eval()
     prompt.requires_grad_(False)

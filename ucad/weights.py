@@ -66,6 +66,12 @@ BACKBONE_ALIASES: Dict[str, str] = {
     "efficientnet_lite0": "tf_efficientnet_lite0",
 }
 
+#: Pretrained tags used when a name has none: the released UCAD code loads Google's original ImageNet-21k ViT-B/16
+#: (``ViT-B_16.npz``), not timm's current default tag (``augreg2_in21k_ft_in1k``). An explicit tag still wins.
+DEFAULT_PRETRAINED_TAGS: Dict[str, str] = {
+    "vit_base_patch16_224": "orig_in21k",
+}
+
 #: The non-path values accepted by ``weights=`` / ``--weights``.
 WEIGHT_KEYWORDS = ("auto", "hub", "random")
 
@@ -92,16 +98,18 @@ def resolve_backbone_name(name: str) -> str:
     """Map a user backbone name to a timm model name (``-b/--backbone_names``).
 
     Aliases from :data:`BACKBONE_ALIASES` are looked up case-insensitively; anything else must be a timm model name
-    (optionally with a pretrained tag, ``vit_base_patch16_224.augreg_in21k``). Unknown names raise UcadError with
-    close matches.
+    (optionally with a pretrained tag, ``vit_base_patch16_224.augreg_in21k``). A name without a tag gets the one in
+    :data:`DEFAULT_PRETRAINED_TAGS` (the released code's weights). Unknown names raise UcadError with close matches.
     """
     raw = str(name).strip()
     key = raw.lower()
-    if key in BACKBONE_ALIASES:
-        return BACKBONE_ALIASES[key]
+    resolved = BACKBONE_ALIASES.get(key)
+    if resolved is None and _split_tag(raw)[0] and timm.is_model(_split_tag(raw)[0]):
+        resolved = raw
+    if resolved is not None:
+        arch, tag = _split_tag(resolved)
+        return f"{arch}.{DEFAULT_PRETRAINED_TAGS[arch]}" if not tag and arch in DEFAULT_PRETRAINED_TAGS else resolved
     arch, _ = _split_tag(raw)
-    if arch and timm.is_model(arch):
-        return raw
     raise UcadError(
         f"unknown backbone {raw!r} for -b/--backbone_names: it is neither a UCAD alias "
         f"({', '.join(sorted(BACKBONE_ALIASES))}) nor a timm model name."
@@ -631,6 +639,10 @@ def create_backbone(
         if bad_eps:  # cannot happen with timm's tf_ variant; guards against a changed timm default
             raise UcadError(f"{timm_name}: BatchNorm eps {sorted(bad_eps)} differs from TF's 1e-3 used by {path}")
         notes = [n for n in notes if not n.startswith("lukemelas")]
+        # these are Google's TF weights, trained on [-1, 1] inputs: on skimage's photos (coffee, chelsea, rocket)
+        # they give the right class a higher probability under mean/std 0.5 than under ImageNet's mean/std
+        # (tests/test_weights.py), so --input_norm auto uses the backbone's own scaling for this source only
+        model.trained_input_norm = "backbone"
         return _freeze(model), (
             f"{timm_name}, weights: {_OFFLINE_PACKAGE} package (offline, {path}){_describe_notes(notes)}"
         )
