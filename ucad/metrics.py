@@ -23,6 +23,7 @@ __all__ = [
     "roc_auc",
     "average_precision",
     "f1_max",
+    "precision_recall_f1",
     "auroc_and_ap",
     "binary_metrics",
     "aupro",
@@ -112,6 +113,26 @@ def average_precision(labels, scores) -> float:
 def f1_max(labels, scores) -> float:
     """Best F1 over all distinct score thresholds."""
     return binary_metrics(labels, scores)[2]
+
+
+def precision_recall_f1(labels, predicted) -> tuple[float, float, float]:
+    """Precision, recall and F1 of binary decisions (numpy or torch, any shape, any device).
+
+    A decision rule that flags nothing has precision 0 (sklearn's zero_division=0); all three are nan when no
+    positive exists, since recall is then undefined."""
+    labels = torch.as_tensor(labels).reshape(-1) != 0
+    predicted = torch.as_tensor(predicted, device=labels.device).reshape(-1) != 0
+    if labels.shape != predicted.shape:
+        raise ValueError(f"labels ({labels.numel()}) and decisions ({predicted.numel()}) differ in size")
+    positives = int(labels.sum())
+    if positives == 0:
+        return _NAN, _NAN, _NAN
+    true_positives = int((labels & predicted).sum())
+    flagged = int(predicted.sum())
+    precision = true_positives / flagged if flagged else 0.0
+    recall = true_positives / positives
+    f1 = 2.0 * true_positives / (flagged + positives)
+    return precision, recall, f1
 
 
 # ----------------------------------------------------------------------------- AUPRO
