@@ -83,6 +83,7 @@ def main() -> int:
 
     import torch
 
+    from ucad.config import Configs, DataConfig, LearningConfig, ModelConfig, RunConfig
     from ucad.experiment import run_experiment
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ucad_bench_"))
@@ -93,28 +94,19 @@ def main() -> int:
         data = workdir / "synthetic"
         categories = synthetic_dataset(data, args.tasks, args.train, args.test, args.imagesize)
     generation = time.perf_counter() - started
-    config = {
-        "results_path": str(workdir / "results"), "log_project": "benchmark", "log_group": "run", "seed": 0,
-        "gpu": [0], "cpu": args.cpu, "resume": False, "precision": args.precision,
-        "reference_evaluation": args.reference_evaluation,
-        "save_segmentation_images": False, "save_patchcore_model": False, "faiss_on_gpu": False,
-        "faiss_num_workers": 8, "nn_backend": "auto",
-        "model": {"backbone": args.backbone, "layers": args.layers, "weights": args.weights,
-                  "patchsize": args.patchsize, "pretrain_embed_dimension": 1024, "target_embed_dimension": 1024,
-                  "prompt_length": 1, "imagesize": args.imagesize, "resize": args.imagesize, "resize_mode": "crop",
-                  "anomaly_scorer_num_nn": 1, "smoothing_sigma": 4.0, "mode": "ucad"},
-        "learning": {"key_size": 196, "memory_size": 196, "basic_size": 1960, "epochs_num": args.epochs,
-                     "lr": 5e-4, "batch_size": args.batch_size, "train_prompt": True, "augment": False,
-                     "feature_batch_size": args.feature_batch_size, "seed": 0},
-        "sampler": {"name": "approx_greedy_coreset", "percentage": 0.1},
-        "dataset_name": "mvtec", "data_path": str(data), "categories": categories, "train_val_split": 1.0,
-        "num_workers": 8, "structure_path": None,
-        "geometry": {"resize": args.imagesize, "imagesize": args.imagesize, "resize_mode": "crop"},
-    }
+    configs = Configs(
+        model=ModelConfig(backbone=args.backbone, layers=tuple(args.layers), weights=args.weights,
+                          patchsize=args.patchsize, imagesize=args.imagesize, resize=args.imagesize),
+        learning=LearningConfig(epochs_num=args.epochs, batch_size=args.batch_size,
+                                feature_batch_size=args.feature_batch_size),
+        data=DataConfig(name="mvtec", data_path=str(data), categories=tuple(categories)),
+        run=RunConfig(results_path=str(workdir / "results"), log_project="benchmark", log_group="run", cpu=args.cpu,
+                      precision=args.precision, reference_evaluation=args.reference_evaluation),
+    )
     if torch.cuda.is_available() and not args.cpu:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    run_dir = run_experiment(config)
+    run_dir = run_experiment(configs)
     wall = time.perf_counter() - started
     timings = json.loads((run_dir / "timings.json").read_text())
     figures = {

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ucad.learner import LearningConfig, learn_task
+from ucad.config import LearningConfig
+from ucad.learner import learn_task
 from ucad.coreset import CoresetSampler
 from ucad.model import ModelConfig, UcadModel
 from ucad.timing import PhaseTimer

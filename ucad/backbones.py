@@ -205,6 +205,39 @@ class FeatureExtractor(nn.Module):
         return (f"{self.weights_description}; extracting {', '.join(self.layer_names)} ({kind}); "
                 f"input normalised with mean {self.mean} std {self.std} (--input_norm {self.input_norm})")
 
+    @torch.no_grad()
+    def feature_maps_of_size(self, imagesize: int) -> list[torch.Tensor]:
+        """The feature maps of one blank image of the given size (their shapes give the patch grid)."""
+        device = next(self.model.parameters()).device
+        return self(torch.zeros(1, 3, imagesize, imagesize, dtype=torch.uint8, device=device))
+
+    def scoring_state_dict(self, imagesize: int) -> dict[str, torch.Tensor]:
+        """The backbone's parameters and buffers that feature extraction runs through: those of every module a
+        forward pass calls (found by running one), plus the model's own (ViT position embedding, class token).
+        Blocks after the deepest extracted layer and the classifier are left out: they never run here."""
+        called: set[str] = set()
+        handles = [module.register_forward_pre_hook(lambda _module, _inputs, name=name: called.add(name))
+                   for name, module in self.model.named_modules()]
+        try:
+            self.feature_maps_of_size(imagesize)
+        finally:
+            for handle in handles:
+                handle.remove()
+        called.add("")
+        return {key: value for key, value in self.model.state_dict().items() if key.rpartition(".")[0] in called}
+
+    def load_scoring_state_dict(self, state_dict: dict[str, torch.Tensor], imagesize: int, source: str) -> None:
+        """Load what `scoring_state_dict` saved; every tensor feature extraction needs must be there."""
+        needed = set(self.scoring_state_dict(imagesize))
+        missing = sorted(needed - set(state_dict))
+        if missing:
+            raise UcadError(f"{source}: the stored backbone lacks {len(missing)} tensor(s) feature extraction needs "
+                            f"(e.g. {missing[0]}): the model file is damaged or from another backbone")
+        result = self.model.load_state_dict(state_dict, strict=False)
+        if result.unexpected_keys:
+            raise UcadError(f"{source}: the stored backbone has tensors this backbone lacks "
+                            f"(e.g. {result.unexpected_keys[0]}): the model file is from another backbone")
+
     def forward(self, images_uint8: torch.Tensor, prompt: nn.Module | None = None) -> list[torch.Tensor]:
         x = normalize(images_uint8, self.mean, self.std)
         if self.is_vit:

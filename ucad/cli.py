@@ -1,168 +1,116 @@
 """The chained command line: `run_ucad.py [global options] RESULTS_PATH ucad ... sampler ... dataset ...`.
 
 Option names and defaults follow the released UCAD/PatchCore command line so published commands run
-as written; options that are new here say so in their help.
+as written; options that are new here say so in their help. The options are not declared here: each is
+a field of the typed configuration (ucad.config), whose metadata says which sub-command shows it.
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import fields
 
 import click
 
-from ucad.coreset import SAMPLER_NAMES
+from ucad.config import CONFIG_CLASSES, Configs, check_bounds, cli_parameter
 from ucad.errors import UcadError
-from ucad.backbones import INPUT_NORMS
-from ucad.loss import LABEL_SAMPLING
-from ucad.nearest_neighbor import BACKENDS, PATCH_DISTANCES
-from ucad.training import SCL_FEATURES
+
+COMMAND_ORDER = ("ucad", "sampler", "dataset")
+# the configuration a command is mostly about: its fields are listed first in --help
+HOME_CONFIG = {"main": "run", "ucad": "model", "sampler": "learning", "dataset": "data"}
+
+
+def _click_type(value):
+    if isinstance(value, tuple):
+        return click.Choice(value)
+    if value == "path":
+        return click.Path()
+    if value == "folder":
+        return click.Path(file_okay=False)
+    return value
+
+
+def config_parameters(command: str, only: tuple[str, ...] | None = None):
+    """A decorator adding the click arguments and options of every configuration field shown by `command`
+    (`only`: just these fields), in the order the fields are declared."""
+    def decorate(function):
+        classes = sorted(CONFIG_CLASSES, key=lambda name: name != HOME_CONFIG[command])
+        chosen = [(config_field, parameter) for name in classes for config_field in fields(CONFIG_CLASSES[name])
+                  if (parameter := cli_parameter(config_field)) is not None and parameter.command == command
+                  and (only is None or config_field.name in only)]
+        for config_field, parameter in reversed(chosen):  # click lists the last decorator first
+            keywords = {k: _click_type(v) if k == "type" else v for k, v in parameter.click.items()}
+            if parameter.is_argument:  # required once its sub-command is given (a left-out one keeps the default)
+                function = click.argument(config_field.name, metavar=parameter.metavar, **keywords)(function)
+                continue
+            default = config_field.default
+            if keywords.get("multiple") and not isinstance(default, tuple):
+                default = (default,)  # -b: a multiple option in the released CLI, one value here
+            flag = keywords.get("is_flag", False)
+            function = click.option(*parameter.declarations, config_field.name, default=default,
+                                    show_default=not flag and not keywords.get("hidden", False),
+                                    help=parameter.help, **keywords)(function)
+        return function
+    return decorate
+
+
+def build_configs(given: dict[str, dict]) -> Configs:
+    """The four configurations from the values each command received (command name -> {field name: value});
+    fields of a left-out sub-command keep their defaults."""
+    built = {}
+    for name, cls in CONFIG_CLASSES.items():
+        values = {}
+        for config_field in fields(cls):
+            parameter = cli_parameter(config_field)
+            if parameter is None or config_field.name not in given.get(parameter.command, {}):
+                continue
+            value = given[parameter.command][config_field.name]
+            values[config_field.name] = parameter.parse(value) if parameter.parse else value
+        built[name] = cls(**values)
+    configs = Configs(**built)
+    for config in built.values():
+        check_bounds(config)
+    return configs
 
 
 @click.group(chain=True)
-@click.argument("results_path", type=click.Path(file_okay=False))
-@click.option("--gpu", type=int, default=[0], multiple=True, show_default=True,
-              help="GPU index among those CUDA_VISIBLE_DEVICES shows; without a GPU the run falls back to the CPU.")
-@click.option("--cpu", is_flag=True, help="Run on the CPU even when a GPU is visible (new).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice (prompts, coresets, shuffles).")
-@click.option("--log_group", type=str, default="group", show_default=True, help="Run folder name; _N is appended, counting up.")
-@click.option("--log_project", type=str, default="project", show_default=True, help="Folder under RESULTS_PATH grouping runs.")
-@click.option("--save_segmentation_images", is_flag=True, help="Write image | ground truth | anomaly map pictures per test image.")
-@click.option("--save_patchcore_model", is_flag=True, help="Save keys, prompts and knowledge to models/ucad_model.pt for ucad.predict.")
-@click.option("--memory_size", type=int, default=196, show_default=True, help="Knowledge vectors kept per task (coreset size).")
-@click.option("--epochs_num", type=int, default=25, show_default=True, help="Prompt training epochs per task (fixed; never chosen on test data).")
-@click.option("--key_size", type=int, default=196, show_default=True, help="Key vectors per task used to route test images.")
-@click.option("--basic_size", type=int, default=1960, show_default=True, help="Knowledge size of the 'unlimited' variant reported beside (0 = off).")
-@click.option("--resume", is_flag=True, help="Continue the last run of this log group after its last finished task (new).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-              help="Autocast for the backbone: auto = bf16 on GPU, fp32 on CPU (new).")
-@click.option("--reference_evaluation", is_flag=True, hidden=True,
-              help="Recompute every test feature and score in every phase (slow reference for checking the caches).")
+@config_parameters("main")
 def main(**kwargs):
     """UCAD: unsupervised continual anomaly detection with contrastively-learned prompts."""
 
 
 @main.command("ucad")
-@click.option("-b", "--backbone_names", multiple=True, default=["vit_base_patch16_224"], show_default=True,
-              help="timm backbone actually used (ViT: prefix prompts; CNN e.g. wideresnet50, efficientnet_lite0: channel prompts).")
-@click.option("-le", "--layers_to_extract_from", multiple=True, default=[],
-              help="Layers to read: ViT block index (5 or blocks.5), CNN module (layer2) or feature-stage index (2). Default 5 / 2,3.")
-@click.option("--weights", default="auto", show_default=True,
-              help="auto | hub | random | PATH to a .pth/.safetensors/.npz checkpoint (new; auto = offline package for efficientnet_lite0, else timm hub).")
-@click.option("--input_norm", type=click.Choice(INPUT_NORMS), default="auto", show_default=True,
-              help="Input mean/std: imagenet (as released, for every backbone), backbone (the weights' own config); "
-                   "auto = imagenet, except the offline EfficientNet-Lite0 weights, trained on [-1, 1] (new).")
-@click.option("--mode", type=click.Choice(["ucad", "patchcore"]), default="ucad", show_default=True,
-              help="ucad = the continual method; patchcore = one PatchCore bank per task, no prompts (oracle baseline) (new).")
-@click.option("--pretrain_embed_dimension", type=int, default=1024, show_default=True, help="Per-layer feature size after pooling.")
-@click.option("--target_embed_dimension", type=int, default=1024, show_default=True, help="Patch feature size after merging layers.")
-@click.option("--preprocessing", type=click.Choice(["mean"]), default="mean", show_default=True, help="Per-layer projection: adaptive average pooling.")
-@click.option("--aggregation", type=click.Choice(["mean"]), default="mean", show_default=True, help="Layer merging: adaptive average pooling.")
-@click.option("--anomaly_scorer_num_nn", type=int, default=1, show_default=True, help="k nearest knowledge vectors averaged for a patch score.")
-@click.option("--patchsize", type=int, default=3, show_default=True, help="Neighbourhood (p x p) aggregated into each patch feature.")
-@click.option("--patchscore", type=click.Choice(["max"]), default="max", show_default=True, help="Image score from patch scores.")
-@click.option("--patchoverlap", type=float, default=0.0, show_default=True, help="Accepted for compatibility; patches always use stride 1.")
-@click.option("--patchsize_aggregate", type=int, multiple=True, default=[], help="Accepted for compatibility (unused, as in PatchCore).")
-@click.option("--faiss_on_gpu", is_flag=True, help="Use a faiss GPU index when faiss has GPU support (else torch on the GPU).")
-@click.option("--faiss_num_workers", type=int, default=8, show_default=True, help="faiss CPU threads.")
-@click.option("--nn_backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-              help="Nearest-neighbour search: auto = faiss on CPU, torch on GPU (new).")
-@click.option("--patch_distance", type=click.Choice(PATCH_DISTANCES), default="squared", show_default=True,
-              help="Patch score and key distance: squared L2 as the released faiss IndexFlatL2, or euclidean (new).")
-@click.option("--no_scl", is_flag=True, help="Train without structure maps: prompts stay at their initialisation (new).")
-@click.option("--scl_features", type=click.Choice(SCL_FEATURES), default="raw", show_default=True,
-              help="What SCL sees: raw extractor tokens at the grid (as released) or the pooled PatchCore embedding (new).")
-@click.option("--label_sampling", type=click.Choice(sorted(LABEL_SAMPLING)), default="centre", show_default=True,
-              help="Region id of a patch: at its centre pixel (as released) or its top-left pixel (new).")
-@click.option("--prompt_length", type=int, default=1, show_default=True, help="Prefix key/value tokens per layer (new).")
-@click.option("--lr", type=float, default=5e-4, show_default=True, help="Adam learning rate of the prompt (new).")
-@click.option("--smoothing_sigma", type=float, default=4.0, show_default=True, help="Gaussian sigma of the anomaly map (new).")
-@click.option("--feature_batch_size", type=int, default=32, show_default=True, help="Images per batch when extracting features (new).")
+@config_parameters("ucad")
 def ucad_command(**kwargs):
     """The model: backbone, layers, patch features, scoring."""
     return "ucad", kwargs
 
 
 @main.command("sampler")
-@click.argument("name", type=click.Choice(SAMPLER_NAMES))
-@click.option("-p", "--percentage", type=float, default=0.1, show_default=True,
-              help="Fraction kept in patchcore mode; ucad mode uses the fixed --key_size/--memory_size.")
-def sampler_command(name, percentage):
+@config_parameters("sampler")
+def sampler_command(**kwargs):
     """Coreset sampler for keys and knowledge."""
-    return "sampler", {"name": name, "percentage": percentage}
+    return "sampler", kwargs
 
 
 @main.command("dataset")
-@click.argument("name", type=click.Choice(["mvtec", "visa"]))
-@click.argument("data_path", type=click.Path())
-@click.option("-d", "--subdatasets", multiple=True, help="Category (task), repeat in task order; default: all found.")
-@click.option("--train_val_split", type=float, default=1.0, show_default=True, help="Fraction of training images used (seeded).")
-@click.option("--batch_size", type=int, default=8, show_default=True, help="Prompt-training batch size.")
-@click.option("--num_workers", type=int, default=8, show_default=True, help="Threads decoding images.")
-@click.option("--resize", type=int, default=224, show_default=True, help="Shorter image side before the centre crop.")
-@click.option("--imagesize", type=int, default=224, show_default=True, help="Network input size (square).")
-@click.option("--resize_mode", type=click.Choice(["crop", "square"]), default="crop", show_default=True,
-              help="crop: resize + centre crop; square: squash to imagesize, nothing cut (non-square data) (new).")
-@click.option("--augment", is_flag=True, help="Random flips of training images during prompt training.")
-@click.option("--structure_path", type=click.Path(), default=None,
-              help="Structure-map tree (default DATA_PATH-sam-b), made by segment_anything_prep (new).")
+@config_parameters("dataset")
 def dataset_command(**kwargs):
     """Data: MVTec-layout folder or VisA, tasks in the order of -d."""
     return "dataset", kwargs
 
 
 @main.result_callback()
-def run(methods, results_path, gpu, cpu, seed, log_group, log_project, save_segmentation_images, save_patchcore_model,
-        memory_size, epochs_num, key_size, basic_size, resume, precision, reference_evaluation):
-    parts = dict(methods)
+def run(methods, **global_options):
     order = [name for name, _ in methods]
-    if "dataset" not in parts:
+    if "dataset" not in order:
         _fail("the 'dataset NAME DATA_PATH' sub-command is missing (e.g. ... dataset mvtec /data/mvtec)")
-    if order != sorted(order, key=["ucad", "sampler", "dataset"].index):
-        _fail(f"sub-commands must come in the order ucad, sampler, dataset (got {', '.join(order)})")
-    # an omitted sub-command means its defaults
-    model = parts["ucad"] if "ucad" in parts else ucad_command.make_context("ucad", []).params
-    sampler = parts.get("sampler", {"name": "approx_greedy_coreset", "percentage": 0.1})
-    data = parts["dataset"]
-    if len(model["backbone_names"]) != 1:
-        _fail(f"-b/--backbone_names: one backbone per run, got {list(model['backbone_names'])}")
-    config = {
-        "results_path": results_path, "log_project": log_project, "log_group": log_group, "seed": seed,
-        "gpu": list(gpu), "cpu": cpu, "resume": resume, "precision": precision,
-        "reference_evaluation": reference_evaluation,
-        "save_segmentation_images": save_segmentation_images, "save_patchcore_model": save_patchcore_model,
-        "faiss_on_gpu": model["faiss_on_gpu"], "faiss_num_workers": model["faiss_num_workers"],
-        "nn_backend": model["nn_backend"],
-        "model": {
-            "backbone": model["backbone_names"][0], "layers": list(model["layers_to_extract_from"]),
-            "weights": model["weights"], "input_norm": model["input_norm"], "patchsize": model["patchsize"],
-            "pretrain_embed_dimension": model["pretrain_embed_dimension"],
-            "target_embed_dimension": model["target_embed_dimension"], "prompt_length": model["prompt_length"],
-            "imagesize": data["imagesize"], "resize": data["resize"], "resize_mode": data["resize_mode"],
-            "anomaly_scorer_num_nn": model["anomaly_scorer_num_nn"], "patch_distance": model["patch_distance"],
-            "smoothing_sigma": model["smoothing_sigma"],
-            "mode": model["mode"],
-        },
-        "learning": {
-            "key_size": key_size, "memory_size": memory_size, "basic_size": basic_size, "epochs_num": epochs_num,
-            "lr": model["lr"], "batch_size": data["batch_size"], "train_prompt": not model["no_scl"],
-            "scl_features": model["scl_features"], "label_sampling": model["label_sampling"],
-            "augment": data["augment"], "feature_batch_size": model["feature_batch_size"], "seed": seed,
-        },
-        "sampler": sampler,
-        "dataset_name": data["name"], "data_path": data["data_path"], "categories": list(data["subdatasets"]),
-        "train_val_split": data["train_val_split"], "num_workers": data["num_workers"],
-        "structure_path": data["structure_path"],
-        "geometry": {"resize": data["resize"], "imagesize": data["imagesize"], "resize_mode": data["resize_mode"]},
-    }
-    for name, value, minimum in (("--memory_size", memory_size, 1), ("--key_size", key_size, 1),
-                                 ("--basic_size", basic_size, 0), ("--epochs_num", epochs_num, 0),
-                                 ("--batch_size", data["batch_size"], 1), ("--imagesize", data["imagesize"], 16),
-                                 ("--resize", data["resize"], 16)):
-        if value < minimum:
-            _fail(f"{name} must be at least {minimum}, got {value}")
-    from ucad.experiment import run_experiment  # heavy imports only once the command line is valid
-
+    if order != sorted(order, key=COMMAND_ORDER.index):
+        _fail(f"sub-commands must come in the order {', '.join(COMMAND_ORDER)} (got {', '.join(order)})")
     try:
-        run_experiment(config)
+        configs = build_configs({"main": global_options, **dict(methods)})
+        from ucad.experiment import run_experiment  # heavy imports only once the command line is valid
+
+        run_experiment(configs)
     except UcadError as error:
         _fail(str(error))
 

@@ -1,10 +1,12 @@
 """Continual evaluation: after each task, every task seen so far is scored with task-agnostic routing
 (and with the task given, the oracle).
 
-Everything that cannot change between phases is computed once: frozen test features (routing),
-each image's distance to each task's keys, and each image's patch scores under each task's prompt
-and knowledge (a task's prompt and knowledge are fixed once it is learned). A phase then only
-re-routes and recomputes metrics for test sets whose routing changed.
+Scoring goes through the model's own primitives (`UcadModel.frozen_features`, `key_distances`,
+`score_patches`, `anomaly_maps`), the ones `UcadModel.score` and so `ucad.predict` use. What this
+module adds is caching: everything that cannot change between phases is computed once: frozen test
+features (routing), each image's distance to each task's keys, and each image's patch scores under
+each task's prompt and knowledge (a task's prompt and knowledge are fixed once it is learned). A
+phase then only re-routes and recomputes metrics for test sets whose routing changed.
 """
 from __future__ import annotations
 
@@ -13,24 +15,28 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ucad.anomaly_map import anomaly_maps, image_scores
+from ucad.anomaly_map import image_scores
 from ucad.metrics import PixelGroundTruth, compute_task_metrics
-from ucad.model import UcadModel
-from ucad.nearest_neighbor import NearestNeighbourScorer
-from ucad.router import key_distances, route
+from ucad.model import KNOWLEDGE, UNLIMITED, UcadModel
+from ucad.router import route
+from ucad.thresholds import metrics_at_threshold, per_image
 from ucad.timing import PhaseTimer
 
 VARIANTS = ("task_agnostic", "task_agnostic_unlimited", "oracle")
+VARIANT_BANK = {"task_agnostic": KNOWLEDGE, "task_agnostic_unlimited": UNLIMITED, "oracle": KNOWLEDGE}
+# per-image score columns of the variants beside the main (task-agnostic) one
+SCORE_COLUMNS = {"oracle": "oracle_image_score", "task_agnostic_unlimited": "unlimited_image_score"}
 
 
 @dataclass
 class TestSet:
-    index: int
+    index: int  # the task these images belong to
     name: str
     images: torch.Tensor  # (N,3,S,S) uint8, CPU
     masks: torch.Tensor  # (N,S,S) uint8 {0,1}, CPU
     labels: np.ndarray  # (N,) 0 normal / 1 anomalous
     paths: list
+    defect_types: list[str] = field(default_factory=list)
     frozen: torch.Tensor | None = None  # (N,P,D) on the device
     key_distance: dict = field(default_factory=dict)  # task k -> (N,) mean nearest-key distance
     patch_scores: dict = field(default_factory=dict)  # (task k, bank) -> (N,P) float, nan rows = not computed
@@ -39,12 +45,9 @@ class TestSet:
 
 
 class ContinualEvaluator:
-    def __init__(self, model: UcadModel, scorer: NearestNeighbourScorer, timer: PhaseTimer,
-                 batch_size: int = 32, fpr_limit: float = 0.3, reuse: bool = True):
+    def __init__(self, model: UcadModel, timer: PhaseTimer, batch_size: int = 32, fpr_limit: float = 0.3,
+                 reuse: bool = True):
         self.model = model
-        self.scorer = scorer
-        self.key_scorer = NearestNeighbourScorer(1, scorer.backend, scorer.device, scorer.faiss_on_gpu,
-                                                 patch_distance=scorer.patch_distance)
         self.timer = timer
         self.batch_size = batch_size
         self.fpr_limit = fpr_limit
@@ -54,67 +57,55 @@ class ContinualEvaluator:
     def add_test_set(self, test_set: TestSet) -> None:
         self.test_sets.append(test_set)
 
+    def _seen(self, phase: int) -> list[TestSet]:
+        return [t for t in self.test_sets if t.index <= phase]
+
     # ------------------------------------------------------------------ cached pieces
     def _frozen(self, test_set: TestSet) -> torch.Tensor:
         if test_set.frozen is None:
             with self.timer.phase("test_frozen_features", len(test_set.labels)):
-                # routing only compares means of key distances, so fp16 halves the cache at no cost; in
-                # PatchCore mode these features are also scored against the memory bank and stay fp32
-                dtype = torch.float32 if self.model.config.mode == "patchcore" else torch.float16
-                test_set.frozen = self.model.features(test_set.images, None, self.batch_size,
-                                                      f"[{test_set.name}] test features", out_dtype=dtype)
+                test_set.frozen = self.model.frozen_features(test_set.images, self.batch_size,
+                                                             f"[{test_set.name}] test features")
         return test_set.frozen
 
-    def _routing(self, test_set: TestSet, phase: int) -> torch.Tensor:
-        for k in range(phase + 1):
-            if k not in test_set.key_distance:
-                frozen = self._frozen(test_set)
-                with self.timer.phase("routing", len(test_set.labels)):
-                    test_set.key_distance[k] = torch.cat([
-                        key_distances(frozen[s:s + self.batch_size].float(), self.model.tasks[k].keys, self.key_scorer)
-                        for s in range(0, frozen.shape[0], self.batch_size)])
+    def _routing(self, test_set: TestSet, phase: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) routed task and (N, phase+1) key distances, on the CPU."""
+        unseen = [k for k in range(phase + 1) if k not in test_set.key_distance]
+        if unseen:
+            frozen = self._frozen(test_set)
+            with self.timer.phase("routing", len(test_set.labels)):
+                distances = self.model.key_distances(frozen, unseen, self.batch_size).cpu()
+            for column, k in enumerate(unseen):
+                test_set.key_distance[k] = distances[:, column]
         distances = torch.stack([test_set.key_distance[k] for k in range(phase + 1)], dim=1)
-        return route(distances).cpu()
+        return route(distances), distances
 
     def _scores(self, test_set: TestSet, task: int, bank: str, needed: torch.Tensor) -> torch.Tensor:
         """(N,P) patch scores of test_set under `task`'s prompt and `bank`, computing missing rows of `needed`."""
-        memory = self.model.tasks[task]
-        banks = {"memory": memory.knowledge, "unlimited": memory.knowledge_unlimited}
         key = (task, bank)
         if key not in test_set.patch_scores:
-            patches = self.model.grid[0] * self.model.grid[1]
-            for name in banks:
-                test_set.patch_scores[(task, name)] = torch.full((len(test_set.labels), patches), float("nan"))
+            for name in self.model.BANKS:
+                test_set.patch_scores[(task, name)] = torch.full((len(test_set.labels), self.model.patches),
+                                                                 float("nan"))
         missing = needed & torch.isnan(test_set.patch_scores[key][:, 0])
         if missing.any():
             index = torch.nonzero(missing).flatten()
+            frozen = None
+            if self.model.tasks[task].prompt_state is None:  # PatchCore mode scores the cached frozen features
+                frozen = self._frozen(test_set)[index.to(self.model.device)]
             with self.timer.phase("scoring", len(index)):
-                if memory.prompt_state is None:  # PatchCore mode: the frozen features are the features
-                    features = self._frozen(test_set)[index.to(self.model.device)].float()
-                else:
-                    features = self.model.features(test_set.images[index], self.model.prompt_for(task),
-                                                   self.batch_size)
-                n, p, d = features.shape
-                for name, knowledge in banks.items():
-                    if knowledge is None:
-                        continue
-                    distances = self.scorer.distances(features.reshape(n * p, d), knowledge).reshape(n, p)
-                    test_set.patch_scores[(task, name)][index] = distances.float().cpu()
+                scores = self.model.score_patches(test_set.images[index], task, self.model.BANKS, frozen,
+                                                  self.batch_size)
+            for name, values in scores.items():
+                test_set.patch_scores[(task, name)][index] = values
         return test_set.patch_scores[key]
 
     def _assemble(self, test_set: TestSet, routes: torch.Tensor, bank: str) -> torch.Tensor:
-        scores = torch.empty(len(test_set.labels), self.model.grid[0] * self.model.grid[1])
+        scores = torch.empty(len(test_set.labels), self.model.patches)
         for task in routes.unique().tolist():
             chosen = routes == task
             scores[chosen] = self._scores(test_set, task, bank, chosen)[chosen]
         return scores
-
-    def maps(self, patch_scores: torch.Tensor) -> torch.Tensor:
-        """(N,P) patch scores -> (N,S,S) anomaly maps on the model's device."""
-        parts = [anomaly_maps(patch_scores[s:s + 64].to(self.model.device), self.model.grid,
-                              self.model.config.imagesize, self.model.config.smoothing_sigma)
-                 for s in range(0, patch_scores.shape[0], 64)]
-        return torch.cat(parts)
 
     def _metrics(self, test_set: TestSet, variant: str, routes: torch.Tensor, patch_scores: torch.Tensor) -> dict:
         cache_key = (variant, routes.numpy().tobytes())
@@ -122,28 +113,37 @@ class ContinualEvaluator:
             with self.timer.phase("metrics", len(test_set.labels)):
                 if test_set.ground_truth is None:
                     test_set.ground_truth = PixelGroundTruth(test_set.masks, device=self.model.device)
-                test_set.metric_cache[cache_key] = compute_task_metrics(
-                    test_set.labels, image_scores(patch_scores).numpy(), None, self.maps(patch_scores),
-                    self.fpr_limit, ground_truth=test_set.ground_truth)
+                scores = image_scores(patch_scores)
+                maps = self.model.anomaly_maps(patch_scores)
+                metrics = compute_task_metrics(test_set.labels, scores.numpy(), None, maps, self.fpr_limit,
+                                               ground_truth=test_set.ground_truth)
+                thresholds = per_image(self.model.tasks, routes, VARIANT_BANK[variant])
+                metrics.update(metrics_at_threshold(test_set.labels, scores, maps, test_set.ground_truth.labels,
+                                                    thresholds))
+                test_set.metric_cache[cache_key] = metrics
         return test_set.metric_cache[cache_key]
+
+    def _variants(self, test_set: TestSet, variants) -> list[str]:
+        """The variants this test set's own task can be scored in (no unlimited bank, no unlimited variant)."""
+        memory = self.model.tasks[test_set.index]
+        return [v for v in variants if getattr(memory, VARIANT_BANK[v]) is not None]
+
+    def _reset(self, test_set: TestSet) -> None:
+        test_set.frozen, test_set.key_distance, test_set.patch_scores, test_set.metric_cache = None, {}, {}, {}
+        test_set.ground_truth = None
 
     # ------------------------------------------------------------------ one phase
     def evaluate_phase(self, phase: int, variants=VARIANTS) -> list[dict]:
-        """Metrics of every test set j <= phase after learning task `phase`: one record per (j, variant)."""
+        """Metrics of every test set of a task <= phase after learning task `phase`: one record per (set, variant)."""
         records = []
-        for test_set in self.test_sets[: phase + 1]:
+        for test_set in self._seen(phase):
             if not self.reuse:
-                test_set.frozen, test_set.key_distance, test_set.patch_scores, test_set.metric_cache = None, {}, {}, {}
-                test_set.ground_truth = None
-            routes = self._routing(test_set, phase)
-            oracle_routes = torch.full_like(routes, test_set.index)
+                self._reset(test_set)
+            routes, _ = self._routing(test_set, phase)
             routing_accuracy = float((routes == test_set.index).float().mean())
-            for variant in variants:
-                variant_routes = oracle_routes if variant == "oracle" else routes
-                bank = "unlimited" if variant.endswith("unlimited") else "memory"
-                if bank == "unlimited" and self.model.tasks[test_set.index].knowledge_unlimited is None:
-                    continue
-                scores = self._assemble(test_set, variant_routes, bank)
+            for variant in self._variants(test_set, variants):
+                variant_routes = torch.full_like(routes, test_set.index) if variant == "oracle" else routes
+                scores = self._assemble(test_set, variant_routes, VARIANT_BANK[variant])
                 metrics = self._metrics(test_set, variant, variant_routes, scores)
                 records.append({"phase": phase, "phase_task": self.model.tasks[phase].name,
                                 "task_index": test_set.index, "task": test_set.name, "variant": variant,
@@ -151,8 +151,38 @@ class ContinualEvaluator:
                                 "routing_accuracy": 1.0 if variant == "oracle" else routing_accuracy})
         return records
 
-    def final_maps(self, test_set: TestSet, phase: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Routes, image scores and anomaly maps of the task-agnostic variant (for pictures and predictions)."""
-        routes = self._routing(test_set, phase)
-        scores = self._assemble(test_set, routes, "memory")
-        return routes, image_scores(scores), self.maps(scores).cpu()
+    def image_rows(self, phase: int, variants=VARIANTS) -> list[dict]:
+        """One row per test image of every task <= phase: routing, key distances, scores, threshold decision
+        (from the caches `evaluate_phase` filled)."""
+        names = [t.name for t in self.model.tasks[: phase + 1]]
+        rows = []
+        for test_set in self._seen(phase):
+            routes, distances = self._routing(test_set, phase)
+            scores = {}
+            for variant in self._variants(test_set, variants):
+                variant_routes = torch.full_like(routes, test_set.index) if variant == "oracle" else routes
+                scores[variant] = image_scores(self._assemble(test_set, variant_routes, VARIANT_BANK[variant]))
+            thresholds = per_image(self.model.tasks, routes, KNOWLEDGE)
+            agnostic = scores["task_agnostic"]
+            for i, path in enumerate(test_set.paths):
+                routed = int(routes[i])
+                row = {"phase": phase, "phase_task": names[phase], "test_set": test_set.name, "image": str(path),
+                       "label": int(test_set.labels[i]),
+                       "defect_type": test_set.defect_types[i] if test_set.defect_types else "",
+                       "true_task": test_set.name, "routed_task": names[routed],
+                       "key_distance": float(distances[i, routed]), "image_score": float(agnostic[i]),
+                       "image_threshold": float(thresholds[0][i]) if thresholds else None,
+                       "is_anomalous": int(agnostic[i] > thresholds[0][i]) if thresholds else None}
+                for variant, column in SCORE_COLUMNS.items():
+                    if variant in scores:
+                        row[column] = float(scores[variant][i])
+                for k, name in enumerate(names):
+                    row[f"key_distance_{name}"] = float(distances[i, k])
+                rows.append(row)
+        return rows
+
+    def task_agnostic_scoring(self, test_set: TestSet, phase: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Routes, image scores and anomaly maps (CPU) of the task-agnostic variant (pictures, saved maps)."""
+        routes, _ = self._routing(test_set, phase)
+        scores = self._assemble(test_set, routes, KNOWLEDGE)
+        return routes, image_scores(scores), self.model.anomaly_maps(scores).cpu()

@@ -3,7 +3,6 @@ and a checkpoint written as each task finishes (so a crash in task 7 keeps tasks
 continues from there)."""
 from __future__ import annotations
 
-import json
 import random
 import sys
 import time
@@ -12,24 +11,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ucad.config import Configs, LearningConfig, ModelConfig, check_bounds, differing_options
 from ucad.coreset import CoresetSampler
 from ucad.datasets import TaskSamples, list_tasks
 from ucad.device import select_device
 from ucad.errors import UcadError
 from ucad.evaluation import VARIANTS, ContinualEvaluator, TestSet
 from ucad.images import ImageGeometry, load_images, load_label_map, load_masks
-from ucad.learner import LearningConfig, learn_task
-from ucad.model import ModelConfig, UcadModel
+from ucad.learner import learn_task
+from ucad.model import KNOWLEDGE, UcadModel
 from ucad.nearest_neighbor import NearestNeighbourScorer
-from ucad.results import final_table, latest_run_dir, new_run_dir, summarize, write_csv, write_heatmap, \
-    write_json, write_matrices
+from ucad.results import final_table, latest_run_dir, new_run_dir, threshold_table, write_json, write_run_results
 from ucad.structure_maps import default_structure_root, load_structure_map, structure_map_path
+from ucad.thresholds import calibrate
 from ucad.timing import PhaseTimer
 from ucad.visualize import save_segmentation_images
 
 CHECKPOINT = "checkpoint.pt"
-# options that must agree for --resume to continue a run instead of mixing two experiments
-RESUME_KEYS = ("seed", "model", "learning", "sampler", "dataset_name", "data_path", "categories", "geometry")
+MODEL_FILE = Path("models") / "ucad_model.pt"
 
 
 def seed_everything(seed: int) -> None:
@@ -42,8 +41,8 @@ def echo(message: str = "") -> None:
     print(message, flush=True)
 
 
-def structure_root_for(config: dict) -> Path:
-    return Path(config["structure_path"]) if config.get("structure_path") else default_structure_root(config["data_path"])
+def structure_root_for(data) -> Path:
+    return Path(data.structure_path) if data.structure_path else default_structure_root(data.data_path)
 
 
 def check_structure_maps(tasks: list[TaskSamples], structure_root: Path) -> None:
@@ -65,20 +64,20 @@ def load_test_set(index: int, task: TaskSamples, geometry: ImageGeometry, worker
     images = load_images(task.test, geometry, workers, description=f"[{task.category}] decode test")
     masks = load_masks(task.test, geometry, workers)
     labels = np.array([int(s.is_anomalous) for s in task.test])
-    return TestSet(index, task.category, images, masks, labels, [s.image_path for s in task.test])
+    return TestSet(index, task.category, images, masks, labels, [s.image_path for s in task.test],
+                   [s.defect_type for s in task.test])
 
 
-def _resume_state(config: dict) -> tuple[Path, dict] | None:
-    run_dir = latest_run_dir(config["results_path"], config["log_project"], config["log_group"])
+def _resume_state(configs: Configs) -> tuple[Path, dict] | None:
+    run = configs.run
+    run_dir = latest_run_dir(run.results_path, run.log_project, run.log_group)
     if run_dir is None or not (run_dir / CHECKPOINT).is_file():
         return None
-    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
-    saved = state["config"]
-    differing = [k for k in RESUME_KEYS if json.loads(json.dumps(saved.get(k), default=str))
-                 != json.loads(json.dumps(config.get(k), default=str))]
+    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+    differing = differing_options(state["configs"], configs)
     if differing:
-        raise UcadError(f"--resume: the last run in '{run_dir}' was made with other settings ({', '.join(differing)}); "
-                        "rerun without --resume to start a new run, or with the same options")
+        raise UcadError(f"--resume: the last run in '{run_dir}' was made with other settings: {'; '.join(differing)}. "
+                        "Rerun with the same options, or without --resume to start a new run")
     return run_dir, state
 
 
@@ -93,46 +92,47 @@ def fidelity_line(model: UcadModel, model_config: ModelConfig, learning: Learnin
                      for k, v in used.items())
 
 
-def run_experiment(config: dict) -> Path:
-    """config: the merged options of the command line (see ucad.cli). Returns the run folder."""
-    seed_everything(config["seed"])
-    device = select_device(config["gpu"], config.get("cpu", False), warn=echo)
-    geometry = ImageGeometry(**config["geometry"])
-    tasks = list_tasks(config["dataset_name"], config["data_path"], config["categories"],
-                       config["train_val_split"], config["seed"])
-    model_config = ModelConfig(**config["model"])
-    learning = LearningConfig(**config["learning"])
+def run_experiment(configs: Configs) -> Path:
+    """The whole continual run described by the four configurations (see ucad.config). Returns the run folder."""
+    model_config, learning, data, run = configs.model, configs.learning, configs.data, configs.run
+    for config in (model_config, learning, data, run):
+        check_bounds(config)
+    seed_everything(learning.seed)
+    device = select_device(run.gpu, run.cpu, warn=echo)
+    geometry = model_config.geometry
+    tasks = list_tasks(data.name, data.data_path, list(data.categories), data.train_val_split, learning.seed)
     if model_config.mode == "ucad" and learning.train_prompt:
-        structure_root = structure_root_for(config)
+        structure_root = structure_root_for(data)
         check_structure_maps(tasks, structure_root)
     else:
         structure_root = None
 
     # the backbone (and its weights) first: a download failure must not leave an empty run folder behind
-    model = UcadModel(model_config, device, config.get("precision", "auto"))
-    resumed = _resume_state(config) if config.get("resume") else None
-    if config.get("resume") and resumed is None:
+    scorer = NearestNeighbourScorer(model_config.anomaly_scorer_num_nn, run.nn_backend, device, run.faiss_on_gpu,
+                                    run.faiss_num_workers, patch_distance=model_config.patch_distance)
+    model = UcadModel(model_config, device, run.precision, scorer=scorer)
+    resumed = _resume_state(configs) if run.resume else None
+    if run.resume and resumed is None:
         echo("note: --resume found no unfinished run of this log group; starting a new one")
-    run_dir = resumed[0] if resumed else new_run_dir(config["results_path"], config["log_project"], config["log_group"])
+    run_dir = resumed[0] if resumed else new_run_dir(run.results_path, run.log_project, run.log_group)
 
-    sampler = CoresetSampler(config["sampler"]["name"], config["sampler"]["percentage"], config["seed"])
-    scorer = NearestNeighbourScorer(model_config.anomaly_scorer_num_nn, config.get("nn_backend", "auto"), device,
-                                    config.get("faiss_on_gpu", False), config.get("faiss_num_workers", 4),
-                                    patch_distance=model_config.patch_distance)
-    if config.get("faiss_on_gpu") and not scorer.faiss_on_gpu:
+    sampler = CoresetSampler(learning.sampler, learning.sampler_percentage, learning.seed)
+    if run.faiss_on_gpu and not scorer.faiss_on_gpu:
         echo("note: --faiss_on_gpu: this faiss has no GPU support or no GPU is visible; "
              f"nearest neighbours use {scorer.describe()}")
     timer = PhaseTimer()
-    evaluator = ContinualEvaluator(model, scorer, timer, learning.feature_batch_size, config.get("fpr_limit", 0.3),
-                                   reuse=not config.get("reference_evaluation", False))
+    evaluator = ContinualEvaluator(model, timer, learning.feature_batch_size, run.fpr_limit,
+                                   reuse=not run.reference_evaluation)
     task_names = [t.category for t in tasks]
     records: list[dict] = []
+    image_rows: list[dict] = []
     losses: dict[str, list[float]] = {}
     done = 0
     if resumed:
         state = resumed[1]
         model.load_tasks(state["model"])
-        records, losses, done = state["records"], state["losses"], len(state["model"]["tasks"])
+        records, image_rows, losses = state["records"], state["image_rows"], state["losses"]
+        done = len(state["model"]["tasks"])
         timer.merge(_timer_from(state.get("timings", {})))
 
     echo(f"UCAD run folder: {run_dir}")
@@ -140,7 +140,7 @@ def run_experiment(config: dict) -> Path:
     backbone_description = model.extractor.describe(prompts=model_config.mode == "ucad")
     echo(f"backbone: {backbone_description}")
     echo(f"mode: {model_config.mode}; patch size {model_config.patchsize}, embedding {model_config.target_embed_dimension}; "
-         f"sampler {sampler.name}; nearest neighbours: {scorer.describe()}")
+         f"patch grid {model.grid[0]}x{model.grid[1]}; sampler {sampler.name}; nearest neighbours: {scorer.describe()}")
     if model_config.mode == "ucad":
         echo(f"memory: keys {learning.key_size}, knowledge {learning.memory_size}, unlimited {learning.basic_size} "
              f"per task; prompt training: " + (f"{learning.epochs_num} epochs, SCL with structure maps from "
@@ -148,22 +148,26 @@ def run_experiment(config: dict) -> Path:
                                               "OFF (--no_scl): prompts keep their random initialisation"))
     echo("comparability with the released code: " + fidelity_line(model, model_config, learning))
     echo(f"tasks ({len(tasks)}): {', '.join(task_names)}" + (f"; resuming after task {done}" if done else ""))
-    write_json(run_dir / "config.json", {**config, "task_order": task_names, "device": str(device),
+    if not any(task.validation for task in tasks):
+        echo("thresholds: none, since no normal training images are held out (dataset --train_val_split 1.0); "
+             "F1 at a threshold is not reported (F1-max is). Hold some out with e.g. --train_val_split 0.9")
+    write_json(run_dir / "config.json", {**configs.as_dict(), "task_order": task_names, "device": str(device),
                                         "backbone_description": backbone_description,
                                         "input_norm_used": model.extractor.input_norm,
                                         "input_mean": model.extractor.mean, "input_std": model.extractor.std,
-                                        "nn": scorer.describe()})
+                                        "patch_grid": model.grid, "nn": scorer.describe()})
 
     variants = VARIANTS if model_config.mode == "ucad" else ("task_agnostic", "oracle")
     started = time.perf_counter()
     for index, task in enumerate(tasks):
         with timer.phase("image_loading", len(task.test)):
-            evaluator.add_test_set(load_test_set(index, task, geometry, config["num_workers"]))
+            evaluator.add_test_set(load_test_set(index, task, geometry, data.num_workers))
         if index < done:
             continue
-        echo(f"\n== task {index + 1}/{len(tasks)}: {task.category} ({len(task.train)} train, {len(task.test)} test)")
+        echo(f"\n== task {index + 1}/{len(tasks)}: {task.category} ({len(task.train)} train, "
+             f"{len(task.validation)} held out, {len(task.test)} test)")
         with timer.phase("image_loading", len(task.train)):
-            train_images = load_images(task.train, geometry, config["num_workers"],
+            train_images = load_images(task.train, geometry, data.num_workers,
                                        description=f"[{task.category}] decode train")
             label_maps = load_label_maps(task, structure_root, geometry) if structure_root else None
         if train_images.shape[0] == 0:
@@ -177,33 +181,70 @@ def run_experiment(config: dict) -> Path:
         losses[task.category] = history
         if history:
             echo(f"   prompt loss {history[0]:.4f} -> {history[-1]:.4f} over {len(history)} epochs")
+        _set_thresholds(model, index, task, geometry, learning, data.num_workers, timer)
         phase_records = evaluator.evaluate_phase(index, variants)
         records += phase_records
-        _write_results(run_dir, records, task_names, losses, timer, model, config)
+        image_rows += evaluator.image_rows(index, variants)
+        write_run_results(run_dir, records, image_rows, task_names, {"losses": losses, "timings": timer.as_dict()})
+        _write_checkpoint(run_dir, configs, model, records, image_rows, losses, timer)
         mine = {r["task_index"]: r for r in phase_records if r["variant"] == "task_agnostic"}
         echo(f"   after {task.category}: mean image AUROC {np.mean([r['image_auroc'] for r in mine.values()]):.3f}, "
              f"mean routing accuracy {np.mean([r['routing_accuracy'] for r in mine.values()]):.3f} over {len(mine)} task(s)")
 
     total = time.perf_counter() - started
     echo("\n" + final_table(records, task_names, model_config.mode))
+    thresholds = {t.name: t.thresholds.get(KNOWLEDGE) for t in model.tasks}
+    if any(thresholds.values()):
+        echo("\n" + threshold_table(records, thresholds))
     echo(f"\nwall time {total:.1f} s; per phase: " + ", ".join(f"{k} {v['seconds']:.1f}s"
                                                              for k, v in timer.as_dict().items()))
-    if config.get("save_segmentation_images"):
-        count = 0
-        for test_set in evaluator.test_sets:
-            routes, scores, maps = evaluator.final_maps(test_set, len(tasks) - 1)
-            names = [f"{Path(p).parent.name}_{Path(p).stem}" for p in test_set.paths]
-            captions = [f"{Path(p).parent.name} -> {task_names[int(r)]}" for p, r in zip(test_set.paths, routes)]
-            count += save_segmentation_images(run_dir / "segmentation_images" / test_set.name, test_set.images,
-                                              test_set.masks, maps.numpy(), scores.numpy(), names, captions)
-        echo(f"segmentation images: {count} in {run_dir / 'segmentation_images'}")
-    if config.get("save_patchcore_model"):
-        model.save(run_dir / "models" / "ucad_model.pt")
-        echo(f"model: {run_dir / 'models' / 'ucad_model.pt'} (score new images: python -m ucad.predict "
-             f"{run_dir / 'models' / 'ucad_model.pt'} IMAGE_FOLDER OUTPUT_FOLDER)")
+    save_final_outputs(evaluator, run_dir, len(tasks) - 1, run.save_segmentation_images, run.save_anomaly_maps)
+    if run.save_patchcore_model:
+        model.save(run_dir / MODEL_FILE, {**configs.as_dict(), "task_order": task_names}, full=run.save_full_model)
+        echo(f"model: {run_dir / MODEL_FILE} (score new images: python -m ucad.predict "
+             f"{run_dir / MODEL_FILE} IMAGE_FOLDER OUTPUT_FOLDER)")
     echo(f"results: {run_dir}")
     sys.stdout.flush()
     return run_dir
+
+
+def _set_thresholds(model: UcadModel, index: int, task: TaskSamples, geometry: ImageGeometry,
+                    learning: LearningConfig, workers: int, timer: PhaseTimer) -> None:
+    """The task's thresholds from its held-out normal images, scored as that task (its prompt and knowledge)."""
+    if not task.validation:
+        return
+    with timer.phase("thresholds", len(task.validation)):
+        images = load_images(task.validation, geometry, workers, description=f"[{task.category}] decode held-out")
+        model.tasks[index].thresholds = calibrate(model, index, images, learning.threshold_quantile,
+                                                  learning.feature_batch_size)
+    chosen = model.tasks[index].thresholds[KNOWLEDGE]
+    echo(f"   thresholds from {chosen.images} held-out normal image(s), quantile {chosen.quantile:g}: "
+         f"image {chosen.image:.5g}, pixel {chosen.pixel:.5g}")
+
+
+def save_final_outputs(evaluator: ContinualEvaluator, run_dir: Path, phase: int, pictures: bool, maps: bool) -> None:
+    """Pictures (image | ground truth | map) and .npy anomaly maps of every test image, task-agnostic variant."""
+    if not (pictures or maps):
+        return
+    task_names = [t.name for t in evaluator.model.tasks]
+    count = 0
+    for test_set in evaluator.test_sets:
+        routes, scores, anomaly_maps = evaluator.task_agnostic_scoring(test_set, phase)
+        names = [f"{Path(p).parent.name}_{Path(p).stem}" for p in test_set.paths]
+        if pictures:
+            captions = [f"{Path(p).parent.name} -> {task_names[int(r)]}" for p, r in zip(test_set.paths, routes)]
+            save_segmentation_images(run_dir / "segmentation_images" / test_set.name, test_set.images,
+                                     test_set.masks, anomaly_maps.numpy(), scores.numpy(), names, captions)
+        if maps:
+            folder = run_dir / "anomaly_maps" / test_set.name
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, anomaly_map in zip(names, anomaly_maps.numpy()):
+                np.save(folder / f"{name}.npy", anomaly_map.astype(np.float32))
+        count += len(names)
+    if pictures:
+        echo(f"segmentation images: {count} in {run_dir / 'segmentation_images'}")
+    if maps:
+        echo(f"anomaly maps (.npy): {count} in {run_dir / 'anomaly_maps'}")
 
 
 def _timer_from(timings: dict) -> PhaseTimer:
@@ -214,20 +255,11 @@ def _timer_from(timings: dict) -> PhaseTimer:
     return timer
 
 
-def _write_results(run_dir: Path, records, task_names, losses, timer: PhaseTimer, model: UcadModel, config) -> None:
-    write_csv(run_dir / "results_all_phases.csv", records)
-    last = max(r["phase"] for r in records)
-    write_csv(run_dir / "results_per_task.csv", [r for r in records if r["phase"] == last])
-    summary = summarize(records, task_names)
-    write_csv(run_dir / "results_mean.csv", summary)
-    write_matrices(run_dir, records, task_names)
-    write_heatmap(run_dir / "image_auroc_matrix.png", records, task_names)
-    write_json(run_dir / "summary.json", {"summary": summary, "losses": losses, "timings": timer.as_dict(),
-                                          "tasks_finished": last + 1, "task_order": task_names})
-    write_json(run_dir / "timings.json", timer.as_dict())
-    state = {"config": json.loads(json.dumps(config, default=str)), "model": model.state(), "records": records,
+def _write_checkpoint(run_dir: Path, configs: Configs, model: UcadModel, records, image_rows, losses,
+                      timer: PhaseTimer) -> None:
+    state = {"configs": configs.as_dict(), "model": model.state(), "records": records, "image_rows": image_rows,
              "losses": losses, "timings": timer.as_dict()}
+    write_json(run_dir / "timings.json", timer.as_dict())
     temporary = run_dir / (CHECKPOINT + ".tmp")
     torch.save(state, temporary)
     temporary.replace(run_dir / CHECKPOINT)
-

@@ -2,32 +2,13 @@
 prompted backbone. Only these three are kept; the task's images are dropped afterwards."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from ucad.config import LearningConfig
 from ucad.coreset import CoresetSampler
 from ucad.model import TaskMemory, UcadModel
 from ucad.timing import PhaseTimer
 from ucad.training import train_prompt
-
-
-@dataclass
-class LearningConfig:
-    key_size: int = 196
-    memory_size: int = 196
-    basic_size: int = 1960
-    epochs_num: int = 25
-    lr: float = 5e-4
-    batch_size: int = 8
-    grad_clip: float = 1.0
-    temperature: float = 0.5
-    scl_features: str = "raw"  # raw = the extractor's tokens, as released; "embedded" = the PatchCore embedding
-    label_sampling: str = "centre"  # region id at each patch's centre, as released; "corner" = its top-left pixel
-    train_prompt: bool = True  # False with --no_scl: the prompt keeps its initialisation
-    augment: bool = False
-    feature_batch_size: int = 32
-    seed: int = 0
 
 
 def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tensor, label_maps: torch.Tensor | None,

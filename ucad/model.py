@@ -1,7 +1,9 @@
-"""The UCAD model: a frozen backbone plus, per learned task, its keys, prompt and knowledge.
+"""The UCAD model: a frozen backbone plus, per learned task, its keys, prompt, knowledge and thresholds.
 
-This is also the file format of --save_patchcore_model: everything needed to score new images
-without knowing their task, and nothing of the training images themselves.
+`UcadModel.score` is the one way images are scored (routing by keys, then the routed task's patch scores and
+anomaly maps); it, the continual evaluator and threshold calibration all rest on one per-task primitive,
+`score_patches`. The model file written by `save` is self-contained: the backbone's weights travel inside it
+(safetensors), so a machine without network or weight packages loads it with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
@@ -12,12 +14,21 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ucad.anomaly_map import anomaly_maps, image_scores
 from ucad.backbones import FeatureExtractor
+from ucad.config import ModelConfig, from_dict, to_dict
 from ucad.device import autocast, autocast_dtype
 from ucad.errors import UcadError
+from ucad.nearest_neighbor import NearestNeighbourScorer
 from ucad.patch_features import PatchEmbedder
+from ucad.router import key_distances, route
+from ucad.thresholds import Threshold
 
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT = "ucad-model"
+MODEL_FORMAT_VERSION = 2
+KNOWLEDGE = "knowledge"
+UNLIMITED = "knowledge_unlimited"
+MAP_CHUNK = 64  # anomaly maps are upsampled this many at a time, to bound device memory
 
 
 @dataclass
@@ -28,30 +39,25 @@ class TaskMemory:
     knowledge: torch.Tensor  # (memory_size, D) prompted features: what normal looks like
     knowledge_unlimited: torch.Tensor | None = None  # (basic_size, D) the larger-memory variant
     extra: dict = field(default_factory=dict)
+    thresholds: dict[str, Threshold] = field(default_factory=dict)  # bank name -> its thresholds
 
 
 @dataclass
-class ModelConfig:
-    backbone: str = "vit_base_patch16_224"
-    layers: tuple[str, ...] = ()
-    weights: str = "auto"
-    input_norm: str = "auto"  # auto = ImageNet mean/std as released, except weight sources trained otherwise
-    patchsize: int = 1
-    pretrain_embed_dimension: int = 1024
-    target_embed_dimension: int = 1024
-    prompt_length: int = 1
-    imagesize: int = 224
-    resize: int = 224
-    resize_mode: str = "crop"
-    anomaly_scorer_num_nn: int = 1
-    patch_distance: str = "squared"  # released: faiss IndexFlatL2 scores (squared L2); "euclidean" takes the root
-    smoothing_sigma: float = 4.0
-    mode: str = "ucad"
+class ScoredImages:
+    """What `UcadModel.score` returns for N images (all on the CPU)."""
+
+    routed_task: torch.Tensor  # (N,) long: the task each image was scored as
+    key_distances: torch.Tensor  # (N, T) mean nearest-key distance to every task (routing compares these)
+    patch_scores: torch.Tensor  # (N, P) each patch's distance to the routed task's knowledge
+    image_scores: torch.Tensor  # (N,) the largest patch score
+    anomaly_maps: torch.Tensor  # (N, S, S) upsampled, smoothed patch scores
 
 
 class UcadModel:
+    BANKS = (KNOWLEDGE, UNLIMITED)
+
     def __init__(self, config: ModelConfig, device: torch.device, precision: str = "auto",
-                 extractor: FeatureExtractor | None = None):
+                 extractor: FeatureExtractor | None = None, scorer: NearestNeighbourScorer | None = None):
         self.config = config
         self.device = device
         self.extractor = extractor or FeatureExtractor(config.backbone, config.layers, config.weights,
@@ -60,9 +66,21 @@ class UcadModel:
         self.embedder = PatchEmbedder(config.patchsize, config.pretrain_embed_dimension,
                                       config.target_embed_dimension)
         self.amp_dtype = autocast_dtype(device, precision)
+        self.scorer = scorer or NearestNeighbourScorer(config.anomaly_scorer_num_nn, "auto", device,
+                                                       patch_distance=config.patch_distance)
+        # routing matches each patch with its single nearest key
+        self.key_scorer = NearestNeighbourScorer(1, self.scorer.backend, device, self.scorer.faiss_on_gpu,
+                                                 self.scorer.faiss_num_workers, patch_distance=config.patch_distance)
         self.tasks: list[TaskMemory] = []
-        self.grid: tuple[int, int] | None = None
+        self.run_configuration: dict = {}  # the configuration of the run that made a loaded model
+        maps = self.extractor.feature_maps_of_size(config.imagesize)
+        self.grid: tuple[int, int] = self.embedder.grid_of(tuple(max(m.shape[d] for m in maps) for d in (2, 3)))
 
+    @property
+    def patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    # ------------------------------------------------------------------ features
     def new_prompt(self, task_index: int, seed: int) -> torch.nn.Module:
         generator = torch.Generator().manual_seed(seed * 1000 + task_index)
         return self.extractor.new_prompt(self.config.prompt_length, generator).to(self.device)
@@ -80,7 +98,7 @@ class UcadModel:
         """(B,3,S,S) uint8 on the device -> (B, P, D) float32 patch features (with grad if the prompt has)."""
         with autocast(self.device, self.amp_dtype):
             maps = self.extractor(images_uint8, prompt)
-        features, self.grid = self.embedder([m.float() for m in maps])
+        features, _ = self.embedder([m.float() for m in maps])
         return features
 
     def scl_features(self, images_uint8: torch.Tensor, prompt: torch.nn.Module) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -106,51 +124,165 @@ class UcadModel:
             parts.append(self.embed(batch, prompt).to(out_dtype))
         return torch.cat(parts)
 
+    def frozen_features(self, images_uint8: torch.Tensor, batch_size: int = 32,
+                        description: str | None = None) -> torch.Tensor:
+        """Unprompted features, as routing uses them. Routing only compares means of key distances, so fp16
+        halves what callers cache at no cost; in PatchCore mode these are also the features scored against the
+        memory bank and stay fp32."""
+        dtype = torch.float32 if self.config.mode == "patchcore" else torch.float16
+        return self.features(images_uint8, None, batch_size, description, out_dtype=dtype)
+
+    # ------------------------------------------------------------------ scoring
+    def key_distances(self, frozen: torch.Tensor, tasks: list[int] | None = None, batch_size: int = 32) -> torch.Tensor:
+        """(N, P, D) frozen features -> (N, len(tasks)) mean nearest-key distance to each task (default: all)."""
+        tasks = range(len(self.tasks)) if tasks is None else tasks
+        columns = [torch.cat([key_distances(frozen[s:s + batch_size].float(), self.tasks[k].keys, self.key_scorer)
+                              for s in range(0, frozen.shape[0], batch_size)]) for k in tasks]
+        return torch.stack(columns, dim=1) if columns else torch.empty(frozen.shape[0], 0, device=frozen.device)
+
+    @torch.no_grad()
+    def score_patches(self, images_uint8: torch.Tensor, task: int, banks: tuple[str, ...] = (KNOWLEDGE,),
+                      frozen: torch.Tensor | None = None, batch_size: int = 32) -> dict[str, torch.Tensor]:
+        """The per-task scoring primitive: images scored as belonging to `task`, under its prompt, against each of
+        its knowledge banks in `banks` that it holds. Returns bank -> (N, P) float32 patch scores on the CPU.
+
+        `frozen`, the images' unprompted features, saves recomputing them in PatchCore mode, where they are the
+        features that are scored (no prompt)."""
+        memory = self.tasks[task]
+        if memory.prompt_state is None and frozen is not None:
+            features = frozen.to(self.device).float()
+        else:
+            features = self.features(images_uint8, self.prompt_for(task), batch_size)
+        n, p, d = features.shape
+        scores = {}
+        for bank in banks:
+            knowledge = getattr(memory, bank)
+            if knowledge is not None:
+                scores[bank] = self.scorer.distances(features.reshape(n * p, d), knowledge).reshape(n, p).float().cpu()
+        return scores
+
+    def anomaly_maps(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        """(N, P) patch scores -> (N, S, S) anomaly maps on the model's device."""
+        if patch_scores.shape[0] == 0:
+            return torch.empty(0, self.config.imagesize, self.config.imagesize, device=self.device)
+        return torch.cat([anomaly_maps(patch_scores[s:s + MAP_CHUNK].to(self.device), self.grid,
+                                       self.config.imagesize, self.config.smoothing_sigma)
+                          for s in range(0, patch_scores.shape[0], MAP_CHUNK)])
+
+    @torch.no_grad()
+    def score(self, images_uint8: torch.Tensor, task: int | None = None, batch_size: int = 32,
+              description: str | None = None) -> ScoredImages:
+        """Score (N,3,S,S) uint8 images: each is routed to the task with the nearest keys (or, with `task`, scored
+        as that task) and scored against that task's knowledge."""
+        if not self.tasks:
+            raise UcadError("the model holds no learned task: nothing to score against")
+        parts = []
+        starts = range(0, images_uint8.shape[0], batch_size)
+        for start in tqdm(starts, desc=description, disable=description is None, unit="batch"):
+            batch = images_uint8[start:start + batch_size]
+            frozen = self.frozen_features(batch, batch_size)
+            distances = self.key_distances(frozen, batch_size=batch_size).cpu()
+            routes = route(distances) if task is None else torch.full((batch.shape[0],), task, dtype=torch.long)
+            patch_scores = torch.empty(batch.shape[0], self.patches)
+            for chosen in routes.unique().tolist():
+                members = routes == chosen
+                patch_scores[members] = self.score_patches(batch[members], chosen,
+                                                           frozen=frozen[members.to(frozen.device)],
+                                                           batch_size=batch_size)[KNOWLEDGE]
+            parts.append((routes, distances, patch_scores, self.anomaly_maps(patch_scores).cpu()))
+        routes, distances, patch_scores, maps = (torch.cat(column) for column in zip(*parts))
+        return ScoredImages(routes, distances, patch_scores, image_scores(patch_scores), maps)
+
     # ------------------------------------------------------------------ persistence
-    def state(self) -> dict:
-        return {
-            "format_version": MODEL_FORMAT_VERSION,
-            "config": self.config.__dict__,
-            "grid": self.grid,
-            "tasks": [
-                {"name": t.name, "keys": _cpu(t.keys), "prompt_state": _cpu(t.prompt_state),
-                 "knowledge": _cpu(t.knowledge), "knowledge_unlimited": _cpu(t.knowledge_unlimited),
-                 "extra": t.extra}
-                for t in self.tasks
-            ],
-        }
+    def state(self, banks: tuple[str, ...] = BANKS) -> dict:
+        """The learned tasks as tensors and plain values (what checkpoints hold; loads with weights_only)."""
+        return {"format_version": MODEL_FORMAT_VERSION, "config": to_dict(self.config), "grid": list(self.grid),
+                "tasks": [_task_state(t, banks) for t in self.tasks]}
 
     def load_tasks(self, state: dict) -> None:
-        self.grid = tuple(state["grid"]) if state.get("grid") else None
         self.tasks = [
             TaskMemory(t["name"], _to(t["keys"], self.device), _to(t["prompt_state"], self.device),
-                       _to(t["knowledge"], self.device), _to(t["knowledge_unlimited"], self.device), t.get("extra", {}))
+                       _to(t["knowledge"], self.device), _to(t.get("knowledge_unlimited"), self.device),
+                       t.get("extra", {}),
+                       {bank: Threshold.from_dict(v) for bank, v in (t.get("thresholds") or {}).items()})
             for t in state["tasks"]
         ]
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, run_configuration: dict | None = None, full: bool = False) -> None:
+        """One self-contained file: backbone weights (safetensors), tasks, thresholds, configuration. Without
+        `full`, what scoring never uses stays out: the unlimited knowledge and the backbone beyond the deepest
+        extracted layer (classifier included)."""
+        from safetensors.torch import save as safetensors_bytes
+
+        weights = (self.extractor.model.state_dict() if full
+                   else self.extractor.scoring_state_dict(self.config.imagesize))
+        weights = {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}
+        banks = self.BANKS if full else (KNOWLEDGE,)
+        state = {
+            **self.state(banks),
+            "format": MODEL_FORMAT,
+            "backbone": {"safetensors": safetensors_bytes(weights), "complete": full,
+                         "input_norm": self.extractor.input_norm, "mean": list(self.extractor.mean),
+                         "std": list(self.extractor.std), "source": self.extractor.weights_description},
+            "run_configuration": run_configuration or {},
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.state(), temporary)
+        torch.save(state, temporary)
         temporary.replace(path)  # never leave a half-written model behind a crash
 
     @classmethod
-    def load(cls, path: Path, device: torch.device, weights: str | None = None, precision: str = "auto") -> "UcadModel":
+    def load(cls, path: Path, device: torch.device, weights: str | None = None, precision: str = "auto",
+             scorer: NearestNeighbourScorer | None = None) -> "UcadModel":
+        """A model written by `save`. The backbone is built without pretrained weights (no hub, no package) and
+        given the stored ones; `weights` (auto | hub | random | PATH) takes them from elsewhere instead."""
         path = Path(path)
         if not path.is_file():
             raise UcadError(f"model file '{path}' does not exist (it is written by --save_patchcore_model)")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise UcadError(f"cannot read model file '{path}': {error}") from None
-        if not isinstance(state, dict) or state.get("format_version") != MODEL_FORMAT_VERSION:
-            raise UcadError(f"'{path}' is not a UCAD model file of format {MODEL_FORMAT_VERSION}")
-        config = ModelConfig(**{**state["config"], "layers": tuple(state["config"]["layers"])})
-        if weights is not None:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UcadError(f"cannot read model file '{path}' ({first}); models saved before format "
+                            f"{MODEL_FORMAT_VERSION} need the run again with --save_patchcore_model") from None
+        if (not isinstance(state, dict) or state.get("format") != MODEL_FORMAT
+                or state.get("format_version") != MODEL_FORMAT_VERSION):
+            raise UcadError(f"'{path}' is not a UCAD model file of format {MODEL_FORMAT_VERSION} (written by "
+                            "--save_patchcore_model); rerun the experiment to save one")
+        config = from_dict(ModelConfig, state["config"])
+        stored = state["backbone"]
+        if weights is None:
+            from safetensors.torch import load as safetensors_load
+
+            config.weights = "random"  # the architecture only: its weights come from the file
+            extractor = FeatureExtractor(config.backbone, config.layers, "random", config.imagesize,
+                                         stored["input_norm"])
+            extractor.mean, extractor.std = tuple(stored["mean"]), tuple(stored["std"])
+            try:
+                extractor.load_scoring_state_dict(safetensors_load(stored["safetensors"]), config.imagesize,
+                                                  f"model file '{path}'")
+            except RuntimeError as error:  # shapes that do not fit
+                raise UcadError(f"model file '{path}': its backbone weights do not fit {config.backbone} "
+                                f"({str(error).splitlines()[0]})") from None
+            extractor.weights_description = f"{stored['source']} (stored in {path.name})"
+        else:
             config.weights = weights
-        model = cls(config, device, precision)
+            extractor = None
+        model = cls(config, device, precision, extractor, scorer)
+        if tuple(state["grid"]) != model.grid:
+            raise UcadError(f"model file '{path}': stored patch grid {tuple(state['grid'])} differs from the "
+                            f"rebuilt backbone's {model.grid}")
         model.load_tasks(state)
+        model.run_configuration = state.get("run_configuration", {})
         return model
+
+
+def _task_state(task: TaskMemory, banks: tuple[str, ...]) -> dict:
+    return {"name": task.name, "keys": _cpu(task.keys), "prompt_state": _cpu(task.prompt_state),
+            "knowledge": _cpu(task.knowledge),
+            "knowledge_unlimited": _cpu(task.knowledge_unlimited) if UNLIMITED in banks else None,
+            "thresholds": {bank: t.as_dict() for bank, t in task.thresholds.items() if bank in banks},
+            "extra": task.extra}
 
 
 def _cpu(value):

@@ -13,8 +13,14 @@ import numpy as np
 from ucad.metrics import final_average, forgetting_measure
 
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")
-TABLE_METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
+TABLE_METRICS = ("image_auroc", "image_f1_at_threshold", "image_f1max", "pixel_auroc", "pixel_ap", "aupro")
+TABLE_HEADINGS = {"image_f1_at_threshold": "img_f1@thr", "image_f1max": "img_f1max"}
 MATRIX_METRICS = METRICS + ("routing_accuracy",)
+# honest decisions at the thresholds from held-out normal images, and the F1-max upper bound beside them
+THRESHOLD_METRICS = ("image_f1_at_threshold", "image_precision_at_threshold", "image_recall_at_threshold",
+                     "image_f1max", "pixel_f1_at_threshold", "pixel_precision_at_threshold",
+                     "pixel_recall_at_threshold", "pixel_f1max")
+SUMMARY_METRICS = MATRIX_METRICS + THRESHOLD_METRICS
 
 
 def new_run_dir(results_path: str | Path, log_project: str, log_group: str) -> Path:
@@ -51,7 +57,7 @@ def summarize(records: list[dict], task_names: list[str]) -> list[dict]:
     summary = []
     for variant in sorted({r["variant"] for r in records}):
         row = {"variant": variant, "tasks_finished": phases}
-        for metric in MATRIX_METRICS:
+        for metric in SUMMARY_METRICS:
             matrix = accuracy_matrix(records, variant, metric, phases)
             row[f"final_{metric}"] = final_average(matrix)
             row[f"fm_{metric}"] = forgetting_measure(matrix) if phases > 1 else float("nan")
@@ -100,6 +106,23 @@ def _jsonable(value):
     if isinstance(value, np.integer):
         return int(value)
     return value
+
+
+def write_run_results(run_dir: Path, records: list[dict], image_rows: list[dict], task_names: list[str],
+                      summary_extra: dict | None = None) -> list[dict]:
+    """The result files of a run (or of ucad.evaluate on a saved model): metrics per (phase, task, variant),
+    their final mean and forgetting, accuracy matrices, and one row per test image and phase."""
+    write_csv(run_dir / "results_all_phases.csv", records)
+    last = max(r["phase"] for r in records)
+    write_csv(run_dir / "results_per_task.csv", [r for r in records if r["phase"] == last])
+    summary = summarize(records, task_names)
+    write_csv(run_dir / "results_mean.csv", summary)
+    write_csv(run_dir / "scores_per_image.csv", image_rows)
+    write_matrices(run_dir, records, task_names)
+    write_heatmap(run_dir / "image_auroc_matrix.png", records, task_names)
+    write_json(run_dir / "summary.json", {"summary": summary, "tasks_finished": last + 1, "task_order": task_names,
+                                          **(summary_extra or {})})
+    return summary
 
 
 def write_matrices(run_dir: Path, records: list[dict], task_names: list[str]) -> None:
@@ -153,7 +176,7 @@ def final_table(records: list[dict], task_names: list[str], mode: str) -> str:
     last = max(r["phase"] for r in records)
     by_key = {(r["task_index"], r["variant"]): r for r in records if r["phase"] == last}
     has_unlimited = any(v == "task_agnostic_unlimited" for _, v in by_key)
-    header = ["task"] + [f"{m}" for m in TABLE_METRICS] + ["routing"] + ["oracle_img_auroc"]
+    header = ["task"] + [TABLE_HEADINGS.get(m, m) for m in TABLE_METRICS] + ["routing"] + ["oracle_img_auroc"]
     if has_unlimited:
         header.append("unlim_img_auroc")
     lines = []
@@ -173,19 +196,50 @@ def final_table(records: list[dict], task_names: list[str], mode: str) -> str:
         if has_unlimited:
             row.append(_num(summary.get("task_agnostic_unlimited", {}).get(prefix + "image_auroc")))
         lines.append(row)
+    title = f"{mode.upper()} after {last + 1} task(s): task-agnostic results (routing by keys); " \
+            "oracle = task given; img_f1@thr = F1 at the threshold from held-out normal images (never saw the " \
+            "test set), img_f1max = F1 at the best test threshold (an upper bound)"
+    return title + "\n" + _render(header, lines, last + 1)
+
+
+def _render(header: list[str], lines: list[list[str]], rule_before: int | None = None) -> str:
     widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
     render = [" | ".join(str(x).ljust(w) for x, w in zip(header, widths))]
     render.append("-+-".join("-" * w for w in widths))
     for i, row in enumerate(lines):
-        if i == last + 1:
+        if i == rule_before:
             render.append("-+-".join("-" * w for w in widths))
         render.append(" | ".join(str(x).ljust(w) for x, w in zip(row, widths)))
-    title = f"{mode.upper()} after {last + 1} task(s): task-agnostic results (routing by keys); " \
-            "oracle = task given"
-    return title + "\n" + "\n".join(render)
+    return "\n".join(render)
+
+
+def threshold_table(records: list[dict], thresholds: dict) -> str:
+    """Per task after the last phase: its thresholds and the task-agnostic decisions they give on its test set.
+
+    thresholds: task name -> ucad.thresholds.Threshold, or None where the task has none."""
+    last = max(r["phase"] for r in records)
+    rows = {r["task"]: r for r in records if r["phase"] == last and r["variant"] == "task_agnostic"}
+    header = ["task", "image_thr", "pixel_thr", "held_out", "img_f1@thr", "img_prec@thr", "img_rec@thr",
+              "img_f1max", "pix_f1@thr", "pix_f1max"]
+    lines = []
+    for task, record in rows.items():
+        threshold = thresholds.get(task)
+        lines.append([task, _threshold(threshold.image if threshold else None),
+                      _threshold(threshold.pixel if threshold else None), str(threshold.images) if threshold else "-"]
+                     + [_num(record.get(m)) for m in ("image_f1_at_threshold", "image_precision_at_threshold",
+                                                      "image_recall_at_threshold", "image_f1max",
+                                                      "pixel_f1_at_threshold", "pixel_f1max")])
+    quantile = next((t.quantile for t in thresholds.values() if t is not None), None)
+    title = ("thresholds per task (quantile %g of held-out normal training images' scores; decisions on the "
+             "task-agnostic test results)" % quantile) if quantile is not None else "thresholds per task"
+    return title + "\n" + _render(header, lines)
 
 
 def _num(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.3f}"
+
+
+def _threshold(value: float | None) -> str:
+    return "-" if value is None else f"{value:.5g}"  # thresholds are distances, of any magnitude

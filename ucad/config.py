@@ -1,0 +1,302 @@
+"""The typed configuration of a run: the model, how each task is learned, the data, and how the run executes.
+
+Every default lives here and nowhere else. Each field that the command line sets carries, in its metadata, the
+sub-command it belongs to, the option as the user types it and its help: `ucad.cli` builds its options from these
+fields, config.json is written from them, and `--resume` names a differing field by its option.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+from ucad.backbones import INPUT_NORMS
+from ucad.coreset import SAMPLER_NAMES
+from ucad.datasets import DATASET_LISTERS
+from ucad.errors import UcadError
+from ucad.images import ImageGeometry
+from ucad.loss import LABEL_SAMPLING
+from ucad.nearest_neighbor import BACKENDS, PATCH_DISTANCES
+from ucad.training import SCL_FEATURES
+
+MODES = ("ucad", "patchcore")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RESIZE_MODES = ("crop", "square")
+
+
+@dataclass(frozen=True)
+class CliParameter:
+    """How one configuration field appears on the command line."""
+
+    command: str  # "main" (global options), "ucad", "sampler" or "dataset"
+    declarations: tuple[str, ...]  # ("-b", "--backbone_names"); empty for a positional argument
+    help: str = ""
+    metavar: str | None = None  # the name of a positional argument (NAME, DATA_PATH)
+    # click's keywords (multiple, is_flag, flag_value, hidden); "type" may also be a tuple of choices or
+    # "path" / "folder", so that this module needs no click
+    click: dict = field(default_factory=dict)
+    minimum: float | None = None  # smallest accepted value
+    greater_than: float | None = None  # values must exceed this
+    maximum: float | None = None  # largest accepted value
+    parse: Callable[[Any], Any] | None = None  # click's value -> the field's value
+    resume_may_differ: bool = False  # how the run executes, not what it computes: --resume accepts a change
+
+    @property
+    def is_argument(self) -> bool:
+        return not self.declarations
+
+    @property
+    def typed(self) -> str:
+        """The parameter as the user types it: --epochs_num, or 'dataset DATA_PATH' for an argument."""
+        if self.is_argument:
+            return self.metavar if self.command == "main" else f"{self.command} {self.metavar}"
+        return max((d for d in self.declarations if d.startswith("-")), key=len)
+
+
+def option(default, command: str, *declarations: str, help: str, minimum=None, greater_than=None, maximum=None,
+           parse=None, resume_may_differ: bool = False, **click_kwargs):
+    return field(default=default, metadata={"cli": CliParameter(command, declarations, help, None, click_kwargs,
+                                                                minimum, greater_than, maximum, parse,
+                                                                resume_may_differ)})
+
+
+def argument(command: str, metavar: str, help: str = "", default=dataclasses.MISSING, **click_kwargs):
+    return field(default=default, metadata={"cli": CliParameter(command, (), help, metavar, click_kwargs)})
+
+
+def cli_parameter(config_field: dataclasses.Field) -> CliParameter | None:
+    return config_field.metadata.get("cli")
+
+
+def _one_backbone(names: tuple[str, ...]) -> str:
+    if len(names) != 1:
+        raise UcadError(f"-b/--backbone_names: one backbone per run, got {list(names)}")
+    return names[0]
+
+
+@dataclass
+class ModelConfig:
+    """What the model is: backbone, patch features, scoring, input geometry. Stored in the model file."""
+
+    backbone: str = option("vit_base_patch16_224", "ucad", "-b", "--backbone_names", multiple=True,
+                           parse=_one_backbone,
+                           help="timm backbone actually used (ViT: prefix prompts; CNN e.g. wideresnet50, "
+                                "efficientnet_lite0: channel prompts).")
+    layers: tuple[str, ...] = option((), "ucad", "-le", "--layers_to_extract_from", multiple=True,
+                                     help="Layers to read: ViT block index (5 or blocks.5), CNN module (layer2) or "
+                                          "feature-stage index (2). Default 5 / 2,3.")
+    weights: str = option("auto", "ucad", "--weights",
+                          help="auto | hub | random | PATH to a .pth/.safetensors/.npz checkpoint (new; auto = offline "
+                               "package for efficientnet_lite0, else timm hub).")
+    input_norm: str = option("auto", "ucad", "--input_norm", type=INPUT_NORMS,
+                             help="Input mean/std: imagenet (as released, for every backbone), backbone (the weights' "
+                                  "own config); auto = imagenet, except the offline EfficientNet-Lite0 weights, "
+                                  "trained on [-1, 1] (new).")
+    mode: str = option("ucad", "ucad", "--mode", type=MODES,
+                       help="ucad = the continual method; patchcore = one PatchCore bank per task, no prompts "
+                            "(oracle baseline) (new).")
+    pretrain_embed_dimension: int = option(1024, "ucad", "--pretrain_embed_dimension", minimum=1,
+                                           help="Per-layer feature size after pooling.")
+    target_embed_dimension: int = option(1024, "ucad", "--target_embed_dimension", minimum=1,
+                                         help="Patch feature size after merging layers.")
+    preprocessing: str = option("mean", "ucad", "--preprocessing", type=("mean",),
+                                help="Per-layer projection: adaptive average pooling.")
+    aggregation: str = option("mean", "ucad", "--aggregation", type=("mean",),
+                              help="Layer merging: adaptive average pooling.")
+    anomaly_scorer_num_nn: int = option(1, "ucad", "--anomaly_scorer_num_nn", minimum=1,
+                                        help="k nearest knowledge vectors averaged for a patch score.")
+    patchsize: int = option(3, "ucad", "--patchsize", minimum=1,
+                            help="Neighbourhood (p x p) aggregated into each patch feature.")
+    patchscore: str = option("max", "ucad", "--patchscore", type=("max",), help="Image score from patch scores.")
+    patchoverlap: float = option(0.0, "ucad", "--patchoverlap",
+                                 help="Accepted for compatibility; patches always use stride 1.")
+    patchsize_aggregate: tuple[int, ...] = option((), "ucad", "--patchsize_aggregate", multiple=True, type=int,
+                                                  help="Accepted for compatibility (unused, as in PatchCore).")
+    patch_distance: str = option("squared", "ucad", "--patch_distance", type=PATCH_DISTANCES,
+                                 help="Patch score and key distance: squared L2 as the released faiss IndexFlatL2, "
+                                      "or euclidean (new).")
+    prompt_length: int = option(1, "ucad", "--prompt_length", minimum=1, help="Prefix key/value tokens per layer (new).")
+    smoothing_sigma: float = option(4.0, "ucad", "--smoothing_sigma", minimum=0,
+                                    help="Gaussian sigma of the anomaly map (new).")
+    resize: int = option(224, "dataset", "--resize", minimum=16, help="Shorter image side before the centre crop.")
+    imagesize: int = option(224, "dataset", "--imagesize", minimum=16, help="Network input size (square).")
+    resize_mode: str = option("crop", "dataset", "--resize_mode", type=RESIZE_MODES,
+                              help="crop: resize + centre crop; square: squash to imagesize, nothing cut "
+                                   "(non-square data) (new).")
+
+    @property
+    def geometry(self) -> ImageGeometry:
+        return ImageGeometry(self.resize, self.imagesize, self.resize_mode)
+
+
+@dataclass
+class LearningConfig:
+    """How each task is learned: keys, prompt training, knowledge, thresholds."""
+
+    seed: int = option(0, "main", "--seed", help="Seed of every random choice (prompts, coresets, shuffles, splits).")
+    memory_size: int = option(196, "main", "--memory_size", minimum=1,
+                              help="Knowledge vectors kept per task (coreset size).")
+    epochs_num: int = option(25, "main", "--epochs_num", minimum=0,
+                             help="Prompt training epochs per task (fixed; never chosen on test data).")
+    key_size: int = option(196, "main", "--key_size", minimum=1, help="Key vectors per task used to route test images.")
+    basic_size: int = option(1960, "main", "--basic_size", minimum=0,
+                             help="Knowledge size of the 'unlimited' variant reported beside (0 = off).")
+    threshold_quantile: float = option(0.99, "main", "--threshold_quantile", greater_than=0.0, maximum=1.0,
+                                       help="Per-task image and pixel thresholds: this quantile of the scores of the "
+                                            "held-out normal training images (dataset --train_val_split) (new).")
+    sampler: str = argument("sampler", "NAME", default="approx_greedy_coreset", type=SAMPLER_NAMES)
+    sampler_percentage: float = option(0.1, "sampler", "-p", "--percentage",
+                                       help="Fraction kept in patchcore mode; ucad mode uses the fixed "
+                                            "--key_size/--memory_size.")
+    train_prompt: bool = option(True, "ucad", "--no_scl", is_flag=True, flag_value=False,
+                                help="Train without structure maps: prompts stay at their initialisation (new).")
+    scl_features: str = option("raw", "ucad", "--scl_features", type=SCL_FEATURES,
+                               help="What SCL sees: raw extractor tokens at the grid (as released) or the pooled "
+                                    "PatchCore embedding (new).")
+    label_sampling: str = option("centre", "ucad", "--label_sampling", type=tuple(sorted(LABEL_SAMPLING)),
+                                 help="Region id of a patch: at its centre pixel (as released) or its top-left "
+                                      "pixel (new).")
+    lr: float = option(5e-4, "ucad", "--lr", help="Adam learning rate of the prompt (new).")
+    feature_batch_size: int = option(32, "ucad", "--feature_batch_size", minimum=1, resume_may_differ=True,
+                                     help="Images per batch when extracting features (new).")
+    batch_size: int = option(8, "dataset", "--batch_size", minimum=1, help="Prompt-training batch size.")
+    augment: bool = option(False, "dataset", "--augment", is_flag=True,
+                           help="Random flips of training images during prompt training.")
+    grad_clip: float = 1.0
+    temperature: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    """Which data: the layout, the folder, the tasks in order, the held-out split."""
+
+    name: str = argument("dataset", "NAME", type=tuple(DATASET_LISTERS))
+    data_path: str = argument("dataset", "DATA_PATH", type="path")
+    categories: tuple[str, ...] = option((), "dataset", "-d", "--subdatasets", multiple=True,
+                                         help="Category (task), repeat in task order; default: all found.")
+    train_val_split: float = option(1.0, "dataset", "--train_val_split", greater_than=0.0, maximum=1.0,
+                                    help="Fraction of each task's training images used for learning (seeded); the "
+                                         "rest is held out as normal images that set the thresholds.")
+    num_workers: int = option(8, "dataset", "--num_workers", minimum=1, resume_may_differ=True,
+                              help="Threads decoding images.")
+    structure_path: str | None = option(None, "dataset", "--structure_path", type="path",
+                                        help="Structure-map tree (default DATA_PATH-sam-b), made by "
+                                             "segment_anything_prep (new).")
+
+
+@dataclass
+class RunConfig:
+    """How and where the run executes; none of it changes what is learned (so --resume accepts changes)."""
+
+    results_path: str = argument("main", "RESULTS_PATH", type="folder")
+    gpu: tuple[int, ...] = option((0,), "main", "--gpu", multiple=True, type=int,
+                                  help="GPU index among those CUDA_VISIBLE_DEVICES shows; without a GPU the run falls "
+                                       "back to the CPU.")
+    cpu: bool = option(False, "main", "--cpu", is_flag=True, help="Run on the CPU even when a GPU is visible (new).")
+    log_group: str = option("group", "main", "--log_group", help="Run folder name; _N is appended, counting up.")
+    log_project: str = option("project", "main", "--log_project", help="Folder under RESULTS_PATH grouping runs.")
+    save_segmentation_images: bool = option(False, "main", "--save_segmentation_images", is_flag=True,
+                                            help="Write image | ground truth | anomaly map pictures per test image.")
+    save_anomaly_maps: bool = option(False, "main", "--save_anomaly_maps", is_flag=True,
+                                     help="Write the final phase's anomaly maps as .npy per test image (new).")
+    save_patchcore_model: bool = option(False, "main", "--save_patchcore_model", is_flag=True,
+                                        help="Save a self-contained model (backbone weights, keys, prompts, knowledge, "
+                                             "thresholds) to models/ucad_model.pt for ucad.predict / ucad.evaluate.")
+    save_full_model: bool = option(False, "main", "--save_full_model", is_flag=True,
+                                   help="With --save_patchcore_model, also keep what scoring never uses: the unlimited "
+                                        "knowledge and the backbone layers after the deepest extracted one (new).")
+    resume: bool = option(False, "main", "--resume", is_flag=True,
+                          help="Continue the last run of this log group after its last finished task (new).")
+    precision: str = option("auto", "main", "--precision", type=PRECISIONS,
+                            help="Autocast for the backbone: auto = bf16 on GPU, fp32 on CPU (new).")
+    reference_evaluation: bool = option(False, "main", "--reference_evaluation", is_flag=True, hidden=True,
+                                        help="Recompute every test feature and score in every phase (slow reference "
+                                             "for checking the caches).")
+    faiss_on_gpu: bool = option(False, "ucad", "--faiss_on_gpu", is_flag=True,
+                                help="Use a faiss GPU index when faiss has GPU support (else torch on the GPU).")
+    faiss_num_workers: int = option(8, "ucad", "--faiss_num_workers", minimum=1, help="faiss CPU threads.")
+    nn_backend: str = option("auto", "ucad", "--nn_backend", type=BACKENDS,
+                             help="Nearest-neighbour search: auto = faiss on CPU, torch on GPU (new).")
+    fpr_limit: float = 0.3  # AUPRO integrates the PRO curve up to this false-positive rate
+
+
+CONFIG_CLASSES = {"model": ModelConfig, "learning": LearningConfig, "data": DataConfig, "run": RunConfig}
+# what a run computes depends on these; RunConfig only says how and where it runs
+RESULT_DEFINING = ("model", "learning", "data")
+
+
+@dataclass
+class Configs:
+    model: ModelConfig
+    learning: LearningConfig
+    data: DataConfig
+    run: RunConfig
+
+    def as_dict(self) -> dict:
+        """JSON-compatible: what config.json, checkpoints and model files record."""
+        return {name: to_dict(getattr(self, name)) for name in CONFIG_CLASSES}
+
+
+def to_dict(config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def from_dict(cls, values: dict):
+    """The inverse of to_dict (JSON lists back to tuples); unknown keys are ignored, missing ones take defaults."""
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        if name not in known:
+            continue
+        if isinstance(known[name].default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def check_bounds(config) -> None:
+    """The numeric limits declared on the fields, as one-line errors naming the option."""
+    for config_field in fields(config):
+        parameter = cli_parameter(config_field)
+        if parameter is None:
+            continue
+        value = getattr(config, config_field.name)
+        low, high = parameter.minimum, parameter.maximum
+        if parameter.greater_than is not None:
+            low = parameter.greater_than
+        too_low = low is not None and (value <= low if parameter.greater_than is not None else value < low)
+        too_high = high is not None and value > high
+        if not (too_low or too_high):
+            continue
+        if high is None:
+            wanted = f"at least {low:g}" if parameter.greater_than is None else f"above {low:g}"
+        else:
+            wanted = f"in {'(' if parameter.greater_than is not None else '['}{low:g}, {high:g}]"
+        raise UcadError(f"{parameter.typed} must be {wanted}, got {value}")
+
+
+def differing_options(recorded: dict, current: Configs) -> list[str]:
+    """The options (as typed) whose recorded value differs from the current one, among those that define what a run
+    computes; `recorded` is Configs.as_dict() of the earlier run."""
+    now = current.as_dict()
+    differing = []
+    for name in RESULT_DEFINING:
+        for config_field in fields(CONFIG_CLASSES[name]):
+            parameter = cli_parameter(config_field)
+            if parameter is not None and parameter.resume_may_differ:
+                continue
+            before = recorded.get(name, {}).get(config_field.name)
+            after = now[name][config_field.name]
+            if before != after:
+                label = parameter.typed if parameter else f"{name}.{config_field.name}"
+                differing.append(f"{label} (recorded {_shown(before, parameter)}, now {_shown(after, parameter)})")
+    return differing
+
+
+def _shown(value, parameter: CliParameter | None) -> str:
+    if parameter is not None and parameter.click.get("is_flag"):
+        return "on" if value == parameter.click.get("flag_value", True) else "off"  # --no_scl on = train_prompt False
+    if isinstance(value, list):
+        return " ".join(map(str, value)) if value else "none"
+    return str(value)
