@@ -1,0 +1,98 @@
+"""Typed configuration end to end: the command line builds the dataclasses, each default is defined once,
+config.json is written from them and --resume names the options that differ."""
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import pytest
+from click.testing import CliRunner
+
+import ucad.experiment
+from test_cli import TINY, dataset, global_options, run
+from ucad.cli import main
+from ucad.config import CONFIG_CLASSES, DataConfig, LearningConfig, ModelConfig, RunConfig, cli_parameter
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """The Configs the command line hands to the experiment (which is not run)."""
+    seen = []
+    monkeypatch.setattr(ucad.experiment, "run_experiment", seen.append)
+    return seen
+
+
+def test_defaults_come_from_the_dataclasses(captured, tmp_path):
+    result = CliRunner().invoke(main, [str(tmp_path), "dataset", "mvtec", "/data"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    configs = captured[0]
+    assert configs.model == ModelConfig() and configs.learning == LearningConfig()
+    assert configs.data == DataConfig("mvtec", "/data") and configs.run == RunConfig(str(tmp_path))
+    # the defaults the README documents (once two files disagreed: 8 vs 4 workers, patch size 3 vs 1)
+    assert configs.run.faiss_num_workers == 8 and configs.model.patchsize == 3
+    assert configs.learning.sampler == "approx_greedy_coreset" and configs.learning.train_prompt
+
+
+def test_every_option_maps_onto_one_field(captured, tmp_path):
+    """The published command line, option by option, lands in the typed fields."""
+    result = CliRunner().invoke(main, [
+        "--gpu", "0", "--seed", "3", "--memory_size", "196", "--log_group", "IM224", "--save_segmentation_images",
+        "--log_project", "MVTecAD_Results", str(tmp_path),
+        "ucad", "-b", "wideresnet50", "-le", "layer2", "-le", "layer3", "--faiss_on_gpu",
+        "--pretrain_embed_dimension", "1024", "--target_embed_dimension", "1024", "--anomaly_scorer_num_nn", "1",
+        "--patchsize", "1", "--no_scl",
+        "sampler", "-p", "0.2", "greedy_coreset",
+        "dataset", "--resize", "256", "--imagesize", "224", "--batch_size", "4", "--augment", "-d", "bottle", "-d",
+        "cable", "--train_val_split", "0.9", "mvtec", "/data/mvtec"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    configs = captured[0]
+    assert configs.model.backbone == "wideresnet50" and configs.model.layers == ("layer2", "layer3")
+    assert (configs.model.patchsize, configs.model.resize, configs.model.imagesize) == (1, 256, 224)
+    assert configs.learning.seed == 3 and configs.learning.train_prompt is False
+    assert (configs.learning.sampler, configs.learning.sampler_percentage) == ("greedy_coreset", 0.2)
+    assert configs.learning.batch_size == 4 and configs.learning.augment
+    assert configs.data.categories == ("bottle", "cable") and configs.data.train_val_split == 0.9
+    assert configs.run.faiss_on_gpu and configs.run.save_segmentation_images and configs.run.gpu == (0,)
+    assert configs.run.log_group == "IM224"
+
+
+def test_option_names_are_unique_and_each_default_appears_once_in_help():
+    typed = [cli_parameter(f).typed for cls in CONFIG_CLASSES.values() for f in fields(cls) if cli_parameter(f)]
+    assert len(typed) == len(set(typed))
+    for name in ("--memory_size", "--epochs_num", "--key_size", "--basic_size", "--faiss_num_workers",
+                 "--patchsize", "--train_val_split", "--threshold_quantile", "--save_anomaly_maps"):
+        assert name in typed
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--memory_size", "0"], "--memory_size must be at least 1, got 0"),
+    (["--threshold_quantile", "1.5"], "--threshold_quantile must be in (0, 1], got 1.5"),
+    (["x", "dataset", "--train_val_split", "0", "mvtec", "/d"], "--train_val_split must be in (0, 1], got 0.0"),
+    (["x", "ucad", "-b", "resnet18", "-b", "resnet50", "dataset", "mvtec", "/d"], "-b/--backbone_names: one backbone per run"),
+])
+def test_bad_values_name_the_option(captured, options, message):
+    args = options if "dataset" in options else options + ["x", "dataset", "mvtec", "/d"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and f"error: {message}" in result.output and not captured
+
+
+def test_config_json_holds_the_dataclasses_and_resume_names_differing_options(demo_root, tmp_path):
+    code, output = run(global_options(tmp_path) + TINY + dataset(demo_root, "weave"))
+    assert code == 0, output
+    config = json.loads((tmp_path / "p" / "g_0" / "config.json").read_text())
+    assert config["learning"] == json.loads(json.dumps(
+        {**LearningConfig().__dict__, "epochs_num": 1, "memory_size": 16, "key_size": 16, "basic_size": 32,
+         "batch_size": 4}))
+    assert config["model"]["backbone"] == "resnet18" and config["data"]["categories"] == ["weave"]
+    assert config["run"]["log_group"] == "g"
+
+    changed = global_options(tmp_path, epochs=2) + TINY[:-2] + ["--target_embed_dimension", "32"]
+    code, output = run(["--resume"] + changed + dataset(demo_root, "weave"))
+    assert code == 2
+    assert "--epochs_num (recorded 1, now 2)" in output and "--target_embed_dimension (recorded 64, now 32)" in output
+    assert "--memory_size" not in output
+    # how the run executes may change on resume: more decoding threads are accepted
+    same = global_options(tmp_path) + TINY + dataset(demo_root, "weave")
+    same[same.index("--num_workers") + 1] = "2"
+    code, output = run(["--resume"] + same)
+    assert code == 0, output
