@@ -12,6 +12,7 @@ import click
 from ucad.coreset import SAMPLER_NAMES
 from ucad.errors import UcadError
 from ucad.backbones import INPUT_NORMS
+from ucad.keys import KEY_SAMPLERS
 from ucad.loss import LABEL_SAMPLING
 from ucad.nearest_neighbor import BACKENDS, PATCH_DISTANCES
 from ucad.training import SCL_FEATURES
@@ -67,6 +68,9 @@ def main(**kwargs):
               help="Nearest-neighbour search: auto = faiss on CPU, torch on GPU (new).")
 @click.option("--patch_distance", type=click.Choice(PATCH_DISTANCES), default="squared", show_default=True,
               help="Patch score and key distance: squared L2 as the released faiss IndexFlatL2, or euclidean (new).")
+@click.option("--key_sampler", type=click.Choice(KEY_SAMPLERS), default="kmeans", show_default=True,
+              help="How a task's keys are chosen from its frozen patches: kmeans centroids cover typical patches "
+                   "(routes best); approx_greedy_coreset is the released code's choice (new).")
 @click.option("--no_scl", is_flag=True, help="Train without structure maps: prompts stay at their initialisation (new).")
 @click.option("--scl_features", type=click.Choice(SCL_FEATURES), default="raw", show_default=True,
               help="What SCL sees: raw extractor tokens at the grid (as released) or the pooled PatchCore embedding (new).")
@@ -142,7 +146,7 @@ def run(methods, results_path, gpu, cpu, seed, log_group, log_project, save_segm
             "mode": model["mode"],
         },
         "learning": {
-            "key_size": key_size, "memory_size": memory_size, "basic_size": basic_size, "epochs_num": epochs_num,
+            "key_size": key_size, "key_sampler": model["key_sampler"], "memory_size": memory_size, "basic_size": basic_size, "epochs_num": epochs_num,
             "lr": model["lr"], "batch_size": data["batch_size"], "train_prompt": not model["no_scl"],
             "scl_features": model["scl_features"], "label_sampling": model["label_sampling"],
             "augment": data["augment"], "feature_batch_size": model["feature_batch_size"], "seed": seed,

@@ -17,6 +17,7 @@ from ucad.anomaly_map import anomaly_maps, image_scores
 from ucad.metrics import PixelGroundTruth, compute_task_metrics
 from ucad.model import UcadModel
 from ucad.nearest_neighbor import NearestNeighbourScorer
+from ucad.keys import routing_margin
 from ucad.router import key_distances, route
 from ucad.timing import PhaseTimer
 
@@ -66,6 +67,10 @@ class ContinualEvaluator:
         return test_set.frozen
 
     def _routing(self, test_set: TestSet, phase: int) -> torch.Tensor:
+        return route(self._key_distances(test_set, phase)).cpu()
+
+    def _key_distances(self, test_set: TestSet, phase: int) -> torch.Tensor:
+        """(N, phase + 1) mean nearest-key distance of each test image to each task learned so far."""
         for k in range(phase + 1):
             if k not in test_set.key_distance:
                 frozen = self._frozen(test_set)
@@ -73,8 +78,7 @@ class ContinualEvaluator:
                     test_set.key_distance[k] = torch.cat([
                         key_distances(frozen[s:s + self.batch_size].float(), self.model.tasks[k].keys, self.key_scorer)
                         for s in range(0, frozen.shape[0], self.batch_size)])
-        distances = torch.stack([test_set.key_distance[k] for k in range(phase + 1)], dim=1)
-        return route(distances).cpu()
+        return torch.stack([test_set.key_distance[k] for k in range(phase + 1)], dim=1)
 
     def _scores(self, test_set: TestSet, task: int, bank: str, needed: torch.Tensor) -> torch.Tensor:
         """(N,P) patch scores of test_set under `task`'s prompt and `bank`, computing missing rows of `needed`."""
@@ -136,6 +140,8 @@ class ContinualEvaluator:
                 test_set.frozen, test_set.key_distance, test_set.patch_scores, test_set.metric_cache = None, {}, {}, {}
                 test_set.ground_truth = None
             routes = self._routing(test_set, phase)
+            # how clearly images were routed: mean relative gap to the runner-up task (none with a single task)
+            margin = float(routing_margin(self._key_distances(test_set, phase)).mean()) if phase else float("nan")
             oracle_routes = torch.full_like(routes, test_set.index)
             routing_accuracy = float((routes == test_set.index).float().mean())
             for variant in variants:
@@ -148,7 +154,8 @@ class ContinualEvaluator:
                 records.append({"phase": phase, "phase_task": self.model.tasks[phase].name,
                                 "task_index": test_set.index, "task": test_set.name, "variant": variant,
                                 **metrics,
-                                "routing_accuracy": 1.0 if variant == "oracle" else routing_accuracy})
+                                "routing_accuracy": 1.0 if variant == "oracle" else routing_accuracy,
+                                "routing_margin": margin})
         return records
 
     def final_maps(self, test_set: TestSet, phase: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ucad.coreset import CoresetSampler
+from ucad.keys import select_keys
 from ucad.model import TaskMemory, UcadModel
 from ucad.timing import PhaseTimer
 from ucad.training import train_prompt
@@ -15,6 +16,7 @@ from ucad.training import train_prompt
 @dataclass
 class LearningConfig:
     key_size: int = 196
+    key_sampler: str = "kmeans"  # see ucad.keys: keys must cover a task's typical patches for routing
     memory_size: int = 196
     basic_size: int = 1960
     epochs_num: int = 25
@@ -37,8 +39,8 @@ def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tenso
     with timer.phase("key_features", n):
         frozen = model.features(images, None, config.feature_batch_size, f"[{name}] key features")
         frozen = frozen.reshape(-1, frozen.shape[-1])
-    with timer.phase("coreset"):
-        keys = sampler.subsample(frozen, config.key_size)
+    with timer.phase("keys"):
+        keys = select_keys(frozen, config.key_size, config.key_sampler, seed=config.seed * 1000 + task_index)
 
     if model.config.mode == "patchcore":
         # the oracle baseline: one PatchCore memory bank per task from frozen features, sized by -p

@@ -14,7 +14,7 @@ from ucad.metrics import final_average, forgetting_measure
 
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")
 TABLE_METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
-MATRIX_METRICS = METRICS + ("routing_accuracy",)
+MATRIX_METRICS = METRICS + ("routing_accuracy", "routing_margin")
 
 
 def new_run_dir(results_path: str | Path, log_project: str, log_group: str) -> Path:
@@ -153,14 +153,15 @@ def final_table(records: list[dict], task_names: list[str], mode: str) -> str:
     last = max(r["phase"] for r in records)
     by_key = {(r["task_index"], r["variant"]): r for r in records if r["phase"] == last}
     has_unlimited = any(v == "task_agnostic_unlimited" for _, v in by_key)
-    header = ["task"] + [f"{m}" for m in TABLE_METRICS] + ["routing"] + ["oracle_img_auroc"]
+    header = ["task"] + [f"{m}" for m in TABLE_METRICS] + ["routing", "margin", "oracle_img_auroc"]
     if has_unlimited:
         header.append("unlim_img_auroc")
     lines = []
     for j in range(last + 1):
         agnostic = by_key.get((j, "task_agnostic"), {})
         row = [task_names[j]] + [_num(agnostic.get(m)) for m in TABLE_METRICS]
-        row += [_num(agnostic.get("routing_accuracy")), _num(by_key.get((j, "oracle"), {}).get("image_auroc"))]
+        row += [_num(agnostic.get("routing_accuracy")), _num(agnostic.get("routing_margin")),
+                _num(by_key.get((j, "oracle"), {}).get("image_auroc"))]
         if has_unlimited:
             row.append(_num(by_key.get((j, "task_agnostic_unlimited"), {}).get("image_auroc")))
         lines.append(row)
@@ -169,6 +170,7 @@ def final_table(records: list[dict], task_names: list[str], mode: str) -> str:
         agnostic = summary.get("task_agnostic", {})
         row = [label] + [_num(agnostic.get(prefix + m)) for m in TABLE_METRICS]
         row += [_num(agnostic.get(prefix + "routing_accuracy")),
+                _num(agnostic.get(prefix + "routing_margin")) if prefix == "final_" else "-",
                 _num(summary.get("oracle", {}).get(prefix + "image_auroc"))]
         if has_unlimited:
             row.append(_num(summary.get("task_agnostic_unlimited", {}).get(prefix + "image_auroc")))
