@@ -13,6 +13,7 @@ from ucad.coreset import SAMPLER_NAMES
 from ucad.errors import UcadError
 from ucad.backbones import INPUT_NORMS
 from ucad.keys import KEY_SAMPLERS
+from ucad.knowledge import KNOWLEDGE_STORAGES
 from ucad.loss import LABEL_SAMPLING
 from ucad.nearest_neighbor import BACKENDS, PATCH_DISTANCES
 from ucad.training import SCL_FEATURES
@@ -71,6 +72,9 @@ def main(**kwargs):
 @click.option("--key_sampler", type=click.Choice(KEY_SAMPLERS), default="kmeans", show_default=True,
               help="How a task's keys are chosen from its frozen patches: kmeans centroids cover typical patches "
                    "(routes best); approx_greedy_coreset is the released code's choice (new).")
+@click.option("--knowledge_storage", type=click.Choice(KNOWLEDGE_STORAGES), default="fp32", show_default=True,
+              help="How knowledge is stored: fp32 (released), fp16 or pq (product quantisation); pair with "
+                   "--memory_size 392 (fp16) or 2176 (pq) for the paper's 784 KiB per task (new).")
 @click.option("--no_scl", is_flag=True, help="Train without structure maps: prompts stay at their initialisation (new).")
 @click.option("--scl_features", type=click.Choice(SCL_FEATURES), default="raw", show_default=True,
               help="What SCL sees: raw extractor tokens at the grid (as released) or the pooled PatchCore embedding (new).")
@@ -146,7 +150,8 @@ def run(methods, results_path, gpu, cpu, seed, log_group, log_project, save_segm
             "mode": model["mode"],
         },
         "learning": {
-            "key_size": key_size, "key_sampler": model["key_sampler"], "memory_size": memory_size, "basic_size": basic_size, "epochs_num": epochs_num,
+            "key_size": key_size, "key_sampler": model["key_sampler"], "memory_size": memory_size,
+            "knowledge_storage": model["knowledge_storage"], "basic_size": basic_size, "epochs_num": epochs_num,
             "lr": model["lr"], "batch_size": data["batch_size"], "train_prompt": not model["no_scl"],
             "scl_features": model["scl_features"], "label_sampling": model["label_sampling"],
             "augment": data["augment"], "feature_batch_size": model["feature_batch_size"], "seed": seed,

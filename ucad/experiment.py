@@ -177,6 +177,9 @@ def run_experiment(config: dict) -> Path:
         losses[task.category] = history
         if history:
             echo(f"   prompt loss {history[0]:.4f} -> {history[-1]:.4f} over {len(history)} epochs")
+        kept = memory.memory_bytes()
+        echo(f"   kept for this task: {sum(kept.values()):,} bytes (keys {kept['keys']:,}, prompt {kept['prompt']:,}, "
+             f"knowledge {kept['knowledge']:,} as {memory.packed.storage if memory.packed else 'fp32'})")
         phase_records = evaluator.evaluate_phase(index, variants)
         records += phase_records
         _write_results(run_dir, records, task_names, losses, timer, model, config)
@@ -223,6 +226,7 @@ def _write_results(run_dir: Path, records, task_names, losses, timer: PhaseTimer
     write_matrices(run_dir, records, task_names)
     write_heatmap(run_dir / "image_auroc_matrix.png", records, task_names)
     write_json(run_dir / "summary.json", {"summary": summary, "losses": losses, "timings": timer.as_dict(),
+                                          "memory_bytes_per_task": {t.name: t.memory_bytes() for t in model.tasks},
                                           "tasks_finished": last + 1, "task_order": task_names})
     write_json(run_dir / "timings.json", timer.as_dict())
     state = {"config": json.loads(json.dumps(config, default=str)), "model": model.state(), "records": records,

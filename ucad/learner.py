@@ -8,6 +8,7 @@ import torch
 
 from ucad.coreset import CoresetSampler
 from ucad.keys import select_keys
+from ucad.knowledge import pack_knowledge
 from ucad.model import TaskMemory, UcadModel
 from ucad.timing import PhaseTimer
 from ucad.training import train_prompt
@@ -18,6 +19,7 @@ class LearningConfig:
     key_size: int = 196
     key_sampler: str = "kmeans"  # see ucad.keys: keys must cover a task's typical patches for routing
     memory_size: int = 196
+    knowledge_storage: str = "fp32"  # fp32 as released; fp16 / pq fit 2x / ~10x the vectors per byte
     basic_size: int = 1960
     epochs_num: int = 25
     lr: float = 5e-4
@@ -62,7 +64,9 @@ def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tenso
         prompted = model.features(images, prompt, config.feature_batch_size, f"[{name}] knowledge features")
         prompted = prompted.reshape(-1, prompted.shape[-1])
     with timer.phase("coreset"):
-        knowledge = sampler.subsample(prompted, config.memory_size)
+        selected = sampler.subsample(prompted, config.memory_size)
         unlimited = sampler.subsample(prompted, config.basic_size) if config.basic_size > 0 else None
+    packed = pack_knowledge(selected, config.knowledge_storage, training=prompted, seed=config.seed * 1000 + task_index)
     state = {k: v.detach().clone() for k, v in prompt.state_dict().items()}
-    return TaskMemory(name, keys, state, knowledge, unlimited, {"loss_history": history}), history
+    # scoring uses exactly the vectors a saved model will decode, whatever the storage
+    return TaskMemory(name, keys, state, packed.decode(), unlimited, {"loss_history": history}, packed), history

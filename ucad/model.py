@@ -15,6 +15,7 @@ from tqdm import tqdm
 from ucad.backbones import FeatureExtractor
 from ucad.device import autocast, autocast_dtype
 from ucad.errors import UcadError
+from ucad.knowledge import PackedKnowledge
 from ucad.patch_features import PatchEmbedder
 
 MODEL_FORMAT_VERSION = 1
@@ -28,6 +29,15 @@ class TaskMemory:
     knowledge: torch.Tensor  # (memory_size, D) prompted features: what normal looks like
     knowledge_unlimited: torch.Tensor | None = None  # (basic_size, D) the larger-memory variant
     extra: dict = field(default_factory=dict)
+    packed: PackedKnowledge | None = None  # how `knowledge` is stored (fp32 / fp16 / PQ codes); None = fp32
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this task keeps for routing and scoring (the unlimited variant is a reference, not counted)."""
+        def size(tensors):
+            return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        knowledge = self.packed.nbytes if self.packed is not None else size([self.knowledge])
+        return {"keys": size([self.keys]), "prompt": size((self.prompt_state or {}).values()),
+                "knowledge": knowledge}
 
 
 @dataclass
@@ -114,19 +124,23 @@ class UcadModel:
             "grid": self.grid,
             "tasks": [
                 {"name": t.name, "keys": _cpu(t.keys), "prompt_state": _cpu(t.prompt_state),
-                 "knowledge": _cpu(t.knowledge), "knowledge_unlimited": _cpu(t.knowledge_unlimited),
-                 "extra": t.extra}
+                 "knowledge": None if t.packed is not None else _cpu(t.knowledge),
+                 "knowledge_packed": _cpu(t.packed.state()) if t.packed is not None else None,
+                 "knowledge_unlimited": _cpu(t.knowledge_unlimited), "extra": t.extra}
                 for t in self.tasks
             ],
         }
 
     def load_tasks(self, state: dict) -> None:
         self.grid = tuple(state["grid"]) if state.get("grid") else None
-        self.tasks = [
-            TaskMemory(t["name"], _to(t["keys"], self.device), _to(t["prompt_state"], self.device),
-                       _to(t["knowledge"], self.device), _to(t["knowledge_unlimited"], self.device), t.get("extra", {}))
-            for t in state["tasks"]
-        ]
+        self.tasks = []
+        for t in state["tasks"]:
+            packed = PackedKnowledge.from_state(t["knowledge_packed"], self.device) if t.get("knowledge_packed") \
+                else None
+            knowledge = packed.decode() if packed is not None else _to(t["knowledge"], self.device)
+            self.tasks.append(TaskMemory(t["name"], _to(t["keys"], self.device), _to(t["prompt_state"], self.device),
+                                         knowledge, _to(t["knowledge_unlimited"], self.device), t.get("extra", {}),
+                                         packed))
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,7 +171,7 @@ def _cpu(value):
     if value is None:
         return None
     if isinstance(value, dict):
-        return {k: v.detach().cpu() for k, v in value.items()}
+        return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in value.items()}
     return value.detach().cpu()
 
 
