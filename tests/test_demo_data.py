@@ -10,9 +10,11 @@ import pytest
 from PIL import Image
 
 from ucad.demo_data import (
+    ALL_CATEGORIES,
     DEMO_CATEGORIES,
     DEMO_DEFECT_TYPES,
     GRAYSCALE_CATEGORIES,
+    LOOKALIKE_CATEGORIES,
     MANIFEST_NAME,
     VISIBLE_THRESHOLD,
     generate_demo_dataset,
@@ -41,9 +43,20 @@ def small_set(tmp_path_factory) -> Path:
 
 def test_categories_are_distinct_and_have_two_defect_types():
     assert len(DEMO_CATEGORIES) >= 4 and len(set(DEMO_CATEGORIES)) == len(DEMO_CATEGORIES)
-    assert set(DEMO_DEFECT_TYPES) == set(DEMO_CATEGORIES)
+    assert set(DEMO_DEFECT_TYPES) == set(ALL_CATEGORIES) == set(DEMO_CATEGORIES) | set(LOOKALIKE_CATEGORIES)
     for defects in DEMO_DEFECT_TYPES.values():
         assert len(defects) == 2 and "good" not in defects
+
+
+def test_lookalike_variants_differ_slightly_from_their_product():
+    """weave_b and pcb_chip_b are a routing stress test: close to weave / pcb_chip, but not the same product."""
+    for base, variant in (("weave", "weave_b"), ("pcb_chip", "pcb_chip_b")):
+        a = render_sample(base, 0, "train", 0, image_size=64)[0].astype(float)
+        b = render_sample(variant, 0, "train", 0, image_size=64)[0].astype(float)
+        other = render_sample("washer", 0, "train", 0, image_size=64)[0].astype(float)
+        assert a.shape == b.shape
+        assert 0 < abs(a.mean() - b.mean()) < abs(a.mean() - other.mean())
+        assert np.abs(a - b).mean() > 2.0  # not the same images with another name
 
 
 def test_layout_is_mvtec(small_set):

@@ -16,6 +16,8 @@ from ucad.coreset import SAMPLER_NAMES
 from ucad.datasets import DATASET_LISTERS
 from ucad.errors import UcadError
 from ucad.images import ImageGeometry
+from ucad.keys import KEY_SAMPLERS
+from ucad.knowledge import KNOWLEDGE_STORAGES
 from ucad.loss import LABEL_SAMPLING
 from ucad.nearest_neighbor import BACKENDS, PATCH_DISTANCES
 from ucad.training import SCL_FEATURES
@@ -140,6 +142,14 @@ class LearningConfig:
     epochs_num: int = option(25, "main", "--epochs_num", minimum=0,
                              help="Prompt training epochs per task (fixed; never chosen on test data).")
     key_size: int = option(196, "main", "--key_size", minimum=1, help="Key vectors per task used to route test images.")
+    key_sampler: str = option("kmeans", "ucad", "--key_sampler", type=KEY_SAMPLERS,
+                              help="How a task's keys are chosen from its frozen patches: kmeans centroids cover "
+                                   "typical patches (routes best); approx_greedy_coreset is the released code's "
+                                   "choice (new).")
+    knowledge_storage: str = option("fp32", "ucad", "--knowledge_storage", type=KNOWLEDGE_STORAGES,
+                                    help="How knowledge is stored: fp32 (released), fp16 or pq (product "
+                                         "quantisation); pair with --memory_size 392 (fp16) or 2176 (pq) for the "
+                                         "paper's 784 KiB per task (new).")
     basic_size: int = option(1960, "main", "--basic_size", minimum=0,
                              help="Knowledge size of the 'unlimited' variant reported beside (0 = off).")
     threshold_quantile: float = option(0.99, "main", "--threshold_quantile", greater_than=0.0, maximum=1.0,

@@ -36,7 +36,7 @@ import shutil
 import sys
 import time
 import zlib
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +46,17 @@ from scipy import ndimage
 from ucad.errors import UcadError
 
 DEMO_CATEGORIES = ["weave", "granite", "washer", "pcb_chip"]
+# look-alike variants, only written when asked for by name: a routing stress test (VisA's pcb1-4 and macaroni1/2
+# are products this close to each other)
+LOOKALIKE_CATEGORIES = ["weave_b", "pcb_chip_b"]
+ALL_CATEGORIES = DEMO_CATEGORIES + LOOKALIKE_CATEGORIES
 DEMO_DEFECT_TYPES = {
     "weave": ["hole", "stain"],
     "granite": ["crack", "contamination"],
     "washer": ["scratch", "broken"],
     "pcb_chip": ["missing_pin", "contamination"],
+    "weave_b": ["hole", "stain"],
+    "pcb_chip_b": ["missing_pin", "contamination"],
 }
 GRAYSCALE_CATEGORIES = ("granite",)
 MANIFEST_NAME = "demo_dataset.json"
@@ -175,18 +181,19 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
 # weave: plain-woven fabric (RGB texture)
 
 
-def _render_weave(cv: _Canvas, rng: np.random.Generator):
+def _render_weave(cv: _Canvas, rng: np.random.Generator, period: float = 8.0,
+                  warp_colour=(0.60, 0.47, 0.33), weft_colour=(0.80, 0.70, 0.52)):
     s, n = cv.s, cv.size
     theta = np.deg2rad(rng.uniform(-4.0, 4.0))
-    period = 8.0 * s * rng.uniform(0.97, 1.03)
+    period = period * s * rng.uniform(0.97, 1.03)
     u0, v0 = rng.uniform(0, 4 * period, 2)
     wob_u = 0.45 * s * _noise(rng, cv.shape, 6 * s)
     wob_v = 0.45 * s * _noise(rng, cv.shape, 6 * s)
     fibre_warp = _noise(rng, cv.shape, (3.0 * s, 0.5 * s))
     fibre_weft = _noise(rng, cv.shape, (0.5 * s, 3.0 * s))
     tint = rng.uniform(0.96, 1.04, 3)
-    warp = np.array([0.60, 0.47, 0.33]) * tint
-    weft = np.array([0.80, 0.70, 0.52]) * tint
+    warp = np.array(warp_colour) * tint
+    weft = np.array(weft_colour) * tint
     light = _lighting(cv, rng, 0.08, 0.06)
 
     dx, dy = cv.x - n / 2, cv.y - n / 2
@@ -335,10 +342,13 @@ def _defect_washer(cv, rng, img, state, defect, u):
 _PINS_PER_SIDE = 6
 
 
-@lru_cache(maxsize=1)
-def _pcb_layout():
+PCB_LAYOUT_SEED = 20240101
+
+
+@lru_cache(maxsize=2)
+def _pcb_layout(layout_seed: int = PCB_LAYOUT_SEED):
     """The fixed board design (traces, vias, marking glyphs): the same product in every image."""
-    rng = np.random.default_rng(20240101)
+    rng = np.random.default_rng(layout_seed)
     glyphs = rng.random((2, 4, 5, 3)) < 0.55
     text = np.zeros((2 * 6 - 1, 4 * 4 - 1), bool)
     for row in range(2):
@@ -380,8 +390,8 @@ def _pcb_scene(cv: _Canvas, rng: np.random.Generator):
 def _render_pcb(cv: _Canvas, scene: dict, missing=()) -> np.ndarray:
     n, s = cv.size, cv.s
     X, Y = scene["X"], scene["Y"]
-    text, traces, vias = _pcb_layout()
-    img = (np.array([0.07, 0.36, 0.17]) * scene["board_tint"]) * scene["board_tex"][..., None]
+    text, traces, vias = _pcb_layout(scene.get("layout_seed", PCB_LAYOUT_SEED))
+    img = (np.array(scene.get("board_colour", (0.07, 0.36, 0.17))) * scene["board_tint"]) * scene["board_tex"][..., None]
     img = img.astype(np.float32)
     trace_alpha = np.zeros(cv.shape, np.float32)
     for x0, x1, y0, y1 in traces:
@@ -426,8 +436,10 @@ def _render_pcb(cv: _Canvas, scene: dict, missing=()) -> np.ndarray:
     return (img * scene["light"][..., None]).astype(np.float32)
 
 
-def _render_pcb_chip(cv: _Canvas, rng: np.random.Generator):
+def _render_pcb_chip(cv: _Canvas, rng: np.random.Generator, layout_seed: int = PCB_LAYOUT_SEED,
+                     board_colour=(0.07, 0.36, 0.17)):
     scene = _pcb_scene(cv, rng)
+    scene.update(layout_seed=layout_seed, board_colour=board_colour)
     return _render_pcb(cv, scene), scene
 
 
@@ -461,6 +473,11 @@ _RENDERERS = {
     "granite": (_render_granite, _defect_granite),
     "washer": (_render_washer, _defect_washer),
     "pcb_chip": (_render_pcb_chip, _defect_pcb_chip),
+    # the same weave 10 % finer with slightly other yarn colours; the same chip on a board of another layout
+    "weave_b": (partial(_render_weave, period=7.2, warp_colour=(0.56, 0.47, 0.36), weft_colour=(0.78, 0.71, 0.56)),
+                _defect_weave),
+    "pcb_chip_b": (partial(_render_pcb_chip, layout_seed=20240102, board_colour=(0.06, 0.33, 0.20)),
+                   _defect_pcb_chip),
 }
 
 
@@ -551,8 +568,8 @@ def _resolve_categories(categories) -> list[str]:
     names = []
     for c in categories:
         c = str(c).strip()
-        if c not in DEMO_CATEGORIES:
-            raise UcadError(f"unknown demo category '{c}': the known ones are {', '.join(DEMO_CATEGORIES)}")
+        if c not in ALL_CATEGORIES:
+            raise UcadError(f"unknown demo category '{c}': the known ones are {', '.join(ALL_CATEGORIES)}")
         if c not in names:
             names.append(c)
     if not names:
@@ -584,7 +601,7 @@ def _read_manifest(root: Path):
 
 
 def _write_manifest(root: Path, params: dict, done: list[str]) -> None:
-    done = sorted(set(done), key=DEMO_CATEGORIES.index)
+    done = sorted(set(done), key=ALL_CATEGORIES.index)
     data = {
         "generator": "ucad.demo_data",
         "parameters": params,
@@ -614,7 +631,7 @@ def _generate(root, categories, seed, image_size, n_train, n_test_good, n_test_d
     manifest = _read_manifest(root)
     done: list[str] = []
     if manifest is not None:
-        listed = [c for c in manifest.get("categories", []) if c in DEMO_CATEGORIES]
+        listed = [c for c in manifest.get("categories", []) if c in ALL_CATEGORIES]
         if manifest.get("parameters") == params and not overwrite:
             done = listed
         else:  # a demo set of ours with other parameters (or overwrite asked): replace it
@@ -647,7 +664,7 @@ def generate_demo_dataset(root, categories=None, seed: int = 0, image_size: int 
                           n_test_good: int = 8, n_test_defect: int = 8, overwrite: bool = False) -> list[str]:
     """Write the synthetic demo data set under `root` in the MVTec AD layout; return the category names.
 
-    `categories`: names from `DEMO_CATEGORIES` (a list, or a comma-separated string), None for all; an unknown name
+    `categories`: names from `ALL_CATEGORIES` (a list, or a comma-separated string), None for the four main ones; an unknown name
     raises `UcadError`. `n_test_defect` is per defect type. Categories already present with the same parameters
     (recorded in ROOT/demo_dataset.json) are not written again; a demo set written with other parameters is
     replaced. A non-empty folder without that file is refused unless `overwrite` is true (then the requested
@@ -665,7 +682,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ucad.demo_data",
         description="Write a small synthetic industrial anomaly data set (MVTec AD layout) for demos and tests. "
-                    f"Categories: {', '.join(DEMO_CATEGORIES)}.",
+                    f"Categories: {', '.join(DEMO_CATEGORIES)}; look-alike variants for routing tests: "
+                    f"{', '.join(LOOKALIKE_CATEGORIES)}.",
     )
     parser.add_argument("out_dir", help="folder to write the data set into (the DATA_PATH of `dataset mvtec`)")
     parser.add_argument("--seed", type=int, default=0)

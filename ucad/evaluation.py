@@ -17,6 +17,7 @@ import torch
 
 from ucad.anomaly_map import image_scores
 from ucad.metrics import PixelGroundTruth, compute_task_metrics
+from ucad.keys import routing_margin
 from ucad.model import KNOWLEDGE, UNLIMITED, UcadModel
 from ucad.router import route
 from ucad.thresholds import metrics_at_threshold, per_image
@@ -139,7 +140,9 @@ class ContinualEvaluator:
         for test_set in self._seen(phase):
             if not self.reuse:
                 self._reset(test_set)
-            routes, _ = self._routing(test_set, phase)
+            routes, distances = self._routing(test_set, phase)
+            # how clearly images were routed: mean relative gap to the runner-up task (none with a single task)
+            margin = float(routing_margin(distances).mean()) if phase else float("nan")
             routing_accuracy = float((routes == test_set.index).float().mean())
             for variant in self._variants(test_set, variants):
                 variant_routes = torch.full_like(routes, test_set.index) if variant == "oracle" else routes
@@ -148,7 +151,8 @@ class ContinualEvaluator:
                 records.append({"phase": phase, "phase_task": self.model.tasks[phase].name,
                                 "task_index": test_set.index, "task": test_set.name, "variant": variant,
                                 **metrics,
-                                "routing_accuracy": 1.0 if variant == "oracle" else routing_accuracy})
+                                "routing_accuracy": 1.0 if variant == "oracle" else routing_accuracy,
+                                "routing_margin": margin})
         return records
 
     def image_rows(self, phase: int, variants=VARIANTS) -> list[dict]:
@@ -163,6 +167,7 @@ class ContinualEvaluator:
                 variant_routes = torch.full_like(routes, test_set.index) if variant == "oracle" else routes
                 scores[variant] = image_scores(self._assemble(test_set, variant_routes, VARIANT_BANK[variant]))
             thresholds = per_image(self.model.tasks, routes, KNOWLEDGE)
+            margins = routing_margin(distances)
             agnostic = scores["task_agnostic"]
             for i, path in enumerate(test_set.paths):
                 routed = int(routes[i])
@@ -170,7 +175,8 @@ class ContinualEvaluator:
                        "label": int(test_set.labels[i]),
                        "defect_type": test_set.defect_types[i] if test_set.defect_types else "",
                        "true_task": test_set.name, "routed_task": names[routed],
-                       "key_distance": float(distances[i, routed]), "image_score": float(agnostic[i]),
+                       "key_distance": float(distances[i, routed]),
+                       "routing_margin": float(margins[i]) if phase else None, "image_score": float(agnostic[i]),
                        "image_threshold": float(thresholds[0][i]) if thresholds else None,
                        "is_anomalous": int(agnostic[i] > thresholds[0][i]) if thresholds else None}
                 for variant, column in SCORE_COLUMNS.items():

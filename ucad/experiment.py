@@ -181,11 +181,16 @@ def run_experiment(configs: Configs) -> Path:
         losses[task.category] = history
         if history:
             echo(f"   prompt loss {history[0]:.4f} -> {history[-1]:.4f} over {len(history)} epochs")
+        kept = memory.memory_bytes()
+        echo(f"   kept for this task: {sum(kept.values()):,} bytes (keys {kept['keys']:,}, prompt {kept['prompt']:,}, "
+             f"knowledge {kept['knowledge']:,} as {memory.packed.storage if memory.packed else 'fp32'})")
         _set_thresholds(model, index, task, geometry, learning, data.num_workers, timer)
         phase_records = evaluator.evaluate_phase(index, variants)
         records += phase_records
         image_rows += evaluator.image_rows(index, variants)
-        write_run_results(run_dir, records, image_rows, task_names, {"losses": losses, "timings": timer.as_dict()})
+        write_run_results(run_dir, records, image_rows, task_names, {
+            "losses": losses, "timings": timer.as_dict(),
+            "memory_bytes_per_task": {t.name: t.memory_bytes() for t in model.tasks}})
         _write_checkpoint(run_dir, configs, model, records, image_rows, losses, timer)
         mine = {r["task_index"]: r for r in phase_records if r["variant"] == "task_agnostic"}
         echo(f"   after {task.category}: mean image AUROC {np.mean([r['image_auroc'] for r in mine.values()]):.3f}, "

@@ -6,6 +6,8 @@ import torch
 
 from ucad.config import LearningConfig
 from ucad.coreset import CoresetSampler
+from ucad.keys import select_keys
+from ucad.knowledge import pack_knowledge
 from ucad.model import TaskMemory, UcadModel
 from ucad.timing import PhaseTimer
 from ucad.training import train_prompt
@@ -18,8 +20,8 @@ def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tenso
     with timer.phase("key_features", n):
         frozen = model.features(images, None, config.feature_batch_size, f"[{name}] key features")
         frozen = frozen.reshape(-1, frozen.shape[-1])
-    with timer.phase("coreset"):
-        keys = sampler.subsample(frozen, config.key_size)
+    with timer.phase("keys"):
+        keys = select_keys(frozen, config.key_size, config.key_sampler, seed=config.seed * 1000 + task_index)
 
     if model.config.mode == "patchcore":
         # the oracle baseline: one PatchCore memory bank per task from frozen features, sized by -p
@@ -41,7 +43,10 @@ def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tenso
         prompted = model.features(images, prompt, config.feature_batch_size, f"[{name}] knowledge features")
         prompted = prompted.reshape(-1, prompted.shape[-1])
     with timer.phase("coreset"):
-        knowledge = sampler.subsample(prompted, config.memory_size)
+        selected = sampler.subsample(prompted, config.memory_size)
         unlimited = sampler.subsample(prompted, config.basic_size) if config.basic_size > 0 else None
+    packed = pack_knowledge(selected, config.knowledge_storage, training=prompted, seed=config.seed * 1000 + task_index)
     state = {k: v.detach().clone() for k, v in prompt.state_dict().items()}
-    return TaskMemory(name, keys, state, knowledge, unlimited, {"loss_history": history}), history
+    # scoring uses exactly the vectors a saved model will decode, whatever the storage
+    return TaskMemory(name, keys, state, packed.decode(), unlimited, {"loss_history": history},
+                      packed=packed), history

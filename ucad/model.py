@@ -19,6 +19,7 @@ from ucad.backbones import FeatureExtractor
 from ucad.config import ModelConfig, from_dict, to_dict
 from ucad.device import autocast, autocast_dtype
 from ucad.errors import UcadError
+from ucad.knowledge import PackedKnowledge
 from ucad.nearest_neighbor import NearestNeighbourScorer
 from ucad.patch_features import PatchEmbedder
 from ucad.router import key_distances, route
@@ -40,6 +41,15 @@ class TaskMemory:
     knowledge_unlimited: torch.Tensor | None = None  # (basic_size, D) the larger-memory variant
     extra: dict = field(default_factory=dict)
     thresholds: dict[str, Threshold] = field(default_factory=dict)  # bank name -> its thresholds
+    packed: PackedKnowledge | None = None  # how `knowledge` is stored (fp32 / fp16 / PQ codes); None = fp32
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this task keeps for routing and scoring (the unlimited variant is a reference, not counted)."""
+        def size(tensors):
+            return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        knowledge = self.packed.nbytes if self.packed is not None else size([self.knowledge])
+        return {"keys": size([self.keys]), "prompt": size((self.prompt_state or {}).values()),
+                "knowledge": knowledge}
 
 
 @dataclass
@@ -200,13 +210,15 @@ class UcadModel:
                 "tasks": [_task_state(t, banks) for t in self.tasks]}
 
     def load_tasks(self, state: dict) -> None:
-        self.tasks = [
-            TaskMemory(t["name"], _to(t["keys"], self.device), _to(t["prompt_state"], self.device),
-                       _to(t["knowledge"], self.device), _to(t.get("knowledge_unlimited"), self.device),
-                       t.get("extra", {}),
-                       {bank: Threshold.from_dict(v) for bank, v in (t.get("thresholds") or {}).items()})
-            for t in state["tasks"]
-        ]
+        self.tasks = []
+        for t in state["tasks"]:
+            packed = PackedKnowledge.from_state(t["knowledge_packed"], self.device) if t.get("knowledge_packed") \
+                else None
+            knowledge = packed.decode() if packed is not None else _to(t["knowledge"], self.device)
+            thresholds = {bank: Threshold.from_dict(v) for bank, v in (t.get("thresholds") or {}).items()}
+            self.tasks.append(TaskMemory(t["name"], _to(t["keys"], self.device), _to(t["prompt_state"], self.device),
+                                         knowledge, _to(t.get("knowledge_unlimited"), self.device),
+                                         t.get("extra", {}), thresholds, packed))
 
     def save(self, path: Path, run_configuration: dict | None = None, full: bool = False) -> None:
         """One self-contained file: backbone weights (safetensors), tasks, thresholds, configuration. Without
@@ -279,7 +291,9 @@ class UcadModel:
 
 def _task_state(task: TaskMemory, banks: tuple[str, ...]) -> dict:
     return {"name": task.name, "keys": _cpu(task.keys), "prompt_state": _cpu(task.prompt_state),
-            "knowledge": _cpu(task.knowledge),
+            # packed knowledge is stored as packed (its bytes are the point); scoring uses its decoded vectors
+            "knowledge": None if task.packed is not None else _cpu(task.knowledge),
+            "knowledge_packed": _cpu(task.packed.state()) if task.packed is not None else None,
             "knowledge_unlimited": _cpu(task.knowledge_unlimited) if UNLIMITED in banks else None,
             "thresholds": {bank: t.as_dict() for bank, t in task.thresholds.items() if bank in banks},
             "extra": task.extra}
@@ -289,7 +303,7 @@ def _cpu(value):
     if value is None:
         return None
     if isinstance(value, dict):
-        return {k: v.detach().cpu() for k, v in value.items()}
+        return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in value.items()}
     return value.detach().cpu()
 
 

@@ -15,7 +15,7 @@ from ucad.metrics import final_average, forgetting_measure
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")
 TABLE_METRICS = ("image_auroc", "image_f1_at_threshold", "image_f1max", "pixel_auroc", "pixel_ap", "aupro")
 TABLE_HEADINGS = {"image_f1_at_threshold": "img_f1@thr", "image_f1max": "img_f1max"}
-MATRIX_METRICS = METRICS + ("routing_accuracy",)
+MATRIX_METRICS = METRICS + ("routing_accuracy", "routing_margin")
 # honest decisions at the thresholds from held-out normal images, and the F1-max upper bound beside them
 THRESHOLD_METRICS = ("image_f1_at_threshold", "image_precision_at_threshold", "image_recall_at_threshold",
                      "image_f1max", "pixel_f1_at_threshold", "pixel_precision_at_threshold",
@@ -176,14 +176,15 @@ def final_table(records: list[dict], task_names: list[str], mode: str) -> str:
     last = max(r["phase"] for r in records)
     by_key = {(r["task_index"], r["variant"]): r for r in records if r["phase"] == last}
     has_unlimited = any(v == "task_agnostic_unlimited" for _, v in by_key)
-    header = ["task"] + [TABLE_HEADINGS.get(m, m) for m in TABLE_METRICS] + ["routing"] + ["oracle_img_auroc"]
+    header = ["task"] + [TABLE_HEADINGS.get(m, m) for m in TABLE_METRICS] + ["routing", "margin", "oracle_img_auroc"]
     if has_unlimited:
         header.append("unlim_img_auroc")
     lines = []
     for j in range(last + 1):
         agnostic = by_key.get((j, "task_agnostic"), {})
         row = [task_names[j]] + [_num(agnostic.get(m)) for m in TABLE_METRICS]
-        row += [_num(agnostic.get("routing_accuracy")), _num(by_key.get((j, "oracle"), {}).get("image_auroc"))]
+        row += [_num(agnostic.get("routing_accuracy")), _num(agnostic.get("routing_margin")),
+                _num(by_key.get((j, "oracle"), {}).get("image_auroc"))]
         if has_unlimited:
             row.append(_num(by_key.get((j, "task_agnostic_unlimited"), {}).get("image_auroc")))
         lines.append(row)
@@ -192,6 +193,7 @@ def final_table(records: list[dict], task_names: list[str], mode: str) -> str:
         agnostic = summary.get("task_agnostic", {})
         row = [label] + [_num(agnostic.get(prefix + m)) for m in TABLE_METRICS]
         row += [_num(agnostic.get(prefix + "routing_accuracy")),
+                _num(agnostic.get(prefix + "routing_margin")) if prefix == "final_" else "-",
                 _num(summary.get("oracle", {}).get(prefix + "image_auroc"))]
         if has_unlimited:
             row.append(_num(summary.get("task_agnostic_unlimited", {}).get(prefix + "image_auroc")))

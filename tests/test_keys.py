@@ -1,0 +1,76 @@
+"""ucad.keys: key samplers (k-means, random, the released greedy coresets) and the routing margin."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ucad.coreset import CoresetSampler
+from ucad.errors import UcadError
+from ucad.keys import KEY_SAMPLERS, routing_margin, select_keys
+from ucad.nearest_neighbor import NearestNeighbourScorer
+from ucad.router import key_distances, route
+
+pytest.importorskip("faiss")
+
+
+def two_lookalike_tasks(seed: int = 0, dim: int = 64):
+    """Task A: a bulk of typical patches plus 10 % rare ones in three far clusters (a product's specks and
+    edges); task B: a bulk beside A's, without rare patches. Test images of A show typical patches only."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 8.0 * torch.nn.functional.normalize(torch.randn(3, dim, generator=g), dim=1)
+    rare = centres[torch.randint(0, 3, (200,), generator=g)] + 0.3 * torch.randn(200, dim, generator=g)
+    task_a = torch.cat([torch.randn(2000, dim, generator=g), rare])
+    shift = torch.zeros(dim)
+    shift[0] = 2.0
+    task_b = shift + torch.randn(2000, dim, generator=g)
+    images_a = torch.randn(8, 49, dim, generator=g)
+    return task_a, task_b, images_a
+
+
+@pytest.mark.parametrize("sampler", KEY_SAMPLERS)
+def test_every_sampler_gives_keys_of_the_requested_size_repeatably(sampler):
+    features = torch.randn(500, 16, generator=torch.Generator().manual_seed(1))
+    keys = select_keys(features, 20, sampler, seed=3)
+    assert keys.shape == (20, 16) and keys.dtype == torch.float32
+    assert torch.equal(keys, select_keys(features, 20, sampler, seed=3))
+    if sampler != "kmeans":  # the others pick real patches
+        assert all((features == key).all(dim=1).any() for key in keys)
+    assert select_keys(features[:10], 20, sampler, seed=3).shape == (10, 16)  # fewer patches than keys: all
+
+
+def test_greedy_samplers_are_the_released_coresets():
+    features = torch.randn(300, 16, generator=torch.Generator().manual_seed(2))
+    for name in ("approx_greedy_coreset", "greedy_coreset"):
+        assert torch.equal(select_keys(features, 12, name, seed=5), CoresetSampler(name, seed=5).subsample(features, 12))
+
+
+def test_kmeans_keys_are_centroids_of_the_bulk():
+    g = torch.Generator().manual_seed(4)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    features = torch.cat([c + 0.1 * torch.randn(200, 2, generator=g) for c in centres])
+    keys = select_keys(features, 3, "kmeans", seed=0)
+    assert torch.cdist(keys, centres).min(dim=0).values.max() < 0.1
+
+
+def test_unknown_sampler_names_the_option():
+    with pytest.raises(UcadError, match="--key_sampler"):
+        select_keys(torch.zeros(5, 2), 2, "kcenter", 0)
+
+
+def test_kmeans_keys_route_lookalike_tasks_that_greedy_keys_confuse():
+    task_a, task_b, images_a = two_lookalike_tasks()
+    nearest = NearestNeighbourScorer(k=1, backend="torch")
+    routed = {}
+    for sampler in KEY_SAMPLERS:
+        keys = [select_keys(task, 16, sampler, seed=0) for task in (task_a, task_b)]
+        distances = torch.stack([key_distances(images_a, k, nearest) for k in keys], dim=1)
+        routed[sampler] = (route(distances) == 0).float().mean().item()
+    # greedy k-center spends A's keys on its outliers, so A's typical patches look closer to B
+    assert routed["greedy_coreset"] < 0.5 and routed["approx_greedy_coreset"] < 0.5
+    assert routed["kmeans"] == 1.0 and routed["random"] == 1.0
+
+
+def test_routing_margin_is_the_relative_gap_to_the_runner_up():
+    distances = torch.tensor([[1.0, 2.0, 3.0], [4.0, 2.0, 2.5], [5.0, 5.0, 9.0]])
+    torch.testing.assert_close(routing_margin(distances), torch.tensor([1.0, 0.25, 0.0]))
+    assert torch.isinf(routing_margin(torch.tensor([[3.0]]))).all()  # one task: no rival

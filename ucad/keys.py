@@ -1,0 +1,55 @@
+"""Keys: the few frozen patch features per task that test images are routed by.
+
+Routing compares, per task, the mean over an image's patches of the distance to the nearest key, so keys must
+cover the *typical* patches of a task. Greedy k-center coresets (the released code's choice) pick the most
+outlying patches instead: on look-alike products that shifts the mean distance of normal patches and routes
+images to the wrong task. k-means centroids (or plain random patches) cover the bulk of the distribution.
+"""
+from __future__ import annotations
+
+import torch
+
+from ucad.coreset import CoresetSampler
+from ucad.errors import UcadError
+
+KEY_SAMPLERS = ("kmeans", "random", "approx_greedy_coreset", "greedy_coreset")
+KMEANS_ITERATIONS = 25
+
+
+def select_keys(features: torch.Tensor, size: int, sampler: str, seed: int) -> torch.Tensor:
+    """(N, D) frozen patch features of a task's training images -> (min(size, N), D) keys on the same device."""
+    if sampler not in KEY_SAMPLERS:
+        raise UcadError(f"--key_sampler '{sampler}': choose one of {', '.join(KEY_SAMPLERS)}")
+    n = features.shape[0]
+    if size >= n:
+        return features.float().clone()
+    if sampler == "random":
+        generator = torch.Generator().manual_seed(seed)
+        return features[torch.randperm(n, generator=generator)[:size].to(features.device)].float()
+    if sampler == "kmeans":
+        return _kmeans_centroids(features, size, seed)
+    return CoresetSampler(sampler, seed=seed).subsample(features, size).float()
+
+
+def _kmeans_centroids(features: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    try:
+        import faiss
+    except ImportError:
+        raise UcadError("--key_sampler kmeans needs faiss (pip install faiss-cpu); or choose --key_sampler random") \
+            from None
+    data = features.detach().float().cpu().contiguous().numpy()
+    # faiss subsamples to max_points_per_centroid * k points by default; keep every patch so the result does not
+    # depend on that cap, and seed it so runs repeat
+    kmeans = faiss.Kmeans(data.shape[1], size, niter=KMEANS_ITERATIONS, seed=seed, verbose=False,
+                          max_points_per_centroid=max(256, data.shape[0] // size + 1))
+    kmeans.train(data)
+    return torch.from_numpy(kmeans.centroids.copy()).to(features.device)
+
+
+def routing_margin(distances_per_task: torch.Tensor) -> torch.Tensor:
+    """(N, T) key distances -> (N,) relative margin (second best - best) / best: how clearly an image was routed.
+    With a single task there is no rival: +inf."""
+    if distances_per_task.shape[1] < 2:
+        return torch.full((distances_per_task.shape[0],), float("inf"))
+    best_two = torch.topk(distances_per_task, 2, dim=1, largest=False).values
+    return (best_two[:, 1] - best_two[:, 0]) / best_two[:, 0].clamp_min(1e-12)

@@ -1,0 +1,114 @@
+"""How a task's knowledge (its memory of normal patch features) is stored: the paper's budget is 196 x 1024
+float32 = 784 KiB per task; fp16 stores twice as many vectors in those bytes, product quantisation about ten times.
+
+Scoring always runs on the decoded float32 vectors, so a nearest-neighbour distance to PQ-coded knowledge is the
+asymmetric distance faiss's IndexPQ computes (exact query, reconstructed memory). Decoding needs torch only, so a
+saved model scores on a machine without faiss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ucad.errors import UcadError
+
+KNOWLEDGE_STORAGES = ("fp32", "fp16", "pq")
+PQ_BITS = 8  # 256 centroids per sub-space: one byte per code
+PQ_SUBVECTOR_DIM = 8  # 1024-d features -> 128 codes (bytes) per vector
+PQ_TRAINING_POINTS = 65536
+
+
+@dataclass
+class PackedKnowledge:
+    """Stored knowledge: `vectors` (fp32/fp16), or PQ `codes` (N, M) uint8 with `codebook` (M, 256, d) fp16."""
+
+    storage: str
+    vectors: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+    codebook: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.vectors, self.codes, self.codebook) if t is not None)
+
+    def __len__(self) -> int:
+        return (self.vectors if self.vectors is not None else self.codes).shape[0]
+
+    def decode(self) -> torch.Tensor:
+        """(N, D) float32 on the device the packed tensors are on."""
+        if self.storage != "pq":
+            return self.vectors.float()
+        m = self.codebook.shape[0]
+        sub_vectors = self.codebook.float()[torch.arange(m, device=self.codes.device), self.codes.long()]
+        return sub_vectors.reshape(self.codes.shape[0], -1)
+
+    def state(self) -> dict:
+        return {k: v for k, v in {"storage": self.storage, "vectors": self.vectors, "codes": self.codes,
+                                  "codebook": self.codebook}.items() if v is not None}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device | str = "cpu") -> "PackedKnowledge":
+        return cls(state["storage"], *(state[k].to(device) if k in state else None
+                                       for k in ("vectors", "codes", "codebook")))
+
+
+def pack_knowledge(selected: torch.Tensor, storage: str, training: torch.Tensor | None = None,
+                   seed: int = 0) -> PackedKnowledge:
+    """selected: the (N, D) knowledge vectors chosen by the coreset; training: the task's patch features the PQ
+    codebook is learned from (default: `selected`)."""
+    if storage not in KNOWLEDGE_STORAGES:
+        raise UcadError(f"--knowledge_storage '{storage}': choose one of {', '.join(KNOWLEDGE_STORAGES)}")
+    if storage == "fp32":
+        return PackedKnowledge("fp32", vectors=selected.float())
+    if storage == "fp16":
+        return PackedKnowledge("fp16", vectors=selected.half())
+    return _product_quantise(selected, selected if training is None else training, seed)
+
+
+def _product_quantise(selected: torch.Tensor, training: torch.Tensor, seed: int) -> PackedKnowledge:
+    try:
+        import faiss
+    except ImportError:
+        raise UcadError("--knowledge_storage pq needs faiss to learn the codebook (pip install faiss-cpu)") from None
+    dim = selected.shape[1]
+    if dim % PQ_SUBVECTOR_DIM:
+        raise UcadError(f"--knowledge_storage pq needs a feature size divisible by {PQ_SUBVECTOR_DIM}, got {dim} "
+                        "(--target_embed_dimension)")
+    if training.shape[0] < 2 ** PQ_BITS:
+        raise UcadError(f"--knowledge_storage pq learns {2 ** PQ_BITS} centroids per sub-space from the task's patch "
+                        f"features, but this task has only {training.shape[0]}: use fp16 or fp32 for so small a task")
+    generator = torch.Generator().manual_seed(seed)
+    if training.shape[0] > PQ_TRAINING_POINTS:
+        training = training[torch.randperm(training.shape[0], generator=generator)[:PQ_TRAINING_POINTS]
+                            .to(training.device)]
+    train_np = np.ascontiguousarray(training.detach().float().cpu().numpy())
+    subspaces = dim // PQ_SUBVECTOR_DIM
+    quantiser = faiss.ProductQuantizer(dim, subspaces, PQ_BITS)
+    quantiser.cp.seed = seed
+    quantiser.train(train_np)
+    codebook = faiss.vector_to_array(quantiser.centroids).reshape(subspaces, 2 ** PQ_BITS, PQ_SUBVECTOR_DIM)
+    codebook = torch.from_numpy(codebook).half()  # stored in fp16: the codebook is part of the task's bytes
+    # encode against the fp16 codebook that is stored, so decoding reproduces exactly what was chosen
+    codes = _nearest_codes(selected.detach().float().cpu(), codebook.float())
+    device = selected.device
+    return PackedKnowledge("pq", codes=codes.to(device), codebook=codebook.to(device))
+
+
+def _nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """(N, D) vectors, (M, K, d) codebook -> (N, M) uint8 index of each sub-vector's nearest centroid."""
+    m, _, d = codebook.shape
+    sub_vectors = vectors.reshape(vectors.shape[0], m, d).transpose(0, 1)  # (M, N, d)
+    distances = torch.cdist(sub_vectors, codebook)  # (M, N, K)
+    return distances.argmin(dim=2).transpose(0, 1).to(torch.uint8).contiguous()
+
+
+def vectors_in_budget(storage: str, budget_bytes: int, dim: int) -> int:
+    """How many knowledge vectors of `dim` fit in `budget_bytes` with this storage (codebook included)."""
+    if storage == "fp32":
+        return budget_bytes // (4 * dim)
+    if storage == "fp16":
+        return budget_bytes // (2 * dim)
+    codebook = (dim // PQ_SUBVECTOR_DIM) * 2 ** PQ_BITS * PQ_SUBVECTOR_DIM * 2
+    return max(0, (budget_bytes - codebook) // (dim // PQ_SUBVECTOR_DIM))
