@@ -119,3 +119,12 @@ def test_query_equal_to_a_bank_row_scores_zero(backend, scale):
     got = NearestNeighbourScorer(k=1, backend=backend, **EUCLIDEAN).distances(queries, bank)
     expected = brute_force(queries, bank, 1)
     torch.testing.assert_close(got, expected, atol=1e-4 * scale, rtol=1e-4)
+
+
+def test_faiss_threads_do_not_change_torchs():
+    """faiss sets OpenMP's thread count, which torch shares; torch must keep its own afterwards."""
+    pytest.importorskip("faiss")
+    before = torch.get_num_threads()
+    scorer = NearestNeighbourScorer(1, "faiss", faiss_num_workers=before + 3)
+    scorer.distances(torch.randn(50, 8), torch.randn(20, 8))
+    assert torch.get_num_threads() == before

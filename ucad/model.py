@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ucad.anomaly_map import anomaly_maps, image_scores
 from ucad.backbones import FeatureExtractor
-from ucad.config import ModelConfig, from_dict, to_dict
+from ucad.config import ModelConfig, RunConfig, from_dict, to_dict
 from ucad.device import autocast, autocast_dtype
 from ucad.errors import UcadError
 from ucad.knowledge import PackedKnowledge
@@ -76,7 +76,10 @@ class UcadModel:
         self.embedder = PatchEmbedder(config.patchsize, config.pretrain_embed_dimension,
                                       config.target_embed_dimension)
         self.amp_dtype = autocast_dtype(device, precision)
-        self.scorer = scorer or NearestNeighbourScorer(config.anomaly_scorer_num_nn, "auto", device,
+        # without a scorer from the run, the run's default nearest-neighbour settings (so a loaded model scores
+        # as the run that made it did)
+        self.scorer = scorer or NearestNeighbourScorer(config.anomaly_scorer_num_nn, RunConfig.nn_backend, device,
+                                                       RunConfig.faiss_on_gpu, RunConfig.faiss_num_workers,
                                                        patch_distance=config.patch_distance)
         # routing matches each patch with its single nearest key
         self.key_scorer = NearestNeighbourScorer(1, self.scorer.backend, device, self.scorer.faiss_on_gpu,

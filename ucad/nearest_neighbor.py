@@ -79,7 +79,19 @@ class NearestNeighbourScorer:
     def _faiss(self, queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
         import faiss
 
+        # faiss's thread count is OpenMP's, which torch shares: without restoring it, --faiss_num_workers 8 would
+        # silently run every later torch op with 8 threads (oversubscribing a small machine, and changing the
+        # rounding of features, so a run and a later ucad.predict of the same images would differ in the last bits)
+        torch_threads = torch.get_num_threads()
         faiss.omp_set_num_threads(max(1, self.faiss_num_workers))
+        try:
+            return self._faiss_search(queries, bank, k)
+        finally:
+            torch.set_num_threads(torch_threads)
+
+    def _faiss_search(self, queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+        import faiss
+
         bank_np = np.ascontiguousarray(bank.detach().float().cpu().numpy())
         index = faiss.IndexFlatL2(bank_np.shape[1])
         if self.faiss_on_gpu:
