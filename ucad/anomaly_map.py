@@ -16,15 +16,24 @@ def anomaly_maps(patch_scores: torch.Tensor, grid: tuple[int, int], image_size: 
                  sigma: float = 4.0) -> torch.Tensor:
     """(N, h*w) patch scores -> (N, S, S) smoothed maps, as scipy.ndimage.gaussian_filter(mode="reflect")."""
     maps = patch_scores.float().reshape(-1, 1, grid[0], grid[1])
-    maps = F.interpolate(maps, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    maps = F.interpolate(maps, size=(image_size, image_size), mode="bilinear", align_corners=False)[:, 0]
     if sigma > 0:
-        kernel = gaussian_kernel(sigma).to(maps.device)
-        radius = kernel.numel() // 2
-        maps = maps.index_select(3, _reflect_indices(maps.shape[3], radius, maps.device))
-        maps = F.conv2d(maps, kernel.view(1, 1, 1, -1))
-        maps = maps.index_select(2, _reflect_indices(maps.shape[2], radius, maps.device))
-        maps = F.conv2d(maps, kernel.view(1, 1, -1, 1))
-    return maps[:, 0]
+        weights = gaussian_kernel(sigma).tolist()
+        maps = _smooth_along(_smooth_along(maps, weights, 2), weights, 1)
+    return maps
+
+
+def _smooth_along(maps: torch.Tensor, weights: list[float], dim: int) -> torch.Tensor:
+    """One separable pass of the kernel along `dim`, as a fixed sequence of scaled shifted copies: every map gets
+    the same arithmetic whatever the batch it is in (a convolution's algorithm, and so its rounding, changes with
+    the batch size), so a map computed alone by ucad.predict equals the one the run's evaluation computed."""
+    radius = len(weights) // 2
+    size = maps.shape[dim]
+    padded = maps.index_select(dim, _reflect_indices(size, radius, maps.device))
+    smoothed = torch.zeros_like(maps)
+    for offset, weight in enumerate(weights):
+        smoothed.add_(padded.narrow(dim, offset, size), alpha=weight)
+    return smoothed
 
 
 def _reflect_indices(size: int, radius: int, device) -> torch.Tensor:
