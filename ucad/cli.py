@@ -12,6 +12,7 @@ import click
 from ucad.coreset import SAMPLER_NAMES
 from ucad.errors import UcadError
 from ucad.backbones import INPUT_NORMS
+from ucad.epoch_selection import EPOCH_SELECTIONS
 from ucad.keys import KEY_SAMPLERS
 from ucad.knowledge import KNOWLEDGE_STORAGES
 from ucad.loss import LABEL_SAMPLING
@@ -72,6 +73,9 @@ def main(**kwargs):
 @click.option("--key_sampler", type=click.Choice(KEY_SAMPLERS), default="kmeans", show_default=True,
               help="How a task's keys are chosen from its frozen patches: kmeans centroids cover typical patches "
                    "(routes best); approx_greedy_coreset is the released code's choice (new).")
+@click.option("--epoch_selection", type=click.Choice(EPOCH_SELECTIONS), default="last", show_default=True,
+              help="last: the prompt after --epochs_num epochs; validation: the best epoch (or none) on held-out "
+                   "normal images with synthetic defects (needs dataset --train_val_split < 1; never the test set) (new).")
 @click.option("--knowledge_storage", type=click.Choice(KNOWLEDGE_STORAGES), default="fp32", show_default=True,
               help="How knowledge is stored: fp32 (released), fp16 or pq (product quantisation); pair with "
                    "--memory_size 392 (fp16) or 2176 (pq) for the paper's 784 KiB per task (new).")
@@ -102,7 +106,8 @@ def sampler_command(name, percentage):
 @click.argument("name", type=click.Choice(["mvtec", "visa"]))
 @click.argument("data_path", type=click.Path())
 @click.option("-d", "--subdatasets", multiple=True, help="Category (task), repeat in task order; default: all found.")
-@click.option("--train_val_split", type=float, default=1.0, show_default=True, help="Fraction of training images used (seeded).")
+@click.option("--train_val_split", type=float, default=1.0, show_default=True,
+              help="Fraction of training images used (seeded); the rest is held out (validation for --epoch_selection).")
 @click.option("--batch_size", type=int, default=8, show_default=True, help="Prompt-training batch size.")
 @click.option("--num_workers", type=int, default=8, show_default=True, help="Threads decoding images.")
 @click.option("--resize", type=int, default=224, show_default=True, help="Shorter image side before the centre crop.")
@@ -151,7 +156,7 @@ def run(methods, results_path, gpu, cpu, seed, log_group, log_project, save_segm
         },
         "learning": {
             "key_size": key_size, "key_sampler": model["key_sampler"], "memory_size": memory_size,
-            "knowledge_storage": model["knowledge_storage"], "basic_size": basic_size, "epochs_num": epochs_num,
+            "knowledge_storage": model["knowledge_storage"], "epoch_selection": model["epoch_selection"], "basic_size": basic_size, "epochs_num": epochs_num,
             "lr": model["lr"], "batch_size": data["batch_size"], "train_prompt": not model["no_scl"],
             "scl_features": model["scl_features"], "label_sampling": model["label_sampling"],
             "augment": data["augment"], "feature_batch_size": model["feature_batch_size"], "seed": seed,
@@ -168,6 +173,9 @@ def run(methods, results_path, gpu, cpu, seed, log_group, log_project, save_segm
                                  ("--resize", data["resize"], 16)):
         if value < minimum:
             _fail(f"{name} must be at least {minimum}, got {value}")
+    if model["epoch_selection"] == "validation" and data["train_val_split"] >= 1.0:
+        _fail("--epoch_selection validation scores each epoch on held-out normal training images: keep some aside "
+              "with `dataset --train_val_split 0.9`")
     from ucad.experiment import run_experiment  # heavy imports only once the command line is valid
 
     try:

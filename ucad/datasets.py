@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import difflib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ucad.errors import UcadError
@@ -41,6 +41,7 @@ class TaskSamples:
     root: Path  # the data set root the relative paths of structure maps are taken from
     train: list[Sample]
     test: list[Sample]
+    validation: list[Sample] = field(default_factory=list)  # normal training images held out by --train_val_split
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -179,6 +180,7 @@ def list_tasks(name: str, root: str | Path, categories: list[str], train_val_spl
             order = list(range(len(task.train)))
             random.Random(seed).shuffle(order)
             keep = max(1, int(round(len(order) * train_val_split)))
+            task.validation = [task.train[i] for i in sorted(order[keep:])]
             task.train = [task.train[i] for i in sorted(order[:keep])]
     for task in tasks:
         if task.category == ".":

@@ -93,7 +93,7 @@ class ContinualEvaluator:
         if missing.any():
             index = torch.nonzero(missing).flatten()
             with self.timer.phase("scoring", len(index)):
-                if memory.prompt_state is None:  # PatchCore mode: the frozen features are the features
+                if self.model.config.mode == "patchcore":  # the cached frozen features are the features
                     features = self._frozen(test_set)[index.to(self.model.device)].float()
                 else:
                     features = self.model.features(test_set.images[index], self.model.prompt_for(task),

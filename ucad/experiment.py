@@ -171,12 +171,23 @@ def run_experiment(config: dict) -> Path:
         # the whole task lives on the device for all epochs: no per-step host transfers
         train_images = train_images.to(device)
         label_maps = label_maps.to(device) if label_maps is not None else None
-        memory, history = learn_task(model, index, task.category, train_images, label_maps, sampler, learning, timer)
+        validation_images = None
+        if learning.epoch_selection == "validation" and model_config.mode == "ucad" and task.validation:
+            with timer.phase("image_loading", len(task.validation)):
+                validation_images = load_images(task.validation, geometry, config["num_workers"],
+                                                description=f"[{task.category}] decode held-out")
+        memory, history = learn_task(model, index, task.category, train_images, label_maps, sampler, learning, timer,
+                                     validation_images)
         del train_images, label_maps
         model.tasks.append(memory)
         losses[task.category] = history
         if history:
             echo(f"   prompt loss {history[0]:.4f} -> {history[-1]:.4f} over {len(history)} epochs")
+        if "chosen_epoch" in memory.extra:
+            chosen = memory.extra["chosen_epoch"]
+            echo(f"   epoch chosen on held-out synthetic defects: {chosen if chosen else 'none (frozen features)'} "
+                 f"(validation score per epoch, 0 = no prompt: "
+                 f"{', '.join(f'{v:.3f}' for v in memory.extra['validation_scores'])})")
         kept = memory.memory_bytes()
         echo(f"   kept for this task: {sum(kept.values()):,} bytes (keys {kept['keys']:,}, prompt {kept['prompt']:,}, "
              f"knowledge {kept['knowledge']:,} as {memory.packed.storage if memory.packed else 'fp32'})")
@@ -227,6 +238,8 @@ def _write_results(run_dir: Path, records, task_names, losses, timer: PhaseTimer
     write_heatmap(run_dir / "image_auroc_matrix.png", records, task_names)
     write_json(run_dir / "summary.json", {"summary": summary, "losses": losses, "timings": timer.as_dict(),
                                           "memory_bytes_per_task": {t.name: t.memory_bytes() for t in model.tasks},
+                                          "chosen_epochs": {t.name: t.extra["chosen_epoch"] for t in model.tasks
+                                                            if "chosen_epoch" in t.extra},
                                           "tasks_finished": last + 1, "task_order": task_names})
     write_json(run_dir / "timings.json", timer.as_dict())
     state = {"config": json.loads(json.dumps(config, default=str)), "model": model.state(), "records": records,
