@@ -182,7 +182,8 @@ def run_experiment(config: dict) -> Path:
         model.tasks.append(memory)
         losses[task.category] = history
         if history:
-            echo(f"   prompt loss {history[0]:.4f} -> {history[-1]:.4f} over {len(history)} epochs")
+            echo(f"   prompt loss {history[0]:.4f} -> {history[-1]:.4f} over {len(history)} epochs; prompted features "
+                 f"of the training images moved {memory.extra.get('feature_drift', 0.0):.1%} from the frozen ones")
         if "chosen_epoch" in memory.extra:
             chosen = memory.extra["chosen_epoch"]
             echo(f"   epoch chosen on held-out synthetic defects: {chosen if chosen else 'none (frozen features)'} "
@@ -238,6 +239,7 @@ def _write_results(run_dir: Path, records, task_names, losses, timer: PhaseTimer
     write_heatmap(run_dir / "image_auroc_matrix.png", records, task_names)
     write_json(run_dir / "summary.json", {"summary": summary, "losses": losses, "timings": timer.as_dict(),
                                           "memory_bytes_per_task": {t.name: t.memory_bytes() for t in model.tasks},
+                                          "feature_drift": {t.name: t.extra.get("feature_drift") for t in model.tasks},
                                           "chosen_epochs": {t.name: t.extra["chosen_epoch"] for t in model.tasks
                                                             if "chosen_epoch" in t.extra},
                                           "tasks_finished": last + 1, "task_order": task_names})

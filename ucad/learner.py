@@ -54,7 +54,7 @@ def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tenso
         with timer.phase("coreset"):
             knowledge = sampler.subsample(frozen)
         return TaskMemory(name, keys, None, knowledge), []
-    del frozen
+    frozen = frozen.half()  # kept through training only to measure the prompt's drift below
 
     prompt = model.new_prompt(task_index, config.seed)
     history: list[float] = []
@@ -85,6 +85,11 @@ def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tenso
     with timer.phase("knowledge_features", n):
         prompted = model.features(images, prompt, config.feature_batch_size, f"[{name}] knowledge features")
         prompted = prompted.reshape(-1, prompted.shape[-1])
+    # how far the prompt moved the task's own normal patches from the frozen backbone's (relative L2, mean over
+    # patches): the measure of whether a prompt "stays out of the way" of what PatchCore-style scoring relies on
+    frozen = frozen.float()
+    extra["feature_drift"] = float(((prompted - frozen).norm(dim=1) / frozen.norm(dim=1).clamp_min(1e-12)).mean())
+    del frozen
     with timer.phase("coreset"):
         selected = sampler.subsample(prompted, config.memory_size)
         unlimited = sampler.subsample(prompted, config.basic_size) if config.basic_size > 0 else None
