@@ -2,9 +2,10 @@
 (and with the task given, the oracle).
 
 Everything that cannot change between phases is computed once: frozen test features (routing),
-each image's distance to each task's keys, and each image's patch scores under each task's prompt
-and knowledge (a task's prompt and knowledge are fixed once it is learned). A phase then only
-re-routes and recomputes metrics for test sets whose routing changed.
+each image's distance to each task's keys (the tasks a test set has not met yet are searched together in
+one TaskKeyIndex: all tasks for a new test set, the newest task for the others), and each image's patch
+scores under each task's prompt and knowledge (a task's prompt and knowledge are fixed once it is
+learned). A phase then only re-routes and recomputes metrics for test sets whose routing changed.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ucad.anomaly_map import anomaly_maps, image_scores
 from ucad.metrics import PixelGroundTruth, compute_task_metrics
 from ucad.model import UcadModel
 from ucad.nearest_neighbor import NearestNeighbourScorer
-from ucad.router import key_distances, route
+from ucad.router import TaskKeyIndex, route
 from ucad.timing import PhaseTimer
 
 VARIANTS = ("task_agnostic", "task_agnostic_unlimited", "oracle")
@@ -43,8 +44,6 @@ class ContinualEvaluator:
                  batch_size: int = 32, fpr_limit: float = 0.3, reuse: bool = True):
         self.model = model
         self.scorer = scorer
-        self.key_scorer = NearestNeighbourScorer(1, scorer.backend, scorer.device, scorer.faiss_on_gpu,
-                                                 patch_distance=scorer.patch_distance)
         self.timer = timer
         self.batch_size = batch_size
         self.fpr_limit = fpr_limit
@@ -66,13 +65,15 @@ class ContinualEvaluator:
         return test_set.frozen
 
     def _routing(self, test_set: TestSet, phase: int) -> torch.Tensor:
-        for k in range(phase + 1):
-            if k not in test_set.key_distance:
-                frozen = self._frozen(test_set)
-                with self.timer.phase("routing", len(test_set.labels)):
-                    test_set.key_distance[k] = torch.cat([
-                        key_distances(frozen[s:s + self.batch_size].float(), self.model.tasks[k].keys, self.key_scorer)
-                        for s in range(0, frozen.shape[0], self.batch_size)])
+        unseen = [k for k in range(phase + 1) if k not in test_set.key_distance]
+        if unseen:
+            frozen = self._frozen(test_set)
+            with self.timer.phase("routing", len(test_set.labels)):
+                index = TaskKeyIndex([self.model.tasks[k].keys for k in unseen], self.scorer.patch_distance,
+                                     self.model.device)
+                distances = index.distances(frozen)
+                for column, k in enumerate(unseen):
+                    test_set.key_distance[k] = distances[:, column]
         distances = torch.stack([test_set.key_distance[k] for k in range(phase + 1)], dim=1)
         return route(distances).cpu()
 
