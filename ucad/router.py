@@ -87,8 +87,9 @@ class TaskKeyIndex:
             winners = self.padded_rows.gather(1, local.T).T  # (Q, T) global key row of each task's nearest key
             # exact distance of each winner, computed as the per-task search does (the expansion above cancels
             # catastrophically for near-identical vectors)
-            difference = chunk[:, None, :] - self.keys[winners]
-            exact = (difference * difference).sum(dim=2) if self.squared else torch.linalg.vector_norm(difference, dim=2)
+            # (in place on the gathered keys: k - q squares to the same bits as q - k, one temporary fewer)
+            difference = self.keys[winners].sub_(chunk[:, None, :])
+            exact = difference.mul_(difference).sum(dim=2) if self.squared else torch.linalg.vector_norm(difference, dim=2)
             parts.append(exact)
         return torch.cat(parts)
 
