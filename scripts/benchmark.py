@@ -136,7 +136,7 @@ def main() -> int:
     }
     if torch.cuda.is_available() and not args.cpu:
         torch.cuda.reset_peak_memory_stats()
-    growth = GrowthRecorder()
+    growth = GrowthRecorder(progress_path=Path(args.json).with_suffix(".growth.json"))
     started = time.perf_counter()
     with growth.installed(), profile_first_prompt_training(args.profile):
         run_dir = run_experiment(config)

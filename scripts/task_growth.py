@@ -12,6 +12,7 @@ for the duration of one run, so the experiment code carries no benchmark hooks.
 from __future__ import annotations
 
 import contextlib
+import json
 import statistics
 import time
 from pathlib import Path
@@ -64,9 +65,11 @@ def _median_ms(action, repeats: int) -> float:
 
 
 class GrowthRecorder:
-    def __init__(self, repeats: int = 5):
+    def __init__(self, repeats: int = 5, progress_path: str | Path | None = None):
         self.repeats = repeats
         self.rows: dict[int, dict] = {}
+        # rewritten after every task, so a run stopped early still leaves its curve behind
+        self.progress_path = Path(progress_path) if progress_path else None
 
     def _row(self, task_index: int) -> dict:
         return self.rows.setdefault(task_index, {"tasks": task_index + 1})
@@ -122,6 +125,8 @@ class GrowthRecorder:
             row["write_results_seconds"] = round(_clock() - started, 4)
             checkpoint = Path(run_dir) / experiment.CHECKPOINT
             row["checkpoint_bytes"] = checkpoint.stat().st_size if checkpoint.is_file() else None
+            if recorder.progress_path:
+                recorder.progress_path.write_text(json.dumps(recorder.as_dict(), indent=1))
 
         experiment.learn_task, experiment._write_results = learn, write
         ContinualEvaluator.evaluate_phase = evaluate
