@@ -3,7 +3,7 @@
 For each task t (counting from 1): seconds to learn it; seconds of the evaluation after it (every test set
 seen so far); seconds to write the results and checkpoint after it, and the checkpoint's size; milliseconds to
 route one image among the t tasks (its frozen features, then the one search over all tasks' keys, and for
-comparison the former loop of one search per task); the bytes the task keeps (keys + prompt + knowledge,
+comparison the former loop of one search per task; on the CPU timed on one thread); the bytes the task keeps (keys + prompt + knowledge,
 the unlimited knowledge apart) and the bytes the evaluation caches for its test set.
 
 It wraps ucad.experiment.learn_task, ContinualEvaluator.evaluate_phase and ucad.experiment._write_results
@@ -75,6 +75,19 @@ class GrowthRecorder:
         return self.rows.setdefault(task_index, {"tasks": task_index + 1})
 
     def _route_one_image(self, evaluator, phase: int) -> dict:
+        model = evaluator.model
+        if model.device.type == "cpu":
+            # one image is a small product: on a shared CPU, multi-threaded timings of it measure the other
+            # processes' load more than the search, so both ways are timed on one thread
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return self._time_routing(evaluator, phase, faiss_threads=1)
+            finally:
+                torch.set_num_threads(threads)
+        return self._time_routing(evaluator, phase, faiss_threads=evaluator.scorer.faiss_num_workers)
+
+    def _time_routing(self, evaluator, phase: int, faiss_threads: int) -> dict:
         from ucad.nearest_neighbor import NearestNeighbourScorer
         from ucad.router import TaskKeyIndex, key_distances
 
@@ -86,7 +99,8 @@ class GrowthRecorder:
         frozen = model.features(image, None, 1)
         features_ms = _median_ms(lambda: model.features(image, None, 1), self.repeats)
         search_ms = _median_ms(lambda: index.distances(frozen), self.repeats)
-        per_task = NearestNeighbourScorer(1, evaluator.scorer.backend, model.device, patch_distance=distance)
+        per_task = NearestNeighbourScorer(1, evaluator.scorer.backend, model.device, faiss_num_workers=faiss_threads,
+                                          patch_distance=distance)
         loop_ms = _median_ms(lambda: [key_distances(frozen, task.keys, per_task) for task in tasks], self.repeats)
         return {"route_features_ms": round(features_ms, 3), "route_search_ms": round(search_ms, 3),
                 "route_loop_ms": round(loop_ms, 3), "route_one_image_ms": round(features_ms + search_ms, 3)}
