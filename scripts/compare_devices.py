@@ -21,6 +21,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -35,28 +36,35 @@ DEMO_TASKS = ["weave", "washer"]
 
 
 # ---------------------------------------------------------------------------------------------- the data
-def _link(target: Path, link: Path) -> None:
+def _link(target: Path, link: Path, copy: bool = False) -> None:
     link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.is_symlink():
+    if copy:
+        if target.is_dir():
+            shutil.copytree(target, link, dirs_exist_ok=True)
+        else:
+            shutil.copy2(target, link)
+    elif not link.is_symlink():
         link.symlink_to(target.resolve())
 
 
-def link_category_subset(source: Path, destination: Path, train_every: int, test_per_type: int | None) -> dict:
-    """An MVTec-layout category of links into `source`: every `train_every`-th training image and the first
-    `test_per_type` images of each test folder (None = all); ground_truth is linked whole (unused masks are
-    harmless). Returns the counts."""
+def link_category_subset(source: Path, destination: Path, train_max: int | None, test_per_type: int | None,
+                         copy: bool = False) -> dict:
+    """An MVTec-layout category of links into `source` (copies with `copy`, for carrying a subset to a machine
+    without the data): at most `train_max` evenly spaced training images and the first `test_per_type` images of
+    each test folder (None = all); ground_truth whole (unused masks are harmless). Returns the counts."""
     images = lambda folder: sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    train = images(source / "train" / "good")[::train_every]
+    train = images(source / "train" / "good")
+    train = train[::max(1, math.ceil(len(train) / train_max))] if train_max else train
     for image in train:
-        _link(image, destination / "train" / "good" / image.name)
+        _link(image, destination / "train" / "good" / image.name, copy)
     test_count = 0
     for folder in sorted(p for p in (source / "test").iterdir() if p.is_dir()):
         chosen = images(folder)[:test_per_type] if test_per_type else images(folder)
         for image in chosen:
-            _link(image, destination / "test" / folder.name / image.name)
+            _link(image, destination / "test" / folder.name / image.name, copy)
         test_count += len(chosen)
     if (source / "ground_truth").is_dir():
-        _link(source / "ground_truth", destination / "ground_truth")
+        _link(source / "ground_truth", destination / "ground_truth", copy)
     return {"train": len(train), "test": test_count}
 
 
@@ -67,7 +75,7 @@ def prepare_data(out: Path, magnetic_tile: Path, sizes: dict) -> tuple[Path, lis
     data = out / "data"
     tasks = []
     if (magnetic_tile / "train" / "good").is_dir():
-        counts = link_category_subset(magnetic_tile, data / "magnetic_tile", sizes["magnetic_train_every"],
+        counts = link_category_subset(magnetic_tile, data / "magnetic_tile", sizes["magnetic_train_max"],
                                       sizes["magnetic_test_per_type"])
         print(f"magnetic_tile: {magnetic_tile} ({counts['train']} training images linked, {counts['test']} test)")
         tasks.append("magnetic_tile")
@@ -201,11 +209,11 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.cpu:
         sizes = {"imagesize": 64, "epochs": 1, "memory_size": 32, "key_size": 32, "basic_size": 64,
-                 "magnetic_train_every": 50, "magnetic_test_per_type": 3, "demo_image_size": 64, "demo_train": 6,
+                 "magnetic_train_max": 8, "magnetic_test_per_type": 3, "demo_image_size": 64, "demo_train": 6,
                  "demo_test": 3}
     else:
         sizes = {"imagesize": 128, "epochs": 3, "memory_size": 196, "key_size": 196, "basic_size": 1960,
-                 "magnetic_train_every": 4, "magnetic_test_per_type": None, "demo_image_size": 128,
+                 "magnetic_train_max": 100, "magnetic_test_per_type": None, "demo_image_size": 128,
                  "demo_train": 24, "demo_test": 8}
     if args.epochs is not None:
         sizes["epochs"] = args.epochs

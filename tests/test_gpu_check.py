@@ -62,7 +62,7 @@ def _category(root: Path, train: int, tests: dict) -> Path:
 
 def test_magnetic_tile_subset_is_links_never_copies(tmp_path):
     source = _category(tmp_path / "source", 10, {"good": 4, "crack": 3})
-    counts = link_category_subset(source, tmp_path / "data" / "tile", train_every=4, test_per_type=2)
+    counts = link_category_subset(source, tmp_path / "data" / "tile", train_max=3, test_per_type=2)
     assert counts == {"train": 3, "test": 4}
     linked = tmp_path / "data" / "tile"
     assert sorted(p.name for p in (linked / "train" / "good").iterdir()) == ["000.png", "004.png", "008.png"]
@@ -72,6 +72,9 @@ def test_magnetic_tile_subset_is_links_never_copies(tmp_path):
 
     task = list_mvtec_task(tmp_path / "data", "tile")  # a valid MVTec-layout task
     assert len(task.train) == 3 and len(task.test) == 4
+    copied = link_category_subset(source, tmp_path / "carried" / "tile", train_max=None, test_per_type=None, copy=True)
+    assert copied == {"train": 10, "test": 7}
+    assert not any(p.is_symlink() for p in (tmp_path / "carried").rglob("*"))
 
 
 def test_comparison_flags_a_metric_beyond_tolerance_and_a_changed_route():
