@@ -98,6 +98,8 @@ def main() -> int:
     parser.add_argument("--json", default="benchmark.json", help="where the figures are written")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="profile one epoch of the first task's prompt training into DIR")
+    parser.add_argument("--skip_heatmap", action="store_true",
+                        help="do not redraw image_auroc_matrix.png after every task (its cost grows with tasks squared)")
     parser.add_argument("--growth_rows", default="10,25,50,100",
                         help="task counts t printed in the table of cost as tasks grow (every t is in the JSON)")
     args = parser.parse_args()
@@ -136,6 +138,10 @@ def main() -> int:
     }
     if torch.cuda.is_available() and not args.cpu:
         torch.cuda.reset_peak_memory_stats()
+    if args.skip_heatmap:
+        import ucad.experiment
+
+        ucad.experiment.write_heatmap = lambda *a, **k: None
     growth = GrowthRecorder(progress_path=Path(args.json).with_suffix(".growth.json"))
     started = time.perf_counter()
     with growth.installed(), profile_first_prompt_training(args.profile):
@@ -152,7 +158,7 @@ def main() -> int:
         if torch.cuda.is_available() and not args.cpu else None,
         "phases": timings, "run_dir": str(run_dir),
         "prompt_training_image_steps": None if args.data else len(categories) * args.train * args.epochs,
-        "growth": growth.as_dict(), "profile_dir": args.profile,
+        "growth": growth.as_dict(), "profile_dir": args.profile, "heatmap_skipped": args.skip_heatmap,
     }
     print(f"\n{'phase':<22}{'seconds':>10}{'items':>9}{'items/s':>10}")
     for name, value in timings.items():
