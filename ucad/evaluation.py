@@ -22,6 +22,7 @@ from ucad.router import TaskKeyIndex, route
 from ucad.timing import PhaseTimer
 
 VARIANTS = ("task_agnostic", "task_agnostic_unlimited", "oracle")
+ROUTING_GROUP_BYTES = 256 * 2 ** 20  # frozen features searched together when routing several test sets at once
 
 
 @dataclass
@@ -63,6 +64,34 @@ class ContinualEvaluator:
                 test_set.frozen = self.model.features(test_set.images, None, self.batch_size,
                                                       f"[{test_set.name}] test features", out_dtype=dtype)
         return test_set.frozen
+
+    def _fill_key_distances(self, phase: int) -> None:
+        """The key distances every test set still lacks, in few searches: test sets that lack the same tasks
+        (after task t every earlier test set lacks only task t) are searched together, in groups of at most
+        ROUTING_GROUP_BYTES of features, instead of one small search per test set."""
+        lacking: dict[tuple[int, ...], list[TestSet]] = {}
+        for test_set in self.test_sets[: phase + 1]:
+            unseen = tuple(k for k in range(phase + 1) if k not in test_set.key_distance)
+            if unseen:
+                lacking.setdefault(unseen, []).append(test_set)
+        for unseen, test_sets in lacking.items():
+            index = None
+            group, size = [], 0
+            for test_set in test_sets + [None]:
+                frozen = self._frozen(test_set) if test_set is not None else None
+                if group and (frozen is None or size + frozen.numel() * frozen.element_size() > ROUTING_GROUP_BYTES):
+                    with self.timer.phase("routing", sum(len(t.labels) for t in group)):
+                        if index is None:
+                            index = TaskKeyIndex([self.model.tasks[k].keys for k in unseen],
+                                                 self.scorer.patch_distance, self.model.device)
+                        distances = index.distances(torch.cat([t.frozen for t in group]))
+                        for part, member in zip(distances.split([t.frozen.shape[0] for t in group]), group):
+                            for column, k in enumerate(unseen):
+                                member.key_distance[k] = part[:, column]
+                    group, size = [], 0
+                if test_set is not None:
+                    group.append(test_set)
+                    size += frozen.numel() * frozen.element_size()
 
     def _routing(self, test_set: TestSet, phase: int) -> torch.Tensor:
         unseen = [k for k in range(phase + 1) if k not in test_set.key_distance]
@@ -132,6 +161,8 @@ class ContinualEvaluator:
     def evaluate_phase(self, phase: int, variants=VARIANTS) -> list[dict]:
         """Metrics of every test set j <= phase after learning task `phase`: one record per (j, variant)."""
         records = []
+        if self.reuse:
+            self._fill_key_distances(phase)
         for test_set in self.test_sets[: phase + 1]:
             if not self.reuse:
                 test_set.frozen, test_set.key_distance, test_set.patch_scores, test_set.metric_cache = None, {}, {}, {}
