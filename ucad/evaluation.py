@@ -2,9 +2,10 @@
 (and with the task given, the oracle).
 
 Everything that cannot change between phases is computed once: frozen test features (routing),
-each image's distance to each task's keys, and each image's patch scores under each task's prompt
-and knowledge (a task's prompt and knowledge are fixed once it is learned). A phase then only
-re-routes and recomputes metrics for test sets whose routing changed.
+each image's distance to each task's keys (the tasks a test set has not met yet are searched together in
+one TaskKeyIndex: all tasks for a new test set, the newest task for the others), and each image's patch
+scores under each task's prompt and knowledge (a task's prompt and knowledge are fixed once it is
+learned). A phase then only re-routes and recomputes metrics for test sets whose routing changed.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from ucad.metrics import PixelGroundTruth, compute_task_metrics
 from ucad.model import UcadModel
 from ucad.nearest_neighbor import NearestNeighbourScorer
 from ucad.keys import routing_margin
-from ucad.router import key_distances, route
+from ucad.router import TaskKeyIndex, route
 from ucad.timing import PhaseTimer
 
 VARIANTS = ("task_agnostic", "task_agnostic_unlimited", "oracle")
+ROUTING_GROUP_BYTES = 256 * 2 ** 20  # frozen features searched together when routing several test sets at once
 
 
 @dataclass
@@ -44,8 +46,6 @@ class ContinualEvaluator:
                  batch_size: int = 32, fpr_limit: float = 0.3, reuse: bool = True):
         self.model = model
         self.scorer = scorer
-        self.key_scorer = NearestNeighbourScorer(1, scorer.backend, scorer.device, scorer.faiss_on_gpu,
-                                                 patch_distance=scorer.patch_distance)
         self.timer = timer
         self.batch_size = batch_size
         self.fpr_limit = fpr_limit
@@ -66,18 +66,48 @@ class ContinualEvaluator:
                                                       f"[{test_set.name}] test features", out_dtype=dtype)
         return test_set.frozen
 
+    def _fill_key_distances(self, phase: int) -> None:
+        """The key distances every test set still lacks, in few searches: test sets that lack the same tasks
+        (after task t every earlier test set lacks only task t) are searched together, in groups of at most
+        ROUTING_GROUP_BYTES of features, instead of one small search per test set."""
+        lacking: dict[tuple[int, ...], list[TestSet]] = {}
+        for test_set in self.test_sets[: phase + 1]:
+            unseen = tuple(k for k in range(phase + 1) if k not in test_set.key_distance)
+            if unseen:
+                lacking.setdefault(unseen, []).append(test_set)
+        for unseen, test_sets in lacking.items():
+            index = None
+            group, size = [], 0
+            for test_set in test_sets + [None]:
+                frozen = self._frozen(test_set) if test_set is not None else None
+                if group and (frozen is None or size + frozen.numel() * frozen.element_size() > ROUTING_GROUP_BYTES):
+                    with self.timer.phase("routing", sum(len(t.labels) for t in group)):
+                        if index is None:
+                            index = TaskKeyIndex([self.model.tasks[k].keys for k in unseen],
+                                                 self.scorer.patch_distance, self.model.device)
+                        distances = index.distances(torch.cat([t.frozen for t in group]))
+                        for part, member in zip(distances.split([t.frozen.shape[0] for t in group]), group):
+                            for column, k in enumerate(unseen):
+                                member.key_distance[k] = part[:, column]
+                    group, size = [], 0
+                if test_set is not None:
+                    group.append(test_set)
+                    size += frozen.numel() * frozen.element_size()
+
     def _routing(self, test_set: TestSet, phase: int) -> torch.Tensor:
         return route(self._key_distances(test_set, phase)).cpu()
 
     def _key_distances(self, test_set: TestSet, phase: int) -> torch.Tensor:
         """(N, phase + 1) mean nearest-key distance of each test image to each task learned so far."""
-        for k in range(phase + 1):
-            if k not in test_set.key_distance:
-                frozen = self._frozen(test_set)
-                with self.timer.phase("routing", len(test_set.labels)):
-                    test_set.key_distance[k] = torch.cat([
-                        key_distances(frozen[s:s + self.batch_size].float(), self.model.tasks[k].keys, self.key_scorer)
-                        for s in range(0, frozen.shape[0], self.batch_size)])
+        unseen = [k for k in range(phase + 1) if k not in test_set.key_distance]
+        if unseen:
+            frozen = self._frozen(test_set)
+            with self.timer.phase("routing", len(test_set.labels)):
+                index = TaskKeyIndex([self.model.tasks[k].keys for k in unseen], self.scorer.patch_distance,
+                                     self.model.device)
+                distances = index.distances(frozen)
+                for column, k in enumerate(unseen):
+                    test_set.key_distance[k] = distances[:, column]
         return torch.stack([test_set.key_distance[k] for k in range(phase + 1)], dim=1)
 
     def _scores(self, test_set: TestSet, task: int, bank: str, needed: torch.Tensor) -> torch.Tensor:
@@ -135,6 +165,8 @@ class ContinualEvaluator:
     def evaluate_phase(self, phase: int, variants=VARIANTS) -> list[dict]:
         """Metrics of every test set j <= phase after learning task `phase`: one record per (j, variant)."""
         records = []
+        if self.reuse:
+            self._fill_key_distances(phase)
         for test_set in self.test_sets[: phase + 1]:
             if not self.reuse:
                 test_set.frozen, test_set.key_distance, test_set.patch_scores, test_set.metric_cache = None, {}, {}, {}

@@ -22,7 +22,7 @@ from ucad.errors import UcadError
 from ucad.images import ImageGeometry, load_images
 from ucad.model import UcadModel
 from ucad.nearest_neighbor import NearestNeighbourScorer
-from ucad.router import key_distances, route
+from ucad.router import TaskKeyIndex, route
 from ucad.visualize import side_by_side
 
 
@@ -34,12 +34,12 @@ def predict_folder(model: UcadModel, image_paths: list[Path], batch_size: int = 
     images = load_images([Sample(p, None, False, "good") for p in image_paths], geometry, workers)
     scorer = NearestNeighbourScorer(config.anomaly_scorer_num_nn, nn_backend, model.device,
                                     patch_distance=config.patch_distance)
-    key_scorer = NearestNeighbourScorer(1, scorer.backend, model.device, patch_distance=config.patch_distance)
+    key_index = TaskKeyIndex.from_tasks(model.tasks, config.patch_distance, model.device)
     routes, scores, maps = [], [], []
     for start in range(0, len(image_paths), batch_size):
         batch = images[start:start + batch_size]
         frozen = model.features(batch, None, batch_size)
-        distances = torch.stack([key_distances(frozen, task.keys, key_scorer) for task in model.tasks], dim=1)
+        distances = key_index.distances(frozen)
         chosen = route(distances)
         patch_scores = torch.empty(frozen.shape[:2])
         for task in chosen.unique().tolist():
