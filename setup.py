@@ -9,6 +9,8 @@ setup(
     python_requires=">=3.9",
     install_requires=[line.split("#")[0].strip() for line in open("requirements.txt")
                       if line.split("#")[0].strip() and not line.startswith("pytest")],
+    # faiss-gpu replaces faiss-cpu (both install the module `faiss`): pip uninstall faiss-cpu, then pip install .[gpu]
+    extras_require={"gpu": ["faiss-gpu>=1.7.4"]},
     entry_points={"console_scripts": [
         "ucad=ucad.cli:entry",
         "ucad-predict=ucad.predict:main",

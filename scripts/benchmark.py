@@ -4,10 +4,20 @@
     python3 scripts/benchmark.py                      # MVTec-sized: 15 tasks, 240 train / 115 test at 224 px
     python3 scripts/benchmark.py --tasks 3 --train 24 --test 12 --epochs 2      # a reduced CPU-sized run
     python3 scripts/benchmark.py --data /data/mvtec -d bottle -d cable          # real data
+    python3 scripts/benchmark.py --profile prof                               # + a torch profiler trace
+    python3 scripts/benchmark.py --cpu --tasks 100 --train 16 --test 4 --imagesize 64 --epochs 1 \
+        --backbone vit_tiny_patch16_224 --feature_batch_size 16               # cost as tasks grow (CPU, minutes)
 
 Synthetic work is random smooth images with random defect blobs and block-shaped structure maps: the
 numbers are meaningless, the amount of work is MVTec's. Prints wall time, images per second per phase,
-peak CPU and GPU memory, and writes them as JSON.
+peak CPU and GPU memory, and writes them as JSON, together with the cost of each task as tasks grow
+(see task_growth.py beside this file): seconds to learn task t, to route one image among t tasks, to
+evaluate after task t and to write the results, and the bytes each task keeps.
+
+--profile DIR runs the first task's prompt training as one warm-up epoch, one epoch under the torch
+profiler, then the remaining epochs, and writes DIR/prompt_epoch_trace.json.gz (chrome://tracing or
+Perfetto) and DIR/prompt_epoch_ops.txt (the operators by time). The profiled epoch runs slower than the
+others, so time a run without --profile.
 """
 from __future__ import annotations
 
@@ -23,8 +33,11 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ucad.structure_maps import save_structure_map  # noqa: E402
+from profile_epoch import profile_first_prompt_training  # noqa: E402
+from task_growth import GrowthRecorder  # noqa: E402
 
 
 def synthetic_dataset(root: Path, tasks: int, train: int, test: int, size: int, seed: int = 0) -> list[str]:
@@ -72,6 +85,10 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--feature_batch_size", type=int, default=64)
+    parser.add_argument("--key_size", type=int, default=196)
+    parser.add_argument("--memory_size", type=int, default=196)
+    parser.add_argument("--basic_size", type=int, default=1960, help="knowledge of the unlimited variant (0 = off)")
+    parser.add_argument("--embed_dimension", type=int, default=1024, help="--pretrain/--target_embed_dimension")
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--reference_evaluation", action="store_true", help="time the slow recompute-everything path")
@@ -79,6 +96,12 @@ def main() -> int:
     parser.add_argument("-d", "--category", action="append", default=[])
     parser.add_argument("--workdir", default=None, help="where synthetic data and results go (default: a temp dir)")
     parser.add_argument("--json", default="benchmark.json", help="where the figures are written")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="profile one epoch of the first task's prompt training into DIR")
+    parser.add_argument("--skip_heatmap", action="store_true",
+                        help="do not redraw image_auroc_matrix.png after every task (its cost grows with tasks squared)")
+    parser.add_argument("--growth_rows", default="10,25,50,100",
+                        help="task counts t printed in the table of cost as tasks grow (every t is in the JSON)")
     args = parser.parse_args()
 
     import torch
@@ -96,8 +119,11 @@ def main() -> int:
     generation = time.perf_counter() - started
     configs = Configs(
         model=ModelConfig(backbone=args.backbone, layers=tuple(args.layers), weights=args.weights,
-                          patchsize=args.patchsize, imagesize=args.imagesize, resize=args.imagesize),
-        learning=LearningConfig(epochs_num=args.epochs, batch_size=args.batch_size,
+                          patchsize=args.patchsize, pretrain_embed_dimension=args.embed_dimension,
+                          target_embed_dimension=args.embed_dimension, imagesize=args.imagesize,
+                          resize=args.imagesize),
+        learning=LearningConfig(key_size=args.key_size, memory_size=args.memory_size, basic_size=args.basic_size,
+                                epochs_num=args.epochs, batch_size=args.batch_size,
                                 feature_batch_size=args.feature_batch_size),
         data=DataConfig(name="mvtec", data_path=str(data), categories=tuple(categories)),
         run=RunConfig(results_path=str(workdir / "results"), log_project="benchmark", log_group="run", cpu=args.cpu,
@@ -105,8 +131,14 @@ def main() -> int:
     )
     if torch.cuda.is_available() and not args.cpu:
         torch.cuda.reset_peak_memory_stats()
+    if args.skip_heatmap:
+        import ucad.results
+
+        ucad.results.write_heatmap = lambda *a, **k: None
+    growth = GrowthRecorder(progress_path=Path(args.json).with_suffix(".growth.json"))
     started = time.perf_counter()
-    run_dir = run_experiment(configs)
+    with growth.installed(), profile_first_prompt_training(args.profile):
+        run_dir = run_experiment(configs)
     wall = time.perf_counter() - started
     timings = json.loads((run_dir / "timings.json").read_text())
     figures = {
@@ -118,6 +150,8 @@ def main() -> int:
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
         if torch.cuda.is_available() and not args.cpu else None,
         "phases": timings, "run_dir": str(run_dir),
+        "prompt_training_image_steps": None if args.data else len(categories) * args.train * args.epochs,
+        "growth": growth.as_dict(), "profile_dir": args.profile, "heatmap_skipped": args.skip_heatmap,
     }
     print(f"\n{'phase':<22}{'seconds':>10}{'items':>9}{'items/s':>10}")
     for name, value in timings.items():
@@ -125,6 +159,10 @@ def main() -> int:
         print(f"{name:<22}{value['seconds']:>10.2f}{value['items']:>9}{rate:>10}")
     print(f"{'total (wall)':<22}{wall:>10.2f}")
     print(f"peak CPU memory {figures['peak_cpu_memory_gib']} GiB; peak GPU memory {figures['peak_gpu_memory_gib']} GiB")
+    if figures["prompt_training_image_steps"] and "prompt_training" in timings:
+        steps, seconds = figures["prompt_training_image_steps"], timings["prompt_training"]["seconds"]
+        print(f"prompt training: {steps} image-steps in {seconds:.1f} s ({steps / max(seconds, 1e-9):.0f} per s)")
+    print("\n" + growth.table([int(t) for t in args.growth_rows.split(",") if t.strip()]))
     Path(args.json).write_text(json.dumps(figures, indent=2))
     print(f"figures written to {args.json}")
     return 0

@@ -10,7 +10,8 @@ from ucad import metrics as M
 
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# the CUDA variants carry the `cuda` marker: skipped without a GPU, selected by `pytest -m cuda`
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def _blobby_masks(rng, n, h, w, max_blobs=3, good=1):

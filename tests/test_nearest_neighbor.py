@@ -121,6 +121,68 @@ def test_query_equal_to_a_bank_row_scores_zero(backend, scale):
     torch.testing.assert_close(got, expected, atol=1e-4 * scale, rtol=1e-4)
 
 
+# ----------------------------------------------------------------------------- faiss on the GPU (a stand-in faiss)
+class _FakeGpuFaiss:
+    """Real faiss CPU search behind the GPU entry points, recording which GPU and which resources were used."""
+
+    def __init__(self, real):
+        self.real = real
+        self.resources_made = 0
+        self.placements = []  # (resources object, device ordinal) per index moved to a GPU
+        self.IndexFlatL2 = real.IndexFlatL2
+        self.omp_set_num_threads = real.omp_set_num_threads
+        fake = self
+
+        class StandardGpuResources:
+            def __init__(self):
+                fake.resources_made += 1
+
+        self.StandardGpuResources = StandardGpuResources
+
+    def get_num_gpus(self):
+        return 2
+
+    def index_cpu_to_gpu(self, resources, device, index):
+        self.placements.append((resources, device))
+        return index
+
+
+@pytest.fixture
+def gpu_faiss(monkeypatch):
+    import sys
+
+    from ucad import nearest_neighbor
+
+    fake = _FakeGpuFaiss(faiss)
+    monkeypatch.setitem(sys.modules, "faiss", fake)
+    nearest_neighbor.faiss_gpu_resources.cache_clear()
+    yield fake
+    nearest_neighbor.faiss_gpu_resources.cache_clear()
+
+
+def test_faiss_gpu_index_uses_the_selected_gpu_and_one_resources_object(gpu_faiss):
+    queries, bank = data()
+    scorer = NearestNeighbourScorer(k=1, backend="auto", device=torch.device("cuda", 1), faiss_on_gpu=True)
+    assert scorer.backend == "faiss" and scorer.faiss_on_gpu
+    assert "GPU 1" in scorer.describe()
+    first = scorer.distances(queries, bank)
+    scorer.distances(queries[:10], bank)
+    NearestNeighbourScorer(k=1, backend="faiss", device="cuda:1", faiss_on_gpu=True).distances(queries, bank)
+    assert gpu_faiss.resources_made == 1  # one per process, not per search or per scorer
+    assert [device for _, device in gpu_faiss.placements] == [1, 1, 1]  # never silently GPU 0
+    torch.testing.assert_close(first, NearestNeighbourScorer(k=1, backend="torch").distances(queries, bank),
+                               atol=1e-3, rtol=1e-4)
+
+
+def test_cpu_run_never_puts_faiss_on_a_gpu(gpu_faiss):
+    queries, bank = data()
+    scorer = NearestNeighbourScorer(k=1, backend="auto", device="cpu", faiss_on_gpu=True)
+    assert scorer.backend == "faiss" and not scorer.faiss_on_gpu
+    scorer.distances(queries, bank)
+    assert gpu_faiss.placements == [] and gpu_faiss.resources_made == 0
+    assert "CPU" in scorer.describe()
+
+
 def test_faiss_threads_do_not_change_torchs():
     """faiss sets OpenMP's thread count, which torch shares; torch must keep its own afterwards."""
     pytest.importorskip("faiss")

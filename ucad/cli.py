@@ -11,7 +11,7 @@ from dataclasses import fields
 
 import click
 
-from ucad.config import CONFIG_CLASSES, Configs, check_bounds, cli_parameter
+from ucad.config import CONFIG_CLASSES, Configs, cli_parameter
 from ucad.errors import UcadError
 
 COMMAND_ORDER = ("ucad", "sampler", "dataset")
@@ -67,8 +67,7 @@ def build_configs(given: dict[str, dict]) -> Configs:
             values[config_field.name] = parameter.parse(value) if parameter.parse else value
         built[name] = cls(**values)
     configs = Configs(**built)
-    for config in built.values():
-        check_bounds(config)
+    configs.check()
     return configs
 
 

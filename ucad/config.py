@@ -14,6 +14,7 @@ from typing import Any, Callable
 from ucad.backbones import INPUT_NORMS
 from ucad.coreset import SAMPLER_NAMES
 from ucad.datasets import DATASET_LISTERS
+from ucad.epoch_selection import EPOCH_SELECTIONS
 from ucad.errors import UcadError
 from ucad.images import ImageGeometry
 from ucad.keys import KEY_SAMPLERS
@@ -146,6 +147,10 @@ class LearningConfig:
                               help="How a task's keys are chosen from its frozen patches: kmeans centroids cover "
                                    "typical patches (routes best); approx_greedy_coreset is the released code's "
                                    "choice (new).")
+    epoch_selection: str = option("last", "ucad", "--epoch_selection", type=EPOCH_SELECTIONS,
+                                  help="last: the prompt after --epochs_num epochs; validation: the best epoch (or "
+                                       "none) on held-out normal images with synthetic defects (needs dataset "
+                                       "--train_val_split < 1; never the test set) (new).")
     knowledge_storage: str = option("fp32", "ucad", "--knowledge_storage", type=KNOWLEDGE_STORAGES,
                                     help="How knowledge is stored: fp32 (released), fp16 or pq (product "
                                          "quantisation); pair with --memory_size 392 (fp16) or 2176 (pq) for the "
@@ -246,6 +251,14 @@ class Configs:
     def as_dict(self) -> dict:
         """JSON-compatible: what config.json, checkpoints and model files record."""
         return {name: to_dict(getattr(self, name)) for name in CONFIG_CLASSES}
+
+    def check(self) -> None:
+        """Every field's limits, then the rules that tie fields of different configurations together."""
+        for name in CONFIG_CLASSES:
+            check_bounds(getattr(self, name))
+        if self.learning.epoch_selection == "validation" and self.data.train_val_split >= 1.0:
+            raise UcadError("--epoch_selection validation scores each epoch on held-out normal training images: "
+                            "keep some aside with `dataset --train_val_split 0.9`")
 
 
 def to_dict(config) -> dict:

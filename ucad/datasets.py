@@ -42,7 +42,7 @@ class TaskSamples:
     train: list[Sample]
     test: list[Sample]
     # normal training images held out by --train_val_split: never learned from, they show how a task's own
-    # normal images score (thresholds; later the choice of epochs) without looking at test labels
+    # normal images score (thresholds, --epoch_selection) without looking at test labels
     validation: list[Sample] = field(default_factory=list)
 
 

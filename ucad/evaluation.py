@@ -1,12 +1,14 @@
 """Continual evaluation: after each task, every task seen so far is scored with task-agnostic routing
 (and with the task given, the oracle).
 
-Scoring goes through the model's own primitives (`UcadModel.frozen_features`, `key_distances`,
+Scoring goes through the model's own primitives (`UcadModel.frozen_features`, `key_index`,
 `score_patches`, `anomaly_maps`), the ones `UcadModel.score` and so `ucad.predict` use. What this
 module adds is caching: everything that cannot change between phases is computed once: frozen test
-features (routing), each image's distance to each task's keys, and each image's patch scores under
-each task's prompt and knowledge (a task's prompt and knowledge are fixed once it is learned). A
-phase then only re-routes and recomputes metrics for test sets whose routing changed.
+features (routing), each image's distance to each task's keys (the tasks a test set has not met yet are
+searched together in one TaskKeyIndex: all tasks for a new test set, the newest task for the others, several
+test sets at once), and each image's patch scores under each task's prompt and knowledge (a task's prompt and
+knowledge are fixed once it is learned). A phase then only re-routes and recomputes metrics for test sets
+whose routing changed.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ VARIANTS = ("task_agnostic", "task_agnostic_unlimited", "oracle")
 VARIANT_BANK = {"task_agnostic": KNOWLEDGE, "task_agnostic_unlimited": UNLIMITED, "oracle": KNOWLEDGE}
 # per-image score columns of the variants beside the main (task-agnostic) one
 SCORE_COLUMNS = {"oracle": "oracle_image_score", "task_agnostic_unlimited": "unlimited_image_score"}
+ROUTING_GROUP_BYTES = 256 * 2 ** 20  # frozen features searched together when routing several test sets at once
 
 
 @dataclass
@@ -69,13 +72,40 @@ class ContinualEvaluator:
                                                              f"[{test_set.name}] test features")
         return test_set.frozen
 
+    def _fill_key_distances(self, phase: int) -> None:
+        """The key distances every test set still lacks, in few searches: test sets that lack the same tasks
+        (after task t every earlier test set lacks only task t) are searched together, in groups of at most
+        ROUTING_GROUP_BYTES of features, instead of one small search per test set."""
+        lacking: dict[tuple[int, ...], list[TestSet]] = {}
+        for test_set in self._seen(phase):
+            unseen = tuple(k for k in range(phase + 1) if k not in test_set.key_distance)
+            if unseen:
+                lacking.setdefault(unseen, []).append(test_set)
+        for unseen, test_sets in lacking.items():
+            index = None
+            group, size = [], 0
+            for test_set in test_sets + [None]:
+                frozen = self._frozen(test_set) if test_set is not None else None
+                if group and (frozen is None or size + frozen.numel() * frozen.element_size() > ROUTING_GROUP_BYTES):
+                    with self.timer.phase("routing", sum(len(t.labels) for t in group)):
+                        if index is None:
+                            index = self.model.key_index(unseen)
+                        distances = index.distances(torch.cat([t.frozen for t in group]))
+                        for part, member in zip(distances.split([t.frozen.shape[0] for t in group]), group):
+                            for column, k in enumerate(unseen):
+                                member.key_distance[k] = part[:, column].cpu()
+                    group, size = [], 0
+                if test_set is not None:
+                    group.append(test_set)
+                    size += frozen.numel() * frozen.element_size()
+
     def _routing(self, test_set: TestSet, phase: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(N,) routed task and (N, phase+1) key distances, on the CPU."""
         unseen = [k for k in range(phase + 1) if k not in test_set.key_distance]
         if unseen:
             frozen = self._frozen(test_set)
             with self.timer.phase("routing", len(test_set.labels)):
-                distances = self.model.key_distances(frozen, unseen, self.batch_size).cpu()
+                distances = self.model.key_distances(frozen, unseen).cpu()
             for column, k in enumerate(unseen):
                 test_set.key_distance[k] = distances[:, column]
         distances = torch.stack([test_set.key_distance[k] for k in range(phase + 1)], dim=1)
@@ -92,7 +122,7 @@ class ContinualEvaluator:
         if missing.any():
             index = torch.nonzero(missing).flatten()
             frozen = None
-            if self.model.tasks[task].prompt_state is None:  # PatchCore mode scores the cached frozen features
+            if self.model.config.mode == "patchcore":  # the cached frozen features are the features scored
                 frozen = self._frozen(test_set)[index.to(self.model.device)]
             with self.timer.phase("scoring", len(index)):
                 scores = self.model.score_patches(test_set.images[index], task, self.model.BANKS, frozen,
@@ -137,6 +167,8 @@ class ContinualEvaluator:
     def evaluate_phase(self, phase: int, variants=VARIANTS) -> list[dict]:
         """Metrics of every test set of a task <= phase after learning task `phase`: one record per (set, variant)."""
         records = []
+        if self.reuse:
+            self._fill_key_distances(phase)
         for test_set in self._seen(phase):
             if not self.reuse:
                 self._reset(test_set)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ucad.config import Configs, LearningConfig, ModelConfig, check_bounds, differing_options
+from ucad.config import Configs, LearningConfig, ModelConfig, differing_options
 from ucad.coreset import CoresetSampler
 from ucad.datasets import TaskSamples, list_tasks
 from ucad.device import select_device
@@ -95,8 +95,7 @@ def fidelity_line(model: UcadModel, model_config: ModelConfig, learning: Learnin
 def run_experiment(configs: Configs) -> Path:
     """The whole continual run described by the four configurations (see ucad.config). Returns the run folder."""
     model_config, learning, data, run = configs.model, configs.learning, configs.data, configs.run
-    for config in (model_config, learning, data, run):
-        check_bounds(config)
+    configs.check()
     seed_everything(learning.seed)
     device = select_device(run.gpu, run.cpu, warn=echo)
     geometry = model_config.geometry
@@ -175,23 +174,34 @@ def run_experiment(configs: Configs) -> Path:
         # the whole task lives on the device for all epochs: no per-step host transfers
         train_images = train_images.to(device)
         label_maps = label_maps.to(device) if label_maps is not None else None
-        memory, history = learn_task(model, index, task.category, train_images, label_maps, sampler, learning, timer)
+        validation_images = None  # the held-out normal images: thresholds, and epochs with --epoch_selection
+        if task.validation:
+            with timer.phase("image_loading", len(task.validation)):
+                validation_images = load_images(task.validation, geometry, data.num_workers,
+                                                description=f"[{task.category}] decode held-out")
+        memory, history = learn_task(model, index, task.category, train_images, label_maps, sampler, learning, timer,
+                                     validation_images)
         del train_images, label_maps
         model.tasks.append(memory)
         losses[task.category] = history
         if history:
-            echo(f"   prompt loss {history[0]:.4f} -> {history[-1]:.4f} over {len(history)} epochs")
+            echo(f"   prompt loss {history[0]:.4f} -> {history[-1]:.4f} over {len(history)} epochs; prompted features "
+                 f"of the training images moved {memory.extra.get('feature_drift', 0.0):.1%} from the frozen ones")
+        if "chosen_epoch" in memory.extra:
+            chosen = memory.extra["chosen_epoch"]
+            echo(f"   epoch chosen on held-out synthetic defects: {chosen if chosen else 'none (frozen features)'} "
+                 f"(validation score per epoch, 0 = no prompt: "
+                 f"{', '.join(f'{v:.3f}' for v in memory.extra['validation_scores'])})")
         kept = memory.memory_bytes()
         echo(f"   kept for this task: {sum(kept.values()):,} bytes (keys {kept['keys']:,}, prompt {kept['prompt']:,}, "
              f"knowledge {kept['knowledge']:,} as {memory.packed.storage if memory.packed else 'fp32'})")
-        _set_thresholds(model, index, task, geometry, learning, data.num_workers, timer)
+        if validation_images is not None:
+            _set_thresholds(model, index, validation_images, learning, timer)
+        del validation_images
         phase_records = evaluator.evaluate_phase(index, variants)
         records += phase_records
         image_rows += evaluator.image_rows(index, variants)
-        write_run_results(run_dir, records, image_rows, task_names, {
-            "losses": losses, "timings": timer.as_dict(),
-            "memory_bytes_per_task": {t.name: t.memory_bytes() for t in model.tasks}})
-        _write_checkpoint(run_dir, configs, model, records, image_rows, losses, timer)
+        _write_results(run_dir, records, image_rows, task_names, losses, timer, model, configs)
         mine = {r["task_index"]: r for r in phase_records if r["variant"] == "task_agnostic"}
         echo(f"   after {task.category}: mean image AUROC {np.mean([r['image_auroc'] for r in mine.values()]):.3f}, "
              f"mean routing accuracy {np.mean([r['routing_accuracy'] for r in mine.values()]):.3f} over {len(mine)} task(s)")
@@ -213,14 +223,11 @@ def run_experiment(configs: Configs) -> Path:
     return run_dir
 
 
-def _set_thresholds(model: UcadModel, index: int, task: TaskSamples, geometry: ImageGeometry,
-                    learning: LearningConfig, workers: int, timer: PhaseTimer) -> None:
+def _set_thresholds(model: UcadModel, index: int, normal_images: torch.Tensor, learning: LearningConfig,
+                    timer: PhaseTimer) -> None:
     """The task's thresholds from its held-out normal images, scored as that task (its prompt and knowledge)."""
-    if not task.validation:
-        return
-    with timer.phase("thresholds", len(task.validation)):
-        images = load_images(task.validation, geometry, workers, description=f"[{task.category}] decode held-out")
-        model.tasks[index].thresholds = calibrate(model, index, images, learning.threshold_quantile,
+    with timer.phase("thresholds", normal_images.shape[0]):
+        model.tasks[index].thresholds = calibrate(model, index, normal_images, learning.threshold_quantile,
                                                   learning.feature_batch_size)
     chosen = model.tasks[index].thresholds[KNOWLEDGE]
     echo(f"   thresholds from {chosen.images} held-out normal image(s), quantile {chosen.quantile:g}: "
@@ -260,8 +267,14 @@ def _timer_from(timings: dict) -> PhaseTimer:
     return timer
 
 
-def _write_checkpoint(run_dir: Path, configs: Configs, model: UcadModel, records, image_rows, losses,
-                      timer: PhaseTimer) -> None:
+def _write_results(run_dir: Path, records, image_rows, task_names, losses, timer: PhaseTimer, model: UcadModel,
+                   configs: Configs) -> None:
+    """The result files, then the checkpoint --resume continues from."""
+    write_run_results(run_dir, records, image_rows, task_names, {
+        "losses": losses, "timings": timer.as_dict(),
+        "memory_bytes_per_task": {t.name: t.memory_bytes() for t in model.tasks},
+        "feature_drift": {t.name: t.extra.get("feature_drift") for t in model.tasks},
+        "chosen_epochs": {t.name: t.extra["chosen_epoch"] for t in model.tasks if "chosen_epoch" in t.extra}})
     state = {"configs": configs.as_dict(), "model": model.state(), "records": records, "image_rows": image_rows,
              "losses": losses, "timings": timer.as_dict()}
     write_json(run_dir / "timings.json", timer.as_dict())

@@ -6,6 +6,8 @@ import torch
 
 from ucad.config import LearningConfig
 from ucad.coreset import CoresetSampler
+from ucad.epoch_selection import EpochJudge
+from ucad.errors import UcadError
 from ucad.keys import select_keys
 from ucad.knowledge import pack_knowledge
 from ucad.model import TaskMemory, UcadModel
@@ -14,8 +16,10 @@ from ucad.training import train_prompt
 
 
 def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tensor, label_maps: torch.Tensor | None,
-               sampler: CoresetSampler, config: LearningConfig, timer: PhaseTimer) -> tuple[TaskMemory, list[float]]:
-    """images: (N,3,S,S) uint8 (CPU or device). Returns the task's memory and the loss per epoch."""
+               sampler: CoresetSampler, config: LearningConfig, timer: PhaseTimer,
+               validation_images: torch.Tensor | None = None) -> tuple[TaskMemory, list[float]]:
+    """images: (N,3,S,S) uint8 (CPU or device); validation_images: held-out normal training images (only used by
+    --epoch_selection validation). Returns the task's memory and the loss per epoch."""
     n = images.shape[0]
     with timer.phase("key_features", n):
         frozen = model.features(images, None, config.feature_batch_size, f"[{name}] key features")
@@ -28,25 +32,47 @@ def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tenso
         with timer.phase("coreset"):
             knowledge = sampler.subsample(frozen)
         return TaskMemory(name, keys, None, knowledge), []
-    del frozen
+    frozen = frozen.half()  # kept through training only to measure the prompt's drift below
 
     prompt = model.new_prompt(task_index, config.seed)
     history: list[float] = []
+    extra: dict = {}
     if config.train_prompt:
+        judge = None
+        if config.epoch_selection == "validation":
+            if validation_images is None or validation_images.shape[0] == 0:
+                raise UcadError("--epoch_selection validation scores each epoch on held-out normal training images: "
+                                "keep some aside with `dataset --train_val_split 0.9`")
+            with timer.phase("epoch_selection", validation_images.shape[0]):
+                judge = EpochJudge(model, images, validation_images, sampler, config.memory_size,
+                                   config.feature_batch_size, seed=config.seed * 1000 + task_index)
         with timer.phase("prompt_training", n * config.epochs_num):
             history = train_prompt(model, prompt, images, label_maps, config.epochs_num, config.lr, config.batch_size,
                                    config.grad_clip, config.temperature, config.augment,
                                    scl_features=config.scl_features, label_sampling=config.label_sampling,
-                                   seed=config.seed * 1000 + task_index, description=f"[{name}] prompt")
-    prompt.requires_grad_(False)
+                                   seed=config.seed * 1000 + task_index, description=f"[{name}] prompt",
+                                   after_epoch=judge.after_epoch if judge else None)
+        if judge is not None:
+            extra.update(chosen_epoch=judge.chosen_epoch, validation_scores=judge.scores)
+            if judge.best_state is None:
+                prompt = None  # no epoch beat the unprompted backbone: the task is scored on frozen features
+            else:
+                prompt.load_state_dict(judge.best_state)
+    if prompt is not None:
+        prompt.requires_grad_(False)
     with timer.phase("knowledge_features", n):
         prompted = model.features(images, prompt, config.feature_batch_size, f"[{name}] knowledge features")
         prompted = prompted.reshape(-1, prompted.shape[-1])
+    # how far the prompt moved the task's own normal patches from the frozen backbone's (relative L2, mean over
+    # patches): the measure of whether a prompt "stays out of the way" of what PatchCore-style scoring relies on
+    frozen = frozen.float()
+    extra["feature_drift"] = float(((prompted - frozen).norm(dim=1) / frozen.norm(dim=1).clamp_min(1e-12)).mean())
+    del frozen
     with timer.phase("coreset"):
         selected = sampler.subsample(prompted, config.memory_size)
         unlimited = sampler.subsample(prompted, config.basic_size) if config.basic_size > 0 else None
     packed = pack_knowledge(selected, config.knowledge_storage, training=prompted, seed=config.seed * 1000 + task_index)
-    state = {k: v.detach().clone() for k, v in prompt.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in prompt.state_dict().items()} if prompt is not None else None
     # scoring uses exactly the vectors a saved model will decode, whatever the storage
-    return TaskMemory(name, keys, state, packed.decode(), unlimited, {"loss_history": history},
+    return TaskMemory(name, keys, state, packed.decode(), unlimited, {"loss_history": history, **extra},
                       packed=packed), history

@@ -22,7 +22,7 @@ from ucad.errors import UcadError
 from ucad.knowledge import PackedKnowledge
 from ucad.nearest_neighbor import NearestNeighbourScorer
 from ucad.patch_features import PatchEmbedder
-from ucad.router import key_distances, route
+from ucad.router import TaskKeyIndex, route
 from ucad.thresholds import Threshold
 
 MODEL_FORMAT = "ucad-model"
@@ -81,9 +81,6 @@ class UcadModel:
         self.scorer = scorer or NearestNeighbourScorer(config.anomaly_scorer_num_nn, RunConfig.nn_backend, device,
                                                        RunConfig.faiss_on_gpu, RunConfig.faiss_num_workers,
                                                        patch_distance=config.patch_distance)
-        # routing matches each patch with its single nearest key
-        self.key_scorer = NearestNeighbourScorer(1, self.scorer.backend, device, self.scorer.faiss_on_gpu,
-                                                 self.scorer.faiss_num_workers, patch_distance=config.patch_distance)
         self.tasks: list[TaskMemory] = []
         self.run_configuration: dict = {}  # the configuration of the run that made a loaded model
         maps = self.extractor.feature_maps_of_size(config.imagesize)
@@ -146,33 +143,39 @@ class UcadModel:
         return self.features(images_uint8, None, batch_size, description, out_dtype=dtype)
 
     # ------------------------------------------------------------------ scoring
-    def key_distances(self, frozen: torch.Tensor, tasks: list[int] | None = None, batch_size: int = 32) -> torch.Tensor:
-        """(N, P, D) frozen features -> (N, len(tasks)) mean nearest-key distance to each task (default: all)."""
+    def key_index(self, tasks=None) -> TaskKeyIndex:
+        """The keys of `tasks` (default: all), searched together: routing's one search over every task."""
         tasks = range(len(self.tasks)) if tasks is None else tasks
-        columns = [torch.cat([key_distances(frozen[s:s + batch_size].float(), self.tasks[k].keys, self.key_scorer)
-                              for s in range(0, frozen.shape[0], batch_size)]) for k in tasks]
-        return torch.stack(columns, dim=1) if columns else torch.empty(frozen.shape[0], 0, device=frozen.device)
+        return TaskKeyIndex([self.tasks[k].keys for k in tasks], self.config.patch_distance, self.device)
+
+    def key_distances(self, frozen: torch.Tensor, tasks=None) -> torch.Tensor:
+        """(N, P, D) frozen features -> (N, len(tasks)) mean nearest-key distance to each task (default: all)."""
+        return self.key_index(tasks).distances(frozen)
 
     @torch.no_grad()
-    def score_patches(self, images_uint8: torch.Tensor, task: int, banks: tuple[str, ...] = (KNOWLEDGE,),
-                      frozen: torch.Tensor | None = None, batch_size: int = 32) -> dict[str, torch.Tensor]:
-        """The per-task scoring primitive: images scored as belonging to `task`, under its prompt, against each of
-        its knowledge banks in `banks` that it holds. Returns bank -> (N, P) float32 patch scores on the CPU.
+    def patch_scores(self, images_uint8: torch.Tensor, prompt: torch.nn.Module | None,
+                     banks: dict[str, torch.Tensor | None], frozen: torch.Tensor | None = None,
+                     batch_size: int = 32) -> dict[str, torch.Tensor]:
+        """The scoring primitive: the images' features under `prompt` (None: the frozen backbone), each patch's
+        distance to its nearest vectors of each knowledge bank given. Returns bank -> (N, P) float32 on the CPU.
 
-        `frozen`, the images' unprompted features, saves recomputing them in PatchCore mode, where they are the
-        features that are scored (no prompt)."""
-        memory = self.tasks[task]
-        if memory.prompt_state is None and frozen is not None:
+        `frozen`, the images' unprompted features as `frozen_features` gives them, saves recomputing them in
+        PatchCore mode, where they are the features that are scored (kept in fp32 there)."""
+        if self.config.mode == "patchcore" and frozen is not None:
             features = frozen.to(self.device).float()
         else:
-            features = self.features(images_uint8, self.prompt_for(task), batch_size)
+            features = self.features(images_uint8, prompt, batch_size)
         n, p, d = features.shape
-        scores = {}
-        for bank in banks:
-            knowledge = getattr(memory, bank)
-            if knowledge is not None:
-                scores[bank] = self.scorer.distances(features.reshape(n * p, d), knowledge).reshape(n, p).float().cpu()
-        return scores
+        return {bank: self.scorer.distances(features.reshape(n * p, d), knowledge).reshape(n, p).float().cpu()
+                for bank, knowledge in banks.items() if knowledge is not None}
+
+    def score_patches(self, images_uint8: torch.Tensor, task: int, banks: tuple[str, ...] = (KNOWLEDGE,),
+                      frozen: torch.Tensor | None = None, batch_size: int = 32) -> dict[str, torch.Tensor]:
+        """Images scored as belonging to learned task `task`: under its prompt, against each of its knowledge banks
+        named in `banks` that it holds (bank -> (N, P) patch scores on the CPU)."""
+        memory = self.tasks[task]
+        return self.patch_scores(images_uint8, self.prompt_for(task), {bank: getattr(memory, bank) for bank in banks},
+                                 frozen, batch_size)
 
     def anomaly_maps(self, patch_scores: torch.Tensor) -> torch.Tensor:
         """(N, P) patch scores -> (N, S, S) anomaly maps on the model's device."""
@@ -190,11 +193,12 @@ class UcadModel:
         if not self.tasks:
             raise UcadError("the model holds no learned task: nothing to score against")
         parts = []
+        key_index = self.key_index()
         starts = range(0, images_uint8.shape[0], batch_size)
         for start in tqdm(starts, desc=description, disable=description is None, unit="batch"):
             batch = images_uint8[start:start + batch_size]
             frozen = self.frozen_features(batch, batch_size)
-            distances = self.key_distances(frozen, batch_size=batch_size).cpu()
+            distances = key_index.distances(frozen).cpu()
             routes = route(distances) if task is None else torch.full((batch.shape[0],), task, dtype=torch.long)
             patch_scores = torch.empty(batch.shape[0], self.patches)
             for chosen in routes.unique().tolist():

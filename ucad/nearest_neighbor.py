@@ -4,8 +4,14 @@ Distances are squared L2 by default, as the released code's faiss `IndexFlatL2` 
 are squared distances before upsampling and smoothing); `patch_distance="euclidean"` takes the square root.
 With k > 1 the score is the mean of the k distances, as PatchCore's scorer does. Both back ends give the same
 numbers to float tolerance.
+
+faiss on a GPU needs a faiss GPU build (`pip install .[gpu]`, which replaces faiss-cpu) and `--faiss_on_gpu`; the
+index then lives on the run's own GPU (`--gpu N`), all searches of the process share one set of GPU resources
+(scratch memory, streams, cuBLAS handle: costly to create), and a run on the CPU never puts faiss on a GPU.
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -24,6 +30,15 @@ def faiss_has_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+@functools.lru_cache(maxsize=None)
+def faiss_gpu_resources():
+    """The process's one faiss StandardGpuResources: it reserves scratch memory on every GPU it is used on and
+    creates streams and handles, so making one per search costs far more than the search."""
+    import faiss
+
+    return faiss.StandardGpuResources()
+
+
 class NearestNeighbourScorer:
     def __init__(self, k: int = 1, backend: str = "auto", device: torch.device | str = "cpu",
                  faiss_on_gpu: bool = False, faiss_num_workers: int = 4, chunk_size: int = 8192,
@@ -37,7 +52,8 @@ class NearestNeighbourScorer:
         self.device = torch.device(device)
         if backend == "auto":
             # on a GPU the features are already there and torch's matmul beats a host round trip
-            backend = "faiss" if (self.device.type == "cpu" or (faiss_on_gpu and faiss_has_gpu())) else "torch"
+            on_gpu_faiss = faiss_on_gpu and self.device.type == "cuda" and faiss_has_gpu()
+            backend = "faiss" if (self.device.type == "cpu" or on_gpu_faiss) else "torch"
         if backend == "faiss":
             try:
                 import faiss  # noqa: F401
@@ -46,7 +62,8 @@ class NearestNeighbourScorer:
                                 "or choose --nn_backend torch") from None
         self.k = k
         self.backend = backend
-        self.faiss_on_gpu = faiss_on_gpu and faiss_has_gpu()
+        # the faiss GPU index goes on the run's device: never on a GPU when the run is on the CPU
+        self.faiss_on_gpu = faiss_on_gpu and self.device.type == "cuda" and faiss_has_gpu()
         self.faiss_num_workers = faiss_num_workers
         self.chunk_size = chunk_size
         self.squared = patch_distance == "squared"
@@ -54,8 +71,14 @@ class NearestNeighbourScorer:
 
     def describe(self) -> str:
         if self.backend == "faiss":
-            return f"faiss ({'GPU' if self.faiss_on_gpu else 'CPU'}), k={self.k}, {self.patch_distance} L2"
+            where = f"GPU {self.gpu_index}" if self.faiss_on_gpu else "CPU"
+            return f"faiss ({where}), k={self.k}, {self.patch_distance} L2"
         return f"torch on {self.device}, k={self.k}, {self.patch_distance} L2"
+
+    @property
+    def gpu_index(self) -> int:
+        """CUDA ordinal of the run's GPU; faiss counts the devices CUDA_VISIBLE_DEVICES shows, as torch does."""
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     def distances(self, queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         """(Q, D) queries, (M, D) bank -> (Q,) mean (squared or plain) L2 distance to the k nearest bank rows."""
@@ -95,7 +118,7 @@ class NearestNeighbourScorer:
         bank_np = np.ascontiguousarray(bank.detach().float().cpu().numpy())
         index = faiss.IndexFlatL2(bank_np.shape[1])
         if self.faiss_on_gpu:
-            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+            index = faiss.index_cpu_to_gpu(faiss_gpu_resources(), self.gpu_index, index)
         index.add(bank_np)
         query_np = np.ascontiguousarray(queries.detach().float().cpu().numpy())
         squared, _ = index.search(query_np, k)

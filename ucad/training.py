@@ -15,11 +15,13 @@ SCL_FEATURES = ("raw", "embedded")
 def train_prompt(model, prompt: torch.nn.Module, images: torch.Tensor, label_maps: torch.Tensor,
                  epochs: int = 25, lr: float = 5e-4, batch_size: int = 8, clip: float = 1.0,
                  temperature: float = 0.5, augment: bool = False, scl_features: str = "raw",
-                 label_sampling: str = "centre", seed: int = 0, description: str = "prompt") -> list[float]:
+                 label_sampling: str = "centre", seed: int = 0, description: str = "prompt",
+                 after_epoch=None) -> list[float]:
     """images (N,3,S,S) uint8 and label_maps (N,S,S) int on the CPU or the device. Returns mean loss per epoch.
 
     scl_features "raw": the loss sees the extractor's raw features at the patch grid (the released method);
-    "embedded": the pooled PatchCore embedding that the memory stores (an ablation)."""
+    "embedded": the pooled PatchCore embedding that the memory stores (an ablation). `after_epoch(prompt)` is called
+    after every epoch (validation-based epoch choice, ucad.epoch_selection)."""
     if scl_features not in SCL_FEATURES:
         raise ValueError(f"scl_features must be one of {SCL_FEATURES}, got {scl_features!r}")
     prompt.train()
@@ -51,6 +53,8 @@ def train_prompt(model, prompt: torch.nn.Module, images: torch.Tensor, label_map
             count += len(index)
         history.append(float(total) / count)
         progress.set_postfix(loss=f"{history[-1]:.4f}")
+        if after_epoch is not None:
+            after_epoch(prompt)
     prompt.eval()
     prompt.requires_grad_(False)
     return history
