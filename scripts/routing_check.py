@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -26,8 +25,7 @@ from ucad.device import select_device  # noqa: E402
 from ucad.images import ImageGeometry, load_images  # noqa: E402
 from ucad.keys import KEY_SAMPLERS, routing_margin, select_keys  # noqa: E402
 from ucad.model import ModelConfig, UcadModel  # noqa: E402
-from ucad.nearest_neighbor import NearestNeighbourScorer  # noqa: E402
-from ucad.router import key_distances, route  # noqa: E402
+from ucad.router import TaskKeyIndex, route  # noqa: E402
 
 
 def main() -> int:
@@ -54,7 +52,6 @@ def main() -> int:
                                   resize_mode=args.resize_mode), device)
     geometry = ImageGeometry(args.imagesize, args.imagesize, args.resize_mode)
     tasks = list_tasks(args.dataset, args.data, args.categories)
-    nearest = NearestNeighbourScorer(1, "torch", device, patch_distance=model.config.patch_distance)
     started = time.perf_counter()
     train, test = [], []
     for task in tasks:
@@ -71,7 +68,7 @@ def main() -> int:
                 for i, features in enumerate(train)]
         per_task = {}
         for j, features in enumerate(test):
-            distances = torch.stack([key_distances(features, k, nearest) for k in keys], dim=1)
+            distances = TaskKeyIndex(keys, model.config.patch_distance, device).distances(features)
             routes = route(distances).cpu()
             per_task[names[j]] = {"routing_accuracy": float((routes == j).float().mean()),
                                   "routing_margin": float(routing_margin(distances).mean()),
