@@ -14,6 +14,7 @@ setup(
     entry_points={"console_scripts": [
         "ucad=ucad.cli:entry",
         "ucad-predict=ucad.predict:main",
+        "ucad-evaluate=ucad.evaluate:main",
         "ucad-demo-data=ucad.demo_data:main",
         "ucad-structure-maps=segment_anything_prep.make_structure_maps:main",
     ]},
