@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
+from ucad.device import OutOfMemoryRetry
 from ucad.loss import labels_to_grid, structure_contrastive_loss
 
 
@@ -20,24 +21,29 @@ def train_prompt(model, prompt: torch.nn.Module, images: torch.Tensor, label_map
     optimizer = torch.optim.Adam(prompt.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     history = []
+    batches = OutOfMemoryRetry(batch_size, "prompt training", "dataset --batch_size")
+
+    def step(index: torch.Tensor) -> tuple[float, int]:
+        batch = images[index].to(model.device, non_blocking=True)
+        labels = label_maps[index].to(model.device, non_blocking=True)
+        if augment:
+            batch, labels = _flip(batch, labels, generator)
+        features = model.embed(batch, prompt)
+        loss = structure_contrastive_loss(features, labels_to_grid(labels, model.grid), temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(prompt.parameters(), clip)
+        optimizer.step()
+        return float(loss.detach()) * len(index), len(index)
+
     progress = tqdm(range(epochs), desc=description, leave=False)
     for _ in progress:
         order = torch.randperm(images.shape[0], generator=generator)
         total, count = 0.0, 0
-        for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
-            batch = images[index].to(model.device, non_blocking=True)
-            labels = label_maps[index].to(model.device, non_blocking=True)
-            if augment:
-                batch, labels = _flip(batch, labels, generator)
-            features = model.embed(batch, prompt)
-            loss = structure_contrastive_loss(features, labels_to_grid(labels, model.grid), temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(prompt.parameters(), clip)
-            optimizer.step()
-            total += float(loss.detach()) * len(index)
-            count += len(index)
+        while count < len(order):
+            weighted_loss, used = batches.run(lambda size: step(order[count:count + size]))
+            total += weighted_loss
+            count += used
         history.append(total / count)
         progress.set_postfix(loss=f"{history[-1]:.4f}")
     prompt.eval()
