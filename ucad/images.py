@@ -82,7 +82,7 @@ def to_8_bit(image: Image.Image) -> Image.Image:
         return image
     top = float(2 ** bit_depth(image) - 1)
     array = np.asarray(image).astype(np.float64)
-    return Image.fromarray(np.clip(np.rint(array * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(np.rint(array * (255.0 / top)), 0, 255).astype(np.uint8))
 
 
 def load_image(path: Path, geometry: ImageGeometry) -> np.ndarray:
@@ -98,7 +98,7 @@ def load_mask(path: Path | None, geometry: ImageGeometry) -> np.ndarray:
     mask = _open(path, "mask")
     # single-channel values are compared with 0 as stored, whatever their bit depth (a 16-bit mask holding 1
     # is defect); colour and palette masks by their brightness
-    raw = mask.mode in ("1", "L", "F") + WIDE_INTEGER_MODES
+    raw = mask.mode in (("1", "L", "F") + WIDE_INTEGER_MODES)
     array = np.asarray(mask if raw else mask.convert("L"))
     binary = Image.fromarray(((array > 0) * 255).astype(np.uint8))
     return (np.asarray(geometry.apply(binary, nearest=True)) > 0).astype(np.uint8)
