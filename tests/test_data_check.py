@@ -67,6 +67,7 @@ def test_relation_of_sizes():
     assert relation_of_sizes((1001, 601), (500, 300)) == "scaled"  # a pixel of rounding
     assert relation_of_sizes((40, 30), (30, 40)) == "different"  # rotated
     assert relation_of_sizes((40, 30), (40, 40)) == "different"
+    assert relation_of_sizes((40, 30), (40, 29)) == "different"  # one pixel short is not a scaled copy
 
 
 def test_clean_data_passes_silently(tmp_path):

@@ -51,8 +51,8 @@ def relation_of_sizes(image_size: tuple[int, int], other_size: tuple[int, int]) 
     (image_w, image_h), (other_w, other_h) = image_size, other_size
     if min(image_w, image_h, other_w, other_h) <= 0:
         return "different"
-    by_width = abs(image_h * other_w / image_w - other_h) <= 1.0
-    by_height = abs(image_w * other_h / image_h - other_w) <= 1.0
+    by_width = abs(image_h * other_w / image_w - other_h) < 1.0
+    by_height = abs(image_w * other_h / image_h - other_w) < 1.0
     return "scaled" if by_width or by_height else "different"
 
 
