@@ -5,12 +5,13 @@ as written; options that are new here say so in their help.
 """
 from __future__ import annotations
 
+import math
 import sys
 
 import click
 
 from ucad.coreset import SAMPLER_NAMES
-from ucad.errors import UcadError
+from ucad.errors import RunInterrupted, UcadError
 from ucad.backbones import INPUT_NORMS
 from ucad.epoch_selection import EPOCH_SELECTIONS
 from ucad.keys import KEY_SAMPLERS
@@ -156,7 +157,8 @@ def run(methods, results_path, gpu, cpu, seed, log_group, log_project, save_segm
         },
         "learning": {
             "key_size": key_size, "key_sampler": model["key_sampler"], "memory_size": memory_size,
-            "knowledge_storage": model["knowledge_storage"], "epoch_selection": model["epoch_selection"], "basic_size": basic_size, "epochs_num": epochs_num,
+            "knowledge_storage": model["knowledge_storage"], "epoch_selection": model["epoch_selection"],
+            "basic_size": basic_size, "epochs_num": epochs_num,
             "lr": model["lr"], "batch_size": data["batch_size"], "train_prompt": not model["no_scl"],
             "scl_features": model["scl_features"], "label_sampling": model["label_sampling"],
             "augment": data["augment"], "feature_batch_size": model["feature_batch_size"], "seed": seed,
@@ -167,26 +169,55 @@ def run(methods, results_path, gpu, cpu, seed, log_group, log_project, save_segm
         "structure_path": data["structure_path"],
         "geometry": {"resize": data["resize"], "imagesize": data["imagesize"], "resize_mode": data["resize_mode"]},
     }
+    # every number is checked here, before anything is loaded: a bad value must be one line, not a traceback
+    # from deep inside torch (or a silent nonsense run)
     for name, value, minimum in (("--memory_size", memory_size, 1), ("--key_size", key_size, 1),
                                  ("--basic_size", basic_size, 0), ("--epochs_num", epochs_num, 0),
                                  ("--batch_size", data["batch_size"], 1), ("--imagesize", data["imagesize"], 16),
-                                 ("--resize", data["resize"], 16)):
-        if value < minimum:
+                                 ("--resize", data["resize"], 16), ("--gpu", min(gpu, default=0), 0),
+                                 ("--seed", seed, 0), ("--patchsize", model["patchsize"], 1),
+                                 ("--pretrain_embed_dimension", model["pretrain_embed_dimension"], 1),
+                                 ("--target_embed_dimension", model["target_embed_dimension"], 1),
+                                 ("--anomaly_scorer_num_nn", model["anomaly_scorer_num_nn"], 1),
+                                 ("--patchsize_aggregate", min(model["patchsize_aggregate"], default=1), 1),
+                                 ("--faiss_num_workers", model["faiss_num_workers"], 0),
+                                 ("--prompt_length", model["prompt_length"], 1),
+                                 ("--feature_batch_size", model["feature_batch_size"], 1),
+                                 ("--num_workers", data["num_workers"], 0),
+                                 ("--smoothing_sigma", model["smoothing_sigma"], 0)):
+        if not math.isfinite(value) or value < minimum:
             _fail(f"{name} must be at least {minimum}, got {value}")
+    for name, value, valid, expected in (
+            ("--seed", seed, seed < 2 ** 32, "below 2**32 (numpy's limit)"),
+            ("--lr", model["lr"], model["lr"] > 0, "above 0"),
+            ("sampler -p/--percentage", sampler["percentage"], 0 < sampler["percentage"] <= 1, "in (0, 1]"),
+            ("--train_val_split", data["train_val_split"], 0 < data["train_val_split"] <= 1, "in (0, 1]"),
+            ("--patchoverlap", model["patchoverlap"], 0 <= model["patchoverlap"] < 1, "in [0, 1)")):
+        if not (math.isfinite(value) and valid):
+            _fail(f"{name} must be {expected}, got {value}")
     if model["epoch_selection"] == "validation" and data["train_val_split"] >= 1.0:
         _fail("--epoch_selection validation scores each epoch on held-out normal training images: keep some aside "
               "with `dataset --train_val_split 0.9`")
-    from ucad.experiment import run_experiment  # heavy imports only once the command line is valid
-
     try:
+        from ucad.experiment import run_experiment  # heavy imports only once the command line is valid
+
         run_experiment(config)
     except UcadError as error:
         _fail(str(error))
+    except RunInterrupted as interrupted:
+        _interrupted(str(interrupted))
+    except KeyboardInterrupt:  # while importing torch: nothing was written yet
+        _interrupted("interrupted before the run started; nothing was written")
 
 
 def _fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
+
+
+def _interrupted(message: str) -> None:
+    click.echo(message, err=True)
+    sys.exit(130)  # what shells report for a program ended by Ctrl-C
 
 
 def entry() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -13,16 +14,17 @@ import numpy as np
 import torch
 
 from ucad.coreset import CoresetSampler
+from ucad.data_check import check_data
 from ucad.datasets import TaskSamples, list_tasks
 from ucad.device import select_device
-from ucad.errors import UcadError
+from ucad.errors import RunInterrupted, UcadError
 from ucad.evaluation import VARIANTS, ContinualEvaluator, TestSet
 from ucad.images import ImageGeometry, load_images, load_label_map, load_masks
 from ucad.learner import LearningConfig, learn_task
 from ucad.model import ModelConfig, UcadModel
 from ucad.nearest_neighbor import NearestNeighbourScorer
-from ucad.results import final_table, latest_run_dir, new_run_dir, summarize, write_csv, write_heatmap, \
-    write_json, write_matrices
+from ucad.results import check_results_path, final_table, interrupts_held, latest_run_dir, new_run_dir, \
+    remove_temporary_files, summarize, write_csv, write_heatmap, write_json, write_matrices
 from ucad.structure_maps import default_structure_root, load_structure_map, structure_map_path
 from ucad.timing import PhaseTimer
 from ucad.visualize import save_segmentation_images
@@ -30,6 +32,17 @@ from ucad.visualize import save_segmentation_images
 CHECKPOINT = "checkpoint.pt"
 # options that must agree for --resume to continue a run instead of mixing two experiments
 RESUME_KEYS = ("seed", "model", "learning", "sampler", "dataset_name", "data_path", "categories", "geometry")
+# ... except these, which change how fast or in how much memory a run goes, not its results (a run that ran out
+# of memory must be resumable with a smaller --feature_batch_size)
+RESUME_FREE = ("learning.feature_batch_size",)
+# the command-line spelling of config entries whose option is not simply --<last part of the name>
+OPTION_NAMES = {
+    "model.backbone": "-b/--backbone_names", "model.layers": "-le/--layers_to_extract_from",
+    "learning.train_prompt": "--no_scl", "learning.batch_size": "dataset --batch_size",
+    "sampler.name": "sampler NAME", "sampler.percentage": "sampler -p/--percentage",
+    "dataset_name": "dataset NAME", "data_path": "DATA_PATH of the dataset sub-command",
+    "categories": "-d/--subdatasets",
+}
 
 
 def seed_everything(seed: int) -> None:
@@ -46,15 +59,6 @@ def structure_root_for(config: dict) -> Path:
     return Path(config["structure_path"]) if config.get("structure_path") else default_structure_root(config["data_path"])
 
 
-def check_structure_maps(tasks: list[TaskSamples], structure_root: Path) -> None:
-    """Fail before any training if a map is missing, naming the first missing file."""
-    for task in tasks:
-        for sample in task.train:
-            path = structure_map_path(sample.image_path, task.root, structure_root)
-            if not path.is_file():
-                load_structure_map(path)  # raises the UcadError that explains how to make the maps
-
-
 def load_label_maps(task: TaskSamples, structure_root: Path, geometry: ImageGeometry) -> torch.Tensor:
     maps = [load_label_map(load_structure_map(structure_map_path(s.image_path, task.root, structure_root)), geometry)
             for s in task.train]
@@ -68,17 +72,48 @@ def load_test_set(index: int, task: TaskSamples, geometry: ImageGeometry, worker
     return TestSet(index, task.category, images, masks, labels, [s.image_path for s in task.test])
 
 
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        flat = {}
+        for key, inner in value.items():
+            flat.update(_flatten(inner, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: value}
+
+
+def differing_options(saved: dict, current: dict) -> list[str]:
+    """'--epochs_num 2 there, 3 now' for each option (of RESUME_KEYS) that differs between two configurations."""
+    def comparable(config):
+        plain = json.loads(json.dumps({k: config.get(k) for k in RESUME_KEYS}, default=str))
+        return {k: v for k, v in _flatten(plain).items() if k not in RESUME_FREE}
+
+    before, now = comparable(saved), comparable(current)
+    lines = {}
+    for key in sorted(before.keys() | now.keys()):
+        if before.get(key) != now.get(key):
+            option = OPTION_NAMES.get(key, "--" + key.split(".")[-1])
+            lines.setdefault(option, f"{option} {_shown(before.get(key))} there, {_shown(now.get(key))} now")
+    return list(lines.values())
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def _resume_state(config: dict) -> tuple[Path, dict] | None:
-    run_dir = latest_run_dir(config["results_path"], config["log_project"], config["log_group"])
-    if run_dir is None or not (run_dir / CHECKPOINT).is_file():
+    """The newest run of the log group that has a checkpoint, not just the newest folder."""
+    run_dir = latest_run_dir(config["results_path"], config["log_project"], config["log_group"], containing=CHECKPOINT)
+    if run_dir is None:
         return None
-    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
-    saved = state["config"]
-    differing = [k for k in RESUME_KEYS if json.loads(json.dumps(saved.get(k), default=str))
-                 != json.loads(json.dumps(config.get(k), default=str))]
+    try:
+        state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise UcadError(f"--resume: the checkpoint '{run_dir / CHECKPOINT}' cannot be read ({error}); rerun without "
+                        "--resume to start a new run") from None
+    differing = differing_options(state["config"], config)
     if differing:
-        raise UcadError(f"--resume: the last run in '{run_dir}' was made with other settings ({', '.join(differing)}); "
-                        "rerun without --resume to start a new run, or with the same options")
+        raise UcadError(f"--resume: the last run in '{run_dir}' was made with other settings ({'; '.join(differing)}); "
+                        "rerun with that run's options to continue it, or without --resume to start a new run")
     return run_dir, state
 
 
@@ -93,27 +128,63 @@ def fidelity_line(model: UcadModel, model_config: ModelConfig, learning: Learnin
                      for k, v in used.items())
 
 
+def _interrupted_message(run_dir: Path | None, finished: int, total: int) -> str:
+    if run_dir is None or finished == 0:
+        return "interrupted before the first task finished, nothing was kept: rerun the same command to start again"
+    if finished == total:
+        return f"interrupted after the last task; the results are in '{run_dir}'"
+    return (f"interrupted after {finished} of {total} task(s), kept in '{run_dir}': rerun the same command with "
+            f"--resume to continue with task {finished + 1}")
+
+
 def run_experiment(config: dict) -> Path:
-    """config: the merged options of the command line (see ucad.cli). Returns the run folder."""
+    """config: the merged options of the command line (see ucad.cli). Returns the run folder.
+
+    A new run that stops before its first task finished removes its folder (a failed start keeps nothing, and
+    must not pile up folders); Ctrl-C becomes RunInterrupted, whose message says how to continue."""
+    progress = {"run_dir": None, "created": False, "finished": 0, "total": 0}
+    try:
+        return _run_experiment(config, progress)
+    except BaseException as error:
+        if progress["created"] and progress["finished"] == 0:
+            shutil.rmtree(progress["run_dir"], ignore_errors=True)
+            progress["run_dir"] = None
+        if isinstance(error, KeyboardInterrupt):
+            raise RunInterrupted(_interrupted_message(progress["run_dir"], progress["finished"],
+                                                      progress["total"])) from None
+        raise
+
+
+def _run_experiment(config: dict, progress: dict) -> Path:
     seed_everything(config["seed"])
+    check_results_path(config["results_path"], config["log_project"], config["log_group"])
     device = select_device(config["gpu"], config.get("cpu", False), warn=echo)
     geometry = ImageGeometry(**config["geometry"])
     tasks = list_tasks(config["dataset_name"], config["data_path"], config["categories"],
                        config["train_val_split"], config["seed"])
+    progress["total"] = len(tasks)
     model_config = ModelConfig(**config["model"])
     learning = LearningConfig(**config["learning"])
     if model_config.mode == "ucad" and learning.train_prompt:
         structure_root = structure_root_for(config)
-        check_structure_maps(tasks, structure_root)
     else:
         structure_root = None
+    resumed = _resume_state(config) if config.get("resume") else None
+    if config.get("resume") and resumed is None:
+        echo("note: --resume found no run of this log group with a checkpoint; starting a new one")
+    # every file of every task before anything trains: a bad file in the last task must not cost the others
+    for message in check_data(tasks, structure_root, config["num_workers"],
+                              skip_training_of=len(resumed[1]["model"]["tasks"]) if resumed else 0):
+        echo(message)
 
     # the backbone (and its weights) first: a download failure must not leave an empty run folder behind
     model = UcadModel(model_config, device, config.get("precision", "auto"))
-    resumed = _resume_state(config) if config.get("resume") else None
-    if config.get("resume") and resumed is None:
-        echo("note: --resume found no unfinished run of this log group; starting a new one")
-    run_dir = resumed[0] if resumed else new_run_dir(config["results_path"], config["log_project"], config["log_group"])
+    if resumed:
+        run_dir = resumed[0]
+        remove_temporary_files(run_dir)  # what a killed write left behind
+    else:
+        run_dir = new_run_dir(config["results_path"], config["log_project"], config["log_group"])
+    progress.update(run_dir=run_dir, created=resumed is None)
 
     sampler = CoresetSampler(config["sampler"]["name"], config["sampler"]["percentage"], config["seed"])
     scorer = NearestNeighbourScorer(model_config.anomaly_scorer_num_nn, config.get("nn_backend", "auto"), device,
@@ -134,6 +205,10 @@ def run_experiment(config: dict) -> Path:
         model.load_tasks(state["model"])
         records, losses, done = state["records"], state["losses"], len(state["model"]["tasks"])
         timer.merge(_timer_from(state.get("timings", {})))
+        progress["finished"] = done
+        # a kill between two result files may have left them disagreeing: the checkpoint, written last, decides
+        with interrupts_held():
+            _write_result_files(run_dir, records, task_names, losses, timer, model)
 
     echo(f"UCAD run folder: {run_dir}")
     echo(f"device: {device}{' (autocast ' + str(model.amp_dtype).replace('torch.', '') + ')' if model.amp_dtype else ''}")
@@ -194,7 +269,10 @@ def run_experiment(config: dict) -> Path:
              f"knowledge {kept['knowledge']:,} as {memory.packed.storage if memory.packed else 'fp32'})")
         phase_records = evaluator.evaluate_phase(index, variants)
         records += phase_records
-        _write_results(run_dir, records, task_names, losses, timer, model, config)
+        with interrupts_held():  # Ctrl-C waits until every file of the phase is written
+            _write_result_files(run_dir, records, task_names, losses, timer, model)
+            _write_checkpoint(run_dir, records, losses, timer, model, config)
+            progress["finished"] = index + 1
         mine = {r["task_index"]: r for r in phase_records if r["variant"] == "task_agnostic"}
         echo(f"   after {task.category}: mean image AUROC {np.mean([r['image_auroc'] for r in mine.values()]):.3f}, "
              f"mean routing accuracy {np.mean([r['routing_accuracy'] for r in mine.values()]):.3f} over {len(mine)} task(s)")
@@ -229,7 +307,7 @@ def _timer_from(timings: dict) -> PhaseTimer:
     return timer
 
 
-def _write_results(run_dir: Path, records, task_names, losses, timer: PhaseTimer, model: UcadModel, config) -> None:
+def _write_result_files(run_dir: Path, records, task_names, losses, timer: PhaseTimer, model: UcadModel) -> None:
     write_csv(run_dir / "results_all_phases.csv", records)
     last = max(r["phase"] for r in records)
     write_csv(run_dir / "results_per_task.csv", [r for r in records if r["phase"] == last])
@@ -244,9 +322,16 @@ def _write_results(run_dir: Path, records, task_names, losses, timer: PhaseTimer
                                                             if "chosen_epoch" in t.extra},
                                           "tasks_finished": last + 1, "task_order": task_names})
     write_json(run_dir / "timings.json", timer.as_dict())
+
+
+def _write_checkpoint(run_dir: Path, records, losses, timer: PhaseTimer, model: UcadModel, config) -> None:
+    """Written after every other file of the phase: the checkpoint names the finished phase, and --resume
+    rewrites the other files from it, so a kill between two files cannot leave a run that disagrees."""
     state = {"config": json.loads(json.dumps(config, default=str)), "model": model.state(), "records": records,
              "losses": losses, "timings": timer.as_dict()}
     temporary = run_dir / (CHECKPOINT + ".tmp")
-    torch.save(state, temporary)
-    temporary.replace(run_dir / CHECKPOINT)
-
+    try:
+        torch.save(state, temporary)
+        temporary.replace(run_dir / CHECKPOINT)
+    finally:
+        temporary.unlink(missing_ok=True)

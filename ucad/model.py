@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ucad.backbones import FeatureExtractor
-from ucad.device import autocast, autocast_dtype
+from ucad.device import OutOfMemoryRetry, autocast, autocast_dtype
 from ucad.errors import UcadError
 from ucad.knowledge import PackedKnowledge
 from ucad.patch_features import PatchEmbedder
@@ -72,6 +72,8 @@ class UcadModel:
         self.amp_dtype = autocast_dtype(device, precision)
         self.tasks: list[TaskMemory] = []
         self.grid: tuple[int, int] | None = None
+        # per requested --feature_batch_size: once halved after running out of GPU memory, it stays halved
+        self.feature_batches: dict[int, OutOfMemoryRetry] = {}
 
     def new_prompt(self, task_index: int, seed: int) -> torch.nn.Module:
         generator = torch.Generator().manual_seed(seed * 1000 + task_index)
@@ -109,11 +111,16 @@ class UcadModel:
     def features(self, images_uint8: torch.Tensor, prompt: torch.nn.Module | None = None, batch_size: int = 32,
                  description: str | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Features of many images in batches; stays on the device."""
-        parts = []
-        starts = range(0, images_uint8.shape[0], batch_size)
-        for start in tqdm(starts, desc=description, disable=description is None, leave=False):
-            batch = images_uint8[start:start + batch_size].to(self.device, non_blocking=True)
-            parts.append(self.embed(batch, prompt).to(out_dtype))
+        batches = self.feature_batches.setdefault(
+            batch_size, OutOfMemoryRetry(batch_size, "feature extraction", "--feature_batch_size"))
+        parts, done = [], 0
+        with tqdm(total=images_uint8.shape[0], desc=description, disable=description is None, leave=False) as bar:
+            while done < images_uint8.shape[0]:
+                part = batches.run(lambda size: self.embed(
+                    images_uint8[done:done + size].to(self.device, non_blocking=True), prompt).to(out_dtype))
+                parts.append(part)
+                done += part.shape[0]
+                bar.update(part.shape[0])
         return torch.cat(parts)
 
     # ------------------------------------------------------------------ persistence
