@@ -6,7 +6,8 @@ route one image among the t tasks (its frozen features, then the one search over
 comparison the former loop of one search per task; on the CPU timed on one thread); the bytes the task keeps (keys + prompt + knowledge,
 the unlimited knowledge apart) and the bytes the evaluation caches for its test set.
 
-It wraps ucad.experiment.learn_task, ContinualEvaluator.evaluate_phase and ucad.experiment._write_results
+It wraps ucad.experiment.learn_task, ContinualEvaluator.evaluate_phase, ucad.experiment._write_result_files and
+_write_checkpoint
 for the duration of one run, so the experiment code carries no benchmark hooks.
 """
 from __future__ import annotations
@@ -110,7 +111,8 @@ class GrowthRecorder:
         import ucad.experiment as experiment
         from ucad.evaluation import ContinualEvaluator
 
-        original_learn, original_write = experiment.learn_task, experiment._write_results
+        original_learn = experiment.learn_task
+        original_files, original_checkpoint = experiment._write_result_files, experiment._write_checkpoint
         original_evaluate = ContinualEvaluator.evaluate_phase
         recorder = self
 
@@ -132,22 +134,30 @@ class GrowthRecorder:
             row.update(recorder._route_one_image(evaluator, phase))
             return records
 
-        def write(run_dir, records, *args, **kwargs):
+        def write_files(run_dir, records, *args, **kwargs):
             started = _clock()
-            original_write(run_dir, records, *args, **kwargs)
+            original_files(run_dir, records, *args, **kwargs)
             row = recorder._row(max(r["phase"] for r in records))
             row["write_results_seconds"] = round(_clock() - started, 4)
+
+        def write_checkpoint(run_dir, records, *args, **kwargs):
+            started = _clock()
+            original_checkpoint(run_dir, records, *args, **kwargs)
+            row = recorder._row(max(r["phase"] for r in records))
+            row["write_results_seconds"] = round(row.get("write_results_seconds", 0.0) + _clock() - started, 4)
             checkpoint = Path(run_dir) / experiment.CHECKPOINT
             row["checkpoint_bytes"] = checkpoint.stat().st_size if checkpoint.is_file() else None
             if recorder.progress_path:
                 recorder.progress_path.write_text(json.dumps(recorder.as_dict(), indent=1))
 
-        experiment.learn_task, experiment._write_results = learn, write
+        experiment.learn_task = learn
+        experiment._write_result_files, experiment._write_checkpoint = write_files, write_checkpoint
         ContinualEvaluator.evaluate_phase = evaluate
         try:
             yield self
         finally:
-            experiment.learn_task, experiment._write_results = original_learn, original_write
+            experiment.learn_task = original_learn
+            experiment._write_result_files, experiment._write_checkpoint = original_files, original_checkpoint
             ContinualEvaluator.evaluate_phase = original_evaluate
 
     def as_dict(self) -> list[dict]:

@@ -89,7 +89,7 @@ def test_config_json_holds_the_dataclasses_and_resume_names_differing_options(de
     changed = global_options(tmp_path, epochs=2) + TINY[:-2] + ["--target_embed_dimension", "32"]
     code, output = run(["--resume"] + changed + dataset(demo_root, "weave"))
     assert code == 2
-    assert "--epochs_num (recorded 1, now 2)" in output and "--target_embed_dimension (recorded 64, now 32)" in output
+    assert "--epochs_num 1 there, 2 now" in output and "--target_embed_dimension 64 there, 32 now" in output
     assert "--memory_size" not in output
     # how the run executes may change on resume: more decoding threads are accepted
     same = global_options(tmp_path) + TINY + dataset(demo_root, "weave")

@@ -375,3 +375,122 @@ def test_real_magnetic_tile_listing():
     assert images.shape == (3, 3, 64, 64)
     assert torch.equal(images[:, 0], images[:, 1])
     assert set(masks.unique().tolist()) <= {0, 1} and masks.sum() > 0
+
+
+# ----------------------------------------------------------------------------- issue 11: reliability
+def test_16_bit_images_are_scaled_by_their_bit_depth_not_clipped(tmp_path):
+    """convert("RGB") clips 16-bit values at 255 (every picture white, image AUROC 0.5): scale 65535 -> 255."""
+    geometry = ImageGeometry(16, 16, "square")
+    ramp = (np.arange(256, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0 .. 65535
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    out = load_image(tmp_path / "ramp.png", geometry)
+    assert np.array_equal(out[0], np.arange(256).reshape(16, 16)) and np.array_equal(out[0], out[2])
+    # a dark 16-bit image stays dark: the bit depth decides, not the image's own maximum
+    dark = np.full((16, 16), 4095, np.uint16)
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    assert load_image(tmp_path / "dark.png", geometry).max() == round(4095 * 255 / 65535)
+    # two different 16-bit images stay different (they were both all 255 before)
+    Image.fromarray(np.full((16, 16), 30000, np.uint16)).save(tmp_path / "mid.png")
+    assert load_image(tmp_path / "mid.png", geometry).mean() == pytest.approx(30000 * 255 / 65535, abs=0.5)
+
+
+def test_bit_depth_declared_by_a_tiff_is_used(tmp_path):
+    from ucad.images import bit_depth, to_8_bit
+
+    Image.fromarray(np.full((4, 4), 4095, np.uint16)).save(tmp_path / "twelve.tif")
+    image = Image.open(tmp_path / "twelve.tif")
+    assert bit_depth(image) == 16
+    image.tag_v2[258] = (12,)  # a 12-bit camera's TIFF says BitsPerSample 12
+    assert bit_depth(image) == 12 and np.asarray(to_8_bit(image)).min() == 255
+    wide = Image.open(tmp_path / "twelve.tif").convert("I")  # older Pillow opens 16-bit PNGs as mode I
+    assert bit_depth(wide) == 16 and np.asarray(to_8_bit(wide)).max() == 16
+
+
+def test_16_bit_masks_keep_every_value_above_zero(tmp_path):
+    array = np.zeros((8, 8), np.uint16)
+    array[0:4, 0:4] = 65535
+    array[6, 6] = 1  # would be 0 if the mask were scaled to 8 bits first
+    Image.fromarray(array).save(tmp_path / "mask16.png")
+    mask = load_mask(tmp_path / "mask16.png", ImageGeometry(8, 8, "square"))
+    assert mask.sum() == 17
+
+
+def rewrite_visa_csv(root: Path, change) -> Path:
+    path = root / "split_csv" / "1cls.csv"
+    rows = list(csv.reader(open(path, newline="")))
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows([rows[0]] + [change(list(r)) for r in rows[1:]])
+    return path
+
+
+def test_visa_split_and_label_are_read_case_and_space_insensitively(tmp_path):
+    from ucad.structure_maps import find_images
+
+    root = make_visa(tmp_path / "visa")
+    before = list_visa_task(root, "pcb1")
+    rewrite_visa_csv(root, lambda r: [r[0], f" {r[1].title()} ", f"{r[2].upper()} ", r[3], r[4]])
+    after = list_visa_task(root, "pcb1")
+    assert [s.image_path for s in after.train] == [s.image_path for s in before.train]
+    assert [(s.image_path, s.is_anomalous, s.mask_path) for s in after.test] == \
+        [(s.image_path, s.is_anomalous, s.mask_path) for s in before.test]
+    # the structure-map maker reads the same rows as training images
+    assert sorted(find_images(root, categories=["pcb1"])) == sorted(s.image_path for s in after.train)
+
+
+@pytest.mark.parametrize("column, value, message", [(2, "defect", "label 'defect' is neither normal nor anomaly"),
+                                                     (1, "validation", "split 'validation' is neither train")])
+def test_visa_unknown_label_or_split_names_the_row(tmp_path, column, value, message):
+    root = make_visa(tmp_path / "visa")
+    rows_seen = []
+
+    def change(row):
+        rows_seen.append(row)
+        if len(rows_seen) == 4:
+            row[column] = value
+        return row
+
+    path = rewrite_visa_csv(root, change)
+    with pytest.raises(UcadError) as info:
+        list_tasks("visa", root, ["candle"])
+    assert message in str(info.value) and str(path) in str(info.value) and "line 5" in str(info.value)
+
+
+def test_binary_and_truncated_visa_csv_are_one_line_errors(tmp_path):
+    from ucad.structure_maps import find_images
+
+    root = make_visa(tmp_path / "visa")
+    path = root / "split_csv" / "1cls.csv"
+    text = path.read_text()
+    path.write_text(text[: len(text) * 2 // 3 + 7].rstrip("\n").rsplit(",", 2)[0] + "\n")  # cut inside a row
+    for call in (lambda: list_tasks("visa", root, ["candle"]), lambda: find_images(root)):
+        with pytest.raises(UcadError, match="fields instead of 5"):
+            call()
+    path.write_bytes(bytes(range(256)) * 4)
+    for call in (lambda: list_tasks("visa", root, ["candle"]), lambda: find_images(root)):
+        with pytest.raises(UcadError, match="cannot be read as CSV"):
+            call()
+
+
+def test_hidden_files_are_skipped_everywhere(tmp_path):
+    """macOS '._x.png' files and '.'-folders are no data for training, testing, VisA lists or the map maker."""
+    from ucad.structure_maps import find_images
+
+    root = make_mvtec(tmp_path / "mvtec")
+    (root / "bottle" / "train" / "good" / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (root / "bottle" / "test" / "good" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    write_image(root / "bottle" / "test" / ".ipynb_checkpoints" / "000.png")  # not a defect type
+    (root / ".Trash" / "train").mkdir(parents=True)
+    (root / ".Trash" / "test").mkdir()
+    task = list_tasks("mvtec", root, [])[0]
+    assert [t.category for t in list_tasks("mvtec", root, [])] == ["bottle"]
+    assert len(task.train) == 3 and len(task.test) == 5
+    assert not any(p.name.startswith(".") or ".ipynb" in str(p) for p in find_images(root, include_test=True))
+    assert len(find_images(root, include_test=True)) == 8
+
+    visa = make_visa(tmp_path / "visa")
+    hidden = visa / "pcb1" / "Data" / "Images" / "Normal" / "._0000.JPG"
+    hidden.write_bytes(b"\x00\x05\x16\x07")
+    with open(visa / "split_csv" / "1cls.csv", "a", newline="") as handle:
+        csv.writer(handle).writerow(["pcb1", "train", "normal", "pcb1/Data/Images/Normal/._0000.JPG", ""])
+    assert len(list_visa_task(visa, "pcb1").train) == 3
+    assert hidden not in find_images(visa)

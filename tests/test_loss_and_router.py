@@ -36,33 +36,55 @@ def test_hand_computed_example():
 def test_batch_is_mean_over_images():
     g = torch.Generator().manual_seed(0)
     features = torch.randn(3, 10, 6, generator=g)
-    labels = torch.randint(0, 3, (3, 10), generator=g)
+    labels = torch.randint(1, 4, (3, 10), generator=g)
     per_image = [structure_contrastive_loss(features[i:i + 1], labels[i:i + 1]) for i in range(3)]
     batch = structure_contrastive_loss(features, labels)
     assert batch.item() == pytest.approx(torch.stack(per_image).mean().item(), rel=1e-6)
 
 
 def test_against_explicit_double_loop():
+    """With label 0 ("no region") among the labels: its patches are in no pair; images of < 2 regions are out."""
     g = torch.Generator().manual_seed(1)
-    features = torch.randn(2, 7, 5, generator=g)
-    labels = torch.randint(0, 3, (2, 7), generator=g)
-    total, count = 0.0, 0
+    features = torch.randn(3, 7, 5, generator=g)
+    labels = torch.randint(0, 3, (3, 7), generator=g)
+    labels[2] = torch.tensor([0, 0, 2, 0, 2, 2, 0])  # one region only: contributes nothing
+    assert (labels[:2] == 0).any() and all(len(set(labels[b].tolist()) - {0}) == 2 for b in range(2))
+    per_image = []
     for b in range(2):
+        total, count = 0.0, 0
         for i in range(7):
             for j in range(7):
-                if i == j:
+                if i == j or labels[b, i] == 0 or labels[b, j] == 0:
                     continue
                 s = F.cosine_similarity(features[b, i], features[b, j], dim=0).item() / 0.5
                 total += -s if labels[b, i] == labels[b, j] else math.exp(s)
                 count += 1
+        per_image.append(total / count)
     got = structure_contrastive_loss(features, labels, temperature=0.5)
-    assert got.item() == pytest.approx(total / count, rel=1e-5)
+    assert got.item() == pytest.approx(sum(per_image) / 2, rel=1e-5)
+
+
+def test_label_zero_is_no_region():
+    g = torch.Generator().manual_seed(4)
+    features = torch.randn(2, 6, 5, generator=g, requires_grad=True)
+    # an all-zero map (no region anywhere) and a single-region map train nothing: loss 0, zero gradient
+    for labels in (torch.zeros(2, 6, dtype=torch.long), torch.tensor([[0, 3, 3, 0, 3, 0], [1, 1, 1, 1, 1, 1]])):
+        loss = structure_contrastive_loss(features, labels)
+        loss.backward()
+        assert loss.item() == 0.0 and features.grad.abs().sum() == 0
+        features.grad = None
+    # zero-labelled patches change nothing: the loss equals that of the labelled patches alone
+    labels = torch.tensor([[1, 0, 2, 2, 0, 1]])
+    kept = torch.tensor([0, 2, 3, 5])
+    full = structure_contrastive_loss(features[:1], labels)
+    alone = structure_contrastive_loss(features[:1, kept], labels[:, kept])
+    assert full.item() == pytest.approx(alone.item(), rel=1e-6)
 
 
 def test_gradient_flows_and_pulls_same_region_together():
     g = torch.Generator().manual_seed(2)
     features = torch.randn(1, 6, 4, generator=g, requires_grad=True)
-    labels = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    labels = torch.tensor([[1, 1, 1, 2, 2, 2]])
     loss = structure_contrastive_loss(features, labels)
     loss.backward()
     assert features.grad is not None
@@ -75,11 +97,13 @@ def test_gradient_flows_and_pulls_same_region_together():
 
 
 def test_loss_extremes():
-    # all patches one region and identical: loss = -1/temperature = -2
-    same = torch.ones(1, 4, 3)
-    assert structure_contrastive_loss(same, torch.zeros(1, 4, dtype=torch.long)).item() == pytest.approx(-2.0)
+    same = torch.ones(1, 4, 3)  # identical patches: s = 1 / temperature = 2 for every pair
+    # two regions of two patches: 4 same-region ordered pairs (-2 each), 8 different-region ones (exp(2) each)
+    two = torch.tensor([[1, 1, 2, 2]])
+    expected = (4 * -2.0 + 8 * math.exp(2.0)) / 12
+    assert structure_contrastive_loss(same, two).item() == pytest.approx(expected, rel=1e-6)
     # all patches different regions and identical: loss = exp(2)
-    assert structure_contrastive_loss(same, torch.arange(4)[None]).item() == pytest.approx(math.exp(2.0), rel=1e-6)
+    assert structure_contrastive_loss(same, torch.arange(1, 5)[None]).item() == pytest.approx(math.exp(2.0), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- label maps

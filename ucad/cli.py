@@ -12,7 +12,7 @@ from dataclasses import fields
 import click
 
 from ucad.config import CONFIG_CLASSES, Configs, cli_parameter
-from ucad.errors import UcadError
+from ucad.errors import RunInterrupted, UcadError
 
 COMMAND_ORDER = ("ucad", "sampler", "dataset")
 # the configuration a command is mostly about: its fields are listed first in --help
@@ -106,17 +106,28 @@ def run(methods, **global_options):
     if order != sorted(order, key=COMMAND_ORDER.index):
         _fail(f"sub-commands must come in the order {', '.join(COMMAND_ORDER)} (got {', '.join(order)})")
     try:
+        # every value is checked before anything is loaded: a bad one is one line, not a traceback from deep
+        # inside torch (or a silent nonsense run)
         configs = build_configs({"main": global_options, **dict(methods)})
         from ucad.experiment import run_experiment  # heavy imports only once the command line is valid
 
         run_experiment(configs)
     except UcadError as error:
         _fail(str(error))
+    except RunInterrupted as interrupted:
+        _interrupted(str(interrupted))
+    except KeyboardInterrupt:  # while importing torch: nothing was written yet
+        _interrupted("interrupted before the run started; nothing was written")
 
 
 def _fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
+
+
+def _interrupted(message: str) -> None:
+    click.echo(message, err=True)
+    sys.exit(130)  # what shells report for a program ended by Ctrl-C
 
 
 def entry() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
@@ -42,6 +43,7 @@ class CliParameter:
     minimum: float | None = None  # smallest accepted value
     greater_than: float | None = None  # values must exceed this
     maximum: float | None = None  # largest accepted value
+    less_than: float | None = None  # values must stay below this
     parse: Callable[[Any], Any] | None = None  # click's value -> the field's value
     resume_may_differ: bool = False  # how the run executes, not what it computes: --resume accepts a change
 
@@ -58,9 +60,9 @@ class CliParameter:
 
 
 def option(default, command: str, *declarations: str, help: str, minimum=None, greater_than=None, maximum=None,
-           parse=None, resume_may_differ: bool = False, **click_kwargs):
+           less_than=None, parse=None, resume_may_differ: bool = False, **click_kwargs):
     return field(default=default, metadata={"cli": CliParameter(command, declarations, help, None, click_kwargs,
-                                                                minimum, greater_than, maximum, parse,
+                                                                minimum, greater_than, maximum, less_than, parse,
                                                                 resume_may_differ)})
 
 
@@ -112,9 +114,9 @@ class ModelConfig:
     patchsize: int = option(3, "ucad", "--patchsize", minimum=1,
                             help="Neighbourhood (p x p) aggregated into each patch feature.")
     patchscore: str = option("max", "ucad", "--patchscore", type=("max",), help="Image score from patch scores.")
-    patchoverlap: float = option(0.0, "ucad", "--patchoverlap",
+    patchoverlap: float = option(0.0, "ucad", "--patchoverlap", minimum=0, less_than=1,
                                  help="Accepted for compatibility; patches always use stride 1.")
-    patchsize_aggregate: tuple[int, ...] = option((), "ucad", "--patchsize_aggregate", multiple=True, type=int,
+    patchsize_aggregate: tuple[int, ...] = option((), "ucad", "--patchsize_aggregate", multiple=True, type=int, minimum=1,
                                                   help="Accepted for compatibility (unused, as in PatchCore).")
     patch_distance: str = option("squared", "ucad", "--patch_distance", type=PATCH_DISTANCES,
                                  help="Patch score and key distance: squared L2 as the released faiss IndexFlatL2, "
@@ -137,7 +139,7 @@ class ModelConfig:
 class LearningConfig:
     """How each task is learned: keys, prompt training, knowledge, thresholds."""
 
-    seed: int = option(0, "main", "--seed", help="Seed of every random choice (prompts, coresets, shuffles, splits).")
+    seed: int = option(0, "main", "--seed", minimum=0, less_than=2 ** 32, help="Seed of every random choice (prompts, coresets, shuffles, splits).")
     memory_size: int = option(196, "main", "--memory_size", minimum=1,
                               help="Knowledge vectors kept per task (coreset size).")
     epochs_num: int = option(25, "main", "--epochs_num", minimum=0,
@@ -161,7 +163,7 @@ class LearningConfig:
                                        help="Per-task image and pixel thresholds: this quantile of the scores of the "
                                             "held-out normal training images (dataset --train_val_split) (new).")
     sampler: str = argument("sampler", "NAME", default="approx_greedy_coreset", type=SAMPLER_NAMES)
-    sampler_percentage: float = option(0.1, "sampler", "-p", "--percentage",
+    sampler_percentage: float = option(0.1, "sampler", "-p", "--percentage", greater_than=0, maximum=1,
                                        help="Fraction kept in patchcore mode; ucad mode uses the fixed "
                                             "--key_size/--memory_size.")
     train_prompt: bool = option(True, "ucad", "--no_scl", is_flag=True, flag_value=False,
@@ -172,7 +174,7 @@ class LearningConfig:
     label_sampling: str = option("centre", "ucad", "--label_sampling", type=tuple(sorted(LABEL_SAMPLING)),
                                  help="Region id of a patch: at its centre pixel (as released) or its top-left "
                                       "pixel (new).")
-    lr: float = option(5e-4, "ucad", "--lr", help="Adam learning rate of the prompt (new).")
+    lr: float = option(5e-4, "ucad", "--lr", greater_than=0, help="Adam learning rate of the prompt (new).")
     feature_batch_size: int = option(32, "ucad", "--feature_batch_size", minimum=1, resume_may_differ=True,
                                      help="Images per batch when extracting features (new).")
     batch_size: int = option(8, "dataset", "--batch_size", minimum=1, help="Prompt-training batch size.")
@@ -193,8 +195,8 @@ class DataConfig:
     train_val_split: float = option(1.0, "dataset", "--train_val_split", greater_than=0.0, maximum=1.0,
                                     help="Fraction of each task's training images used for learning (seeded); the "
                                          "rest is held out as normal images that set the thresholds.")
-    num_workers: int = option(8, "dataset", "--num_workers", minimum=1, resume_may_differ=True,
-                              help="Threads decoding images.")
+    num_workers: int = option(8, "dataset", "--num_workers", minimum=0, resume_may_differ=True,
+                              help="Threads decoding images (0 or 1: in the main thread).")
     structure_path: str | None = option(None, "dataset", "--structure_path", type="path",
                                         help="Structure-map tree (default DATA_PATH-sam-b), made by "
                                              "segment_anything_prep (new).")
@@ -205,7 +207,7 @@ class RunConfig:
     """How and where the run executes; none of it changes what is learned (so --resume accepts changes)."""
 
     results_path: str = argument("main", "RESULTS_PATH", type="folder")
-    gpu: tuple[int, ...] = option((0,), "main", "--gpu", multiple=True, type=int,
+    gpu: tuple[int, ...] = option((0,), "main", "--gpu", multiple=True, type=int, minimum=0,
                                   help="GPU index among those CUDA_VISIBLE_DEVICES shows; without a GPU the run falls "
                                        "back to the CPU.")
     cpu: bool = option(False, "main", "--cpu", is_flag=True, help="Run on the CPU even when a GPU is visible (new).")
@@ -230,7 +232,8 @@ class RunConfig:
                                              "for checking the caches).")
     faiss_on_gpu: bool = option(False, "ucad", "--faiss_on_gpu", is_flag=True,
                                 help="Use a faiss GPU index when faiss has GPU support (else torch on the GPU).")
-    faiss_num_workers: int = option(8, "ucad", "--faiss_num_workers", minimum=1, help="faiss CPU threads.")
+    faiss_num_workers: int = option(8, "ucad", "--faiss_num_workers", minimum=0,
+                                    help="faiss CPU threads (0: faiss's own choice of one).")
     nn_backend: str = option("auto", "ucad", "--nn_backend", type=BACKENDS,
                              help="Nearest-neighbour search: auto = faiss on CPU, torch on GPU (new).")
     fpr_limit: float = 0.3  # AUPRO integrates the PRO curve up to this false-positive rate
@@ -279,24 +282,40 @@ def from_dict(cls, values: dict):
 
 
 def check_bounds(config) -> None:
-    """The numeric limits declared on the fields, as one-line errors naming the option."""
+    """The limits declared on the fields, as one-line errors naming the option (every value of a repeated one)."""
     for config_field in fields(config):
         parameter = cli_parameter(config_field)
         if parameter is None:
             continue
         value = getattr(config, config_field.name)
-        low, high = parameter.minimum, parameter.maximum
-        if parameter.greater_than is not None:
-            low = parameter.greater_than
-        too_low = low is not None and (value <= low if parameter.greater_than is not None else value < low)
-        too_high = high is not None and value > high
-        if not (too_low or too_high):
-            continue
-        if high is None:
-            wanted = f"at least {low:g}" if parameter.greater_than is None else f"above {low:g}"
-        else:
-            wanted = f"in {'(' if parameter.greater_than is not None else '['}{low:g}, {high:g}]"
-        raise UcadError(f"{parameter.typed} must be {wanted}, got {value}")
+        for one in value if isinstance(value, tuple) else (value,):
+            if isinstance(one, (int, float)) and not isinstance(one, bool):
+                problem = _out_of_bounds(one, parameter)
+                if problem:
+                    raise UcadError(f"{parameter.typed} must be {problem}, got {one}")
+
+
+def _out_of_bounds(value: float, parameter: CliParameter) -> str | None:
+    """What the value should be, when it is not (nan and infinity never are)."""
+    low, high = parameter.minimum, parameter.maximum
+    low_open, high_open = parameter.greater_than is not None, parameter.less_than is not None
+    low = parameter.greater_than if low_open else low
+    high = parameter.less_than if high_open else high
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if math.isfinite(value) and not (too_low or too_high):
+        return None
+    if low is None and high is None:
+        return "a finite number"
+    if high is None:
+        return f"{'above' if low_open else 'at least'} {_number(low)}"
+    if low is None:
+        return f"{'below' if high_open else 'at most'} {_number(high)}"
+    return f"in {'(' if low_open else '['}{_number(low)}, {_number(high)}{')' if high_open else ']'}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def differing_options(recorded: dict, current: Configs) -> list[str]:
@@ -313,7 +332,7 @@ def differing_options(recorded: dict, current: Configs) -> list[str]:
             after = now[name][config_field.name]
             if before != after:
                 label = parameter.typed if parameter else f"{name}.{config_field.name}"
-                differing.append(f"{label} (recorded {_shown(before, parameter)}, now {_shown(after, parameter)})")
+                differing.append(f"{label} {_shown(before, parameter)} there, {_shown(after, parameter)} now")
     return differing
 
 

@@ -46,8 +46,19 @@ class TaskSamples:
     validation: list[Sample] = field(default_factory=list)
 
 
+def is_hidden(path: Path) -> bool:
+    """Names starting with '.' (macOS '._x.png' resource forks, '.DS_Store', '.ipynb_checkpoints') are not data.
+
+    The one rule for training, testing, VisA split files and the structure-map maker, so they agree on the files."""
+    return Path(path).name.startswith(".")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and not is_hidden(path) and path.suffix.lower() in IMAGE_SUFFIXES
+
+
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if is_image_file(p))
 
 
 def _check_root(root: Path, option: str) -> None:
@@ -69,7 +80,8 @@ def _unknown_category(category: str, found: list[str], root: Path, layout: str) 
 
 def mvtec_categories(root: Path) -> list[str]:
     """Sub-folders of root that look like MVTec-layout categories (have train/ and test/)."""
-    return sorted(p.name for p in root.iterdir() if (p / "train").is_dir() and (p / "test").is_dir())
+    return sorted(p.name for p in root.iterdir()
+                  if not is_hidden(p) and (p / "train").is_dir() and (p / "test").is_dir())
 
 
 def list_mvtec_task(root: Path, category: str) -> TaskSamples:
@@ -89,7 +101,7 @@ def list_mvtec_task(root: Path, category: str) -> TaskSamples:
     if not test_dir.is_dir():
         raise UcadError(f"test folder '{test_dir}' is missing: a category needs test/good/ and test/<defect>/")
     test: list[Sample] = []
-    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not is_hidden(p)):
         defect = defect_dir.name
         for image in _images_in(defect_dir):
             if defect == "good":
@@ -111,11 +123,67 @@ def list_mvtec_task(root: Path, category: str) -> TaskSamples:
     return TaskSamples(category, root, train, test)
 
 
+VISA_COLUMNS = ("object", "split", "label", "image", "mask")
+VISA_SPLITS = ("train", "test")
+VISA_LABELS = ("normal", "anomaly")
+
+
+@dataclass(frozen=True)
+class VisaRow:
+    """One row of VisA's split file, values stripped; split and label lower-cased."""
+
+    line: int  # line number in the file, for messages
+    object: str
+    split: str
+    label: str
+    image: str
+    mask: str
+
+
+def read_visa_split(split_file: Path, required=VISA_COLUMNS) -> list[VisaRow]:
+    """The rows of split_csv/1cls.csv, checked: every problem is a UcadError naming the file and the line.
+
+    split and label are read case- and space-insensitively ('Train', ' anomaly '); a split other than
+    train/test or a label other than normal/anomaly is an error, not a silent test or normal image. Rows whose
+    image name starts with '.' are skipped, as hidden files are everywhere else."""
+    try:
+        with open(split_file, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = [name.strip().lower() for name in (reader.fieldnames or [])]
+            reader.fieldnames = header
+            raw = [(reader.line_num, row) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise UcadError(f"split file '{split_file}' cannot be read as CSV text ({type(error).__name__}: {error}); "
+                        "restore it from the VisA download (split_csv/1cls.csv)") from None
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise UcadError(f"split file '{split_file}' lacks the columns {missing} (has {header}); "
+                        f"expected the columns {', '.join(VISA_COLUMNS)}")
+    rows = []
+    for line, row in raw:
+        extra = [v for v in row.pop(None, []) if v.strip()]  # a trailing comma is harmless, more values are not
+        fields = sum(v is not None for v in row.values()) + len(extra)
+        if fields != len(header):
+            raise UcadError(f"split file '{split_file}' line {line} has {fields} fields instead of {len(header)} "
+                            "(a truncated or damaged file?): restore it from the VisA download")
+        values = {c: (row.get(c) or "").strip() for c in VISA_COLUMNS}
+        values["split"], values["label"] = values["split"].lower(), values["label"].lower()
+        if values["split"] not in VISA_SPLITS:
+            raise UcadError(f"split file '{split_file}' line {line}: split '{row['split']}' is neither train nor "
+                            f"test ({values['image']}); fix that row")
+        if "label" in required and values["label"] not in VISA_LABELS:
+            raise UcadError(f"split file '{split_file}' line {line}: label '{row['label']}' is neither normal nor "
+                            f"anomaly ({values['image']}); fix that row")
+        if is_hidden(Path(values["image"])):
+            continue
+        rows.append(VisaRow(line, **values))
+    return rows
+
+
 def visa_categories(root: Path) -> list[str]:
     split_file = root / VISA_SPLIT_FILE
     if split_file.is_file():
-        with open(split_file, newline="") as handle:
-            return sorted({row["object"] for row in csv.DictReader(handle)})
+        return sorted({row.object for row in read_visa_split(split_file)})
     return mvtec_categories(root)
 
 
@@ -131,24 +199,21 @@ def list_visa_task(root: Path, category: str) -> TaskSamples:
             f"'{root}' is neither VisA as distributed (no '{split_file}') nor VisA converted to the MVTec layout "
             "(no <category>/train and <category>/test folders)"
         )
-    with open(split_file, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    missing_columns = {"object", "split", "label", "image", "mask"} - set(rows[0].keys() if rows else [])
-    if missing_columns:
-        raise UcadError(f"split file '{split_file}' lacks the columns {sorted(missing_columns)}")
-    rows = [row for row in rows if row["object"] == category]
+    all_rows = read_visa_split(split_file)
+    rows = [row for row in all_rows if row.object == category]
     if not rows:
-        raise _unknown_category(category, visa_categories(root), root, "VisA")
+        raise _unknown_category(category, sorted({row.object for row in all_rows}), root, "VisA")
     train: list[Sample] = []
     test: list[Sample] = []
     for row in rows:
-        image = root / row["image"]
-        anomalous = row["label"].strip().lower() == "anomaly"
-        mask = root / row["mask"] if anomalous and row["mask"].strip() else None
+        image = root / row.image
+        anomalous = row.label == "anomaly"
+        mask = root / row.mask if anomalous and row.mask else None
         if anomalous and (mask is None or not mask.is_file()):
-            raise UcadError(f"defect image '{image}' has no mask: expected '{mask}' (column 'mask' of '{split_file}')")
+            raise UcadError(f"defect image '{image}' has no mask: expected '{mask}' (column 'mask' of "
+                            f"'{split_file}' line {row.line})")
         sample = Sample(image, mask, anomalous, "anomaly" if anomalous else "good")
-        (train if row["split"] == "train" else test).append(sample)
+        (train if row.split == "train" else test).append(sample)
     if not train:
         raise UcadError(f"category '{category}' has no training rows in '{split_file}'")
     return TaskSamples(category, root, train, test)

@@ -48,3 +48,56 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class OutOfMemoryRetry:
+    """Batches of at most `batch_size` items; a batch that runs out of GPU memory is retried once with half the
+    size, for this and every later batch, with one line saying so. A second GPU out-of-memory error, or running
+    out of host memory, ends the run with a UcadError naming `option`, the setting that decides the batch size.
+
+    Usage: `used = retry.run(step)` where step(size) processes the next at most `size` items."""
+
+    def __init__(self, batch_size: int, what: str, option: str, warn=None):
+        self.batch_size = self.requested = batch_size
+        self.what, self.option = what, option
+        self.warn = warn or _write_above_progress_bars
+        self.halved = False
+
+    def run(self, step):
+        while True:
+            try:
+                return step(self.batch_size)
+            except Exception as error:  # noqa: BLE001 -- only memory errors are handled, the rest re-raised
+                kind = out_of_memory_kind(error)
+                if kind is None:
+                    raise
+            # here, outside the except block, the failed batch's tensors (held by the traceback) are free again
+            self._after_out_of_memory(kind)
+
+    def _after_out_of_memory(self, kind: str) -> None:
+        if kind == "gpu" and not self.halved and self.batch_size > 1:
+            self.halved, old, self.batch_size = True, self.batch_size, max(1, self.batch_size // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.warn(f"note: out of GPU memory in {self.what} with batches of {old} ({self.option} "
+                      f"{self.requested}); retrying with batches of {self.batch_size}")
+            return
+        where = "GPU" if kind == "gpu" else "host (CPU)"
+        raise UcadError(f"out of {where} memory in {self.what} with batches of {self.batch_size} ({self.option} "
+                        f"{self.requested}): rerun with a smaller {self.option} (add --resume to keep the finished "
+                        "tasks)")
+
+
+def out_of_memory_kind(error: BaseException) -> str | None:
+    """"gpu", "cpu" or None. torch reports a failed host allocation as a RuntimeError, not MemoryError."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return "gpu"
+    if isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and "can't allocate memory" in str(error)):
+        return "cpu"
+    return None
+
+
+def _write_above_progress_bars(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message)

@@ -4,6 +4,7 @@ continues from there)."""
 from __future__ import annotations
 
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -13,15 +14,17 @@ import torch
 
 from ucad.config import Configs, LearningConfig, ModelConfig, differing_options
 from ucad.coreset import CoresetSampler
+from ucad.data_check import check_data
 from ucad.datasets import TaskSamples, list_tasks
 from ucad.device import select_device
-from ucad.errors import UcadError
+from ucad.errors import RunInterrupted, UcadError
 from ucad.evaluation import VARIANTS, ContinualEvaluator, TestSet
 from ucad.images import ImageGeometry, load_images, load_label_map, load_masks
 from ucad.learner import learn_task
 from ucad.model import KNOWLEDGE, UcadModel
 from ucad.nearest_neighbor import NearestNeighbourScorer
-from ucad.results import final_table, latest_run_dir, new_run_dir, threshold_table, write_json, write_run_results
+from ucad.results import check_results_path, final_table, interrupts_held, latest_run_dir, new_run_dir, \
+    remove_temporary_files, threshold_table, write_json, write_run_results
 from ucad.structure_maps import default_structure_root, load_structure_map, structure_map_path
 from ucad.thresholds import calibrate
 from ucad.timing import PhaseTimer
@@ -45,15 +48,6 @@ def structure_root_for(data) -> Path:
     return Path(data.structure_path) if data.structure_path else default_structure_root(data.data_path)
 
 
-def check_structure_maps(tasks: list[TaskSamples], structure_root: Path) -> None:
-    """Fail before any training if a map is missing, naming the first missing file."""
-    for task in tasks:
-        for sample in task.train:
-            path = structure_map_path(sample.image_path, task.root, structure_root)
-            if not path.is_file():
-                load_structure_map(path)  # raises the UcadError that explains how to make the maps
-
-
 def load_label_maps(task: TaskSamples, structure_root: Path, geometry: ImageGeometry) -> torch.Tensor:
     maps = [load_label_map(load_structure_map(structure_map_path(s.image_path, task.root, structure_root)), geometry)
             for s in task.train]
@@ -69,15 +63,22 @@ def load_test_set(index: int, task: TaskSamples, geometry: ImageGeometry, worker
 
 
 def _resume_state(configs: Configs) -> tuple[Path, dict] | None:
+    """The newest run of the log group that has a checkpoint, not just the newest folder."""
     run = configs.run
-    run_dir = latest_run_dir(run.results_path, run.log_project, run.log_group)
-    if run_dir is None or not (run_dir / CHECKPOINT).is_file():
+    run_dir = latest_run_dir(run.results_path, run.log_project, run.log_group, containing=CHECKPOINT)
+    if run_dir is None:
         return None
-    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)
-    differing = differing_options(state["configs"], configs)
+    try:
+        state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+        recorded = state["configs"]
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UcadError(f"--resume: the checkpoint '{run_dir / CHECKPOINT}' cannot be read ({first}); rerun without "
+                        "--resume to start a new run") from None
+    differing = differing_options(recorded, configs)
     if differing:
-        raise UcadError(f"--resume: the last run in '{run_dir}' was made with other settings: {'; '.join(differing)}. "
-                        "Rerun with the same options, or without --resume to start a new run")
+        raise UcadError(f"--resume: the last run in '{run_dir}' was made with other settings ({'; '.join(differing)}); "
+                        "rerun with that run's options to continue it, or without --resume to start a new run")
     return run_dir, state
 
 
@@ -92,28 +93,61 @@ def fidelity_line(model: UcadModel, model_config: ModelConfig, learning: Learnin
                      for k, v in used.items())
 
 
+def _interrupted_message(run_dir: Path | None, finished: int, total: int) -> str:
+    if run_dir is None or finished == 0:
+        return "interrupted before the first task finished, nothing was kept: rerun the same command to start again"
+    if finished == total:
+        return f"interrupted after the last task; the results are in '{run_dir}'"
+    return (f"interrupted after {finished} of {total} task(s), kept in '{run_dir}': rerun the same command with "
+            f"--resume to continue with task {finished + 1}")
+
+
 def run_experiment(configs: Configs) -> Path:
-    """The whole continual run described by the four configurations (see ucad.config). Returns the run folder."""
+    """The whole continual run described by the four configurations (see ucad.config). Returns the run folder.
+
+    A new run that stops before its first task finished removes its folder (a failed start keeps nothing, and
+    must not pile up folders); Ctrl-C becomes RunInterrupted, whose message says how to continue."""
+    progress = {"run_dir": None, "created": False, "finished": 0, "total": 0}
+    try:
+        return _run_experiment(configs, progress)
+    except BaseException as error:
+        if progress["created"] and progress["finished"] == 0:
+            shutil.rmtree(progress["run_dir"], ignore_errors=True)
+            progress["run_dir"] = None
+        if isinstance(error, KeyboardInterrupt):
+            raise RunInterrupted(_interrupted_message(progress["run_dir"], progress["finished"],
+                                                      progress["total"])) from None
+        raise
+
+
+def _run_experiment(configs: Configs, progress: dict) -> Path:
     model_config, learning, data, run = configs.model, configs.learning, configs.data, configs.run
     configs.check()
     seed_everything(learning.seed)
+    check_results_path(run.results_path, run.log_project, run.log_group)
     device = select_device(run.gpu, run.cpu, warn=echo)
     geometry = model_config.geometry
     tasks = list_tasks(data.name, data.data_path, list(data.categories), data.train_val_split, learning.seed)
-    if model_config.mode == "ucad" and learning.train_prompt:
-        structure_root = structure_root_for(data)
-        check_structure_maps(tasks, structure_root)
-    else:
-        structure_root = None
+    progress["total"] = len(tasks)
+    structure_root = structure_root_for(data) if model_config.mode == "ucad" and learning.train_prompt else None
+    resumed = _resume_state(configs) if run.resume else None
+    if run.resume and resumed is None:
+        echo("note: --resume found no run of this log group with a checkpoint; starting a new one")
+    # every file of every task before anything trains: a bad file in the last task must not cost the others
+    for message in check_data(tasks, structure_root, data.num_workers,
+                              skip_training_of=len(resumed[1]["model"]["tasks"]) if resumed else 0):
+        echo(message)
 
     # the backbone (and its weights) first: a download failure must not leave an empty run folder behind
     scorer = NearestNeighbourScorer(model_config.anomaly_scorer_num_nn, run.nn_backend, device, run.faiss_on_gpu,
                                     run.faiss_num_workers, patch_distance=model_config.patch_distance)
     model = UcadModel(model_config, device, run.precision, scorer=scorer)
-    resumed = _resume_state(configs) if run.resume else None
-    if run.resume and resumed is None:
-        echo("note: --resume found no unfinished run of this log group; starting a new one")
-    run_dir = resumed[0] if resumed else new_run_dir(run.results_path, run.log_project, run.log_group)
+    if resumed:
+        run_dir = resumed[0]
+        remove_temporary_files(run_dir)  # what a killed write left behind
+    else:
+        run_dir = new_run_dir(run.results_path, run.log_project, run.log_group)
+    progress.update(run_dir=run_dir, created=resumed is None)
 
     sampler = CoresetSampler(learning.sampler, learning.sampler_percentage, learning.seed)
     if run.faiss_on_gpu and not scorer.faiss_on_gpu:
@@ -133,6 +167,10 @@ def run_experiment(configs: Configs) -> Path:
         records, image_rows, losses = state["records"], state["image_rows"], state["losses"]
         done = len(state["model"]["tasks"])
         timer.merge(_timer_from(state.get("timings", {})))
+        progress["finished"] = done
+        # a kill between two result files may have left them disagreeing: the checkpoint, written last, decides
+        with interrupts_held():
+            _write_result_files(run_dir, records, image_rows, task_names, losses, timer, model)
 
     echo(f"UCAD run folder: {run_dir}")
     echo(f"device: {device}{' (autocast ' + str(model.amp_dtype).replace('torch.', '') + ')' if model.amp_dtype else ''}")
@@ -201,7 +239,10 @@ def run_experiment(configs: Configs) -> Path:
         phase_records = evaluator.evaluate_phase(index, variants)
         records += phase_records
         image_rows += evaluator.image_rows(index, variants)
-        _write_results(run_dir, records, image_rows, task_names, losses, timer, model, configs)
+        with interrupts_held():  # Ctrl-C waits until every file of the phase is written
+            _write_result_files(run_dir, records, image_rows, task_names, losses, timer, model)
+            _write_checkpoint(run_dir, records, image_rows, losses, timer, model, configs)
+            progress["finished"] = index + 1
         mine = {r["task_index"]: r for r in phase_records if r["variant"] == "task_agnostic"}
         echo(f"   after {task.category}: mean image AUROC {np.mean([r['image_auroc'] for r in mine.values()]):.3f}, "
              f"mean routing accuracy {np.mean([r['routing_accuracy'] for r in mine.values()]):.3f} over {len(mine)} task(s)")
@@ -267,17 +308,25 @@ def _timer_from(timings: dict) -> PhaseTimer:
     return timer
 
 
-def _write_results(run_dir: Path, records, image_rows, task_names, losses, timer: PhaseTimer, model: UcadModel,
-                   configs: Configs) -> None:
-    """The result files, then the checkpoint --resume continues from."""
+def _write_result_files(run_dir: Path, records, image_rows, task_names, losses, timer: PhaseTimer,
+                       model: UcadModel) -> None:
     write_run_results(run_dir, records, image_rows, task_names, {
         "losses": losses, "timings": timer.as_dict(),
         "memory_bytes_per_task": {t.name: t.memory_bytes() for t in model.tasks},
         "feature_drift": {t.name: t.extra.get("feature_drift") for t in model.tasks},
         "chosen_epochs": {t.name: t.extra["chosen_epoch"] for t in model.tasks if "chosen_epoch" in t.extra}})
+    write_json(run_dir / "timings.json", timer.as_dict())
+
+
+def _write_checkpoint(run_dir: Path, records, image_rows, losses, timer: PhaseTimer, model: UcadModel,
+                      configs: Configs) -> None:
+    """Written after every other file of the phase: the checkpoint names the finished phase, and --resume
+    rewrites the other files from it, so a kill between two files cannot leave a run that disagrees."""
     state = {"configs": configs.as_dict(), "model": model.state(), "records": records, "image_rows": image_rows,
              "losses": losses, "timings": timer.as_dict()}
-    write_json(run_dir / "timings.json", timer.as_dict())
     temporary = run_dir / (CHECKPOINT + ".tmp")
-    torch.save(state, temporary)
-    temporary.replace(run_dir / CHECKPOINT)
+    try:
+        torch.save(state, temporary)
+        temporary.replace(run_dir / CHECKPOINT)
+    finally:
+        temporary.unlink(missing_ok=True)

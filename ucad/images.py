@@ -64,9 +64,37 @@ def _open(path: Path, what: str) -> Image.Image:
         raise UcadError(f"cannot read {what} '{path}': {error}. Replace or remove the file.") from None
 
 
+# modes PIL gives to single-channel images of more than 8 bits (16-bit PNG and TIFF, PGM with a large maxval)
+WIDE_INTEGER_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def bit_depth(image: Image.Image) -> int:
+    """Bits per sample as the file declares them: TIFF's BitsPerSample (12-bit cameras), else what the mode
+    holds (a 16-bit PNG opens as I;16, or as I in older Pillow: PNG has no depth between 8 and 16)."""
+    tags = getattr(image, "tag_v2", None)
+    declared = tags.get(258) if tags is not None else None
+    if isinstance(declared, (tuple, list)):
+        declared = declared[0] if declared else None
+    if isinstance(declared, int) and 8 < declared <= 32:
+        return declared
+    return 16 if image.mode in WIDE_INTEGER_MODES else 8
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """A wide grayscale image scaled to 8 bits by its bit depth (65535 -> 255), as a viewer shows it.
+
+    PIL's convert("RGB") clips wide values at 255 instead, which turns almost every 16-bit picture white; scaling
+    by each image's own maximum would change brightness from image to image, so the bit depth decides."""
+    if image.mode not in WIDE_INTEGER_MODES:
+        return image
+    top = float(2 ** bit_depth(image) - 1)
+    array = np.asarray(image).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(array * (255.0 / top)), 0, 255).astype(np.uint8))
+
+
 def load_image(path: Path, geometry: ImageGeometry) -> np.ndarray:
-    """uint8 array (3, S, S); grayscale and palette images become RGB."""
-    image = np.asarray(_open(path, "image").convert("RGB"), dtype=np.uint8)
+    """uint8 array (3, S, S); grayscale and palette images become RGB, 16-bit ones are scaled to 8 bits."""
+    image = np.asarray(to_8_bit(_open(path, "image")).convert("RGB"), dtype=np.uint8)
     return geometry.apply(torch.from_numpy(image.transpose(2, 0, 1).copy())).numpy()
 
 
@@ -75,7 +103,10 @@ def load_mask(path: Path | None, geometry: ImageGeometry) -> np.ndarray:
     if path is None:
         return np.zeros((geometry.imagesize, geometry.imagesize), dtype=np.uint8)
     mask = _open(path, "mask")
-    array = np.asarray(mask.convert("L") if mask.mode not in ("L", "I", "I;16", "1") else mask)
+    # single-channel values are compared with 0 as stored, whatever their bit depth (a 16-bit mask holding 1
+    # is defect); colour and palette masks by their brightness
+    raw = mask.mode in (("1", "L", "F") + WIDE_INTEGER_MODES)
+    array = np.asarray(mask if raw else mask.convert("L"))
     binary = torch.from_numpy((array > 0).astype(np.uint8))
     return geometry.apply(binary, nearest=True).numpy()
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ucad.anomaly_map import anomaly_maps, image_scores
 from ucad.backbones import FeatureExtractor
 from ucad.config import ModelConfig, RunConfig, from_dict, to_dict
-from ucad.device import autocast, autocast_dtype
+from ucad.device import OutOfMemoryRetry, autocast, autocast_dtype
 from ucad.errors import UcadError
 from ucad.knowledge import PackedKnowledge
 from ucad.nearest_neighbor import NearestNeighbourScorer
@@ -83,6 +83,8 @@ class UcadModel:
                                                        patch_distance=config.patch_distance)
         self.tasks: list[TaskMemory] = []
         self.run_configuration: dict = {}  # the configuration of the run that made a loaded model
+        # per requested --feature_batch_size: once halved after running out of GPU memory, it stays halved
+        self.feature_batches: dict[int, OutOfMemoryRetry] = {}
         maps = self.extractor.feature_maps_of_size(config.imagesize)
         self.grid: tuple[int, int] = self.embedder.grid_of(tuple(max(m.shape[d] for m in maps) for d in (2, 3)))
 
@@ -127,11 +129,16 @@ class UcadModel:
     def features(self, images_uint8: torch.Tensor, prompt: torch.nn.Module | None = None, batch_size: int = 32,
                  description: str | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Features of many images in batches; stays on the device."""
-        parts = []
-        starts = range(0, images_uint8.shape[0], batch_size)
-        for start in tqdm(starts, desc=description, disable=description is None, leave=False):
-            batch = images_uint8[start:start + batch_size].to(self.device, non_blocking=True)
-            parts.append(self.embed(batch, prompt).to(out_dtype))
+        batches = self.feature_batches.setdefault(
+            batch_size, OutOfMemoryRetry(batch_size, "feature extraction", "--feature_batch_size"))
+        parts, done = [], 0
+        with tqdm(total=images_uint8.shape[0], desc=description, disable=description is None, leave=False) as bar:
+            while done < images_uint8.shape[0]:
+                part = batches.run(lambda size: self.embed(
+                    images_uint8[done:done + size].to(self.device, non_blocking=True), prompt).to(out_dtype))
+                parts.append(part)
+                done += part.shape[0]
+                bar.update(part.shape[0])
         return torch.cat(parts)
 
     def frozen_features(self, images_uint8: torch.Tensor, batch_size: int = 32,

@@ -2,14 +2,20 @@
 final summary (mean and forgetting), configuration and timings, written after every task."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
+import os
 import re
+import signal
+import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
 
+from ucad.errors import UcadError
 from ucad.metrics import final_average, forgetting_measure
 
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")
@@ -23,24 +29,121 @@ THRESHOLD_METRICS = ("image_f1_at_threshold", "image_precision_at_threshold", "i
 SUMMARY_METRICS = MATRIX_METRICS + THRESHOLD_METRICS
 
 
+# a run folder is LOG_GROUP_N; this many digits of N are allowed for when checking the name's length
+RUN_NUMBER_DIGITS = 6
+
+
+def check_results_path(results_path: str | Path, log_project: str, log_group: str) -> None:
+    """Fail in a second, before the backbone is loaded, if the run folder could not be made: a part of the path
+    is a file, the nearest existing folder is not writable, or a name is longer than the file system allows."""
+    if not log_group or "/" in log_group or "\\" in log_group or log_group in (".", ".."):
+        raise UcadError(f"--log_group '{log_group}' must be a plain folder name (no '/'): the run folder is "
+                        "RESULTS_PATH/LOG_PROJECT/LOG_GROUP_N")
+    project = Path(results_path) / log_project
+    existing = project
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UcadError(f"results path '{project}' cannot be made: '{existing}' is a file, not a folder; "
+                        "choose another RESULTS_PATH")
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    to_make = list(project.relative_to(existing).parts) if project != existing else []
+    for part in to_make:
+        if len(part.encode()) > name_max:
+            raise UcadError(f"'{part}' in the results path '{project}' is {len(part.encode())} bytes long; this file "
+                            f"system allows {name_max}: choose a shorter RESULTS_PATH or --log_project")
+    run_name = f"{log_group}_{'9' * RUN_NUMBER_DIGITS}"
+    if len(run_name.encode()) > name_max:
+        raise UcadError(f"--log_group is {len(log_group.encode())} bytes long; with the run number appended a folder "
+                        f"name may have at most {name_max} bytes on this file system: choose a shorter --log_group "
+                        f"(at most {name_max - RUN_NUMBER_DIGITS - 1})")
+    try:  # os.access says yes to root on read-only mounts; making a file is the real test
+        handle, probe = tempfile.mkstemp(prefix=".ucad-write-test-", dir=existing)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise UcadError(f"results path '{project}' is not writable: cannot create files in '{existing}' "
+                        f"({error.strerror or error}); choose a RESULTS_PATH you can write to") from None
+
+
+def _run_numbers(project: Path, log_group: str) -> dict[int, Path]:
+    if not project.is_dir():
+        return {}
+    return {int(m.group(1)): p for p in project.iterdir()
+            if (m := re.fullmatch(re.escape(log_group) + r"_(\d+)", p.name))}
+
+
 def new_run_dir(results_path: str | Path, log_project: str, log_group: str) -> Path:
-    """results_path/log_project/log_group_N with N one more than the largest there: nothing is overwritten."""
+    """results_path/log_project/log_group_N with N one more than the largest there: nothing is overwritten.
+
+    Two runs started at once may pick the same N; the one whose mkdir loses takes the next number."""
     project = Path(results_path) / log_project
     project.mkdir(parents=True, exist_ok=True)
-    numbers = [int(m.group(1)) for p in project.iterdir()
-               if (m := re.fullmatch(re.escape(log_group) + r"_(\d+)", p.name))]
-    run_dir = project / f"{log_group}_{max(numbers, default=-1) + 1}"
-    run_dir.mkdir()
-    return run_dir
+    for _ in range(1000):
+        run_dir = project / f"{log_group}_{max(_run_numbers(project, log_group), default=-1) + 1}"
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise UcadError(f"could not make a new run folder in '{project}' for --log_group {log_group}: other runs keep "
+                    "taking the numbers; start this run again")
 
 
-def latest_run_dir(results_path: str | Path, log_project: str, log_group: str) -> Path | None:
-    project = Path(results_path) / log_project
-    if not project.is_dir():
-        return None
-    runs = [(int(m.group(1)), p) for p in project.iterdir()
-            if (m := re.fullmatch(re.escape(log_group) + r"_(\d+)", p.name))]
-    return max(runs)[1] if runs else None
+def latest_run_dir(results_path: str | Path, log_project: str, log_group: str,
+                   containing: str | None = None) -> Path | None:
+    """The run folder of log_group with the largest N; with `containing`, the largest that holds that file."""
+    runs = _run_numbers(Path(results_path) / log_project, log_group)
+    for number in sorted(runs, reverse=True):
+        if containing is None or (runs[number] / containing).is_file():
+            return runs[number]
+    return None
+
+
+def remove_temporary_files(run_dir: Path) -> int:
+    """Deletes the *.tmp files a killed write left in a run folder; returns how many."""
+    stray = [p for p in Path(run_dir).rglob("*.tmp") if p.is_file()]
+    for path in stray:
+        path.unlink(missing_ok=True)
+    return len(stray)
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Ctrl-C or SIGTERM during the block takes effect right after it, so the result files of a phase are
+    written all or not at all (a kill -9 still can't be held: the checkpoint, written last, is the authority)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.signal(number, lambda number, frame: received.append(number)) for number in held}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(received):
+            if callable(handler := previous[number]):
+                handler(number, None)  # Python's own Ctrl-C handler raises KeyboardInterrupt right here
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(number)  # e.g. SIGTERM: end the process as it would have
+
+
+@contextlib.contextmanager
+def _atomic(path: Path):
+    """Yields a temporary name next to `path`; renamed onto `path` only if the block finishes."""
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        yield temporary
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def accuracy_matrix(records: list[dict], variant: str, metric: str, num_tasks: int) -> np.ndarray:
@@ -79,19 +182,16 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     fields = list(rows[0].keys())
     for row in rows[1:]:
         fields += [k for k in row if k not in fields]
-    temporary = path.with_suffix(".tmp")
-    with open(temporary, "w", newline="") as handle:
+    with _atomic(path) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if _clean(v) is None else v) for k, v in row.items()})
-    temporary.replace(path)
 
 
 def write_json(path: Path, data) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(_jsonable(data), indent=2))
-    temporary.replace(path)
+    with _atomic(path) as temporary:
+        temporary.write_text(json.dumps(_jsonable(data), indent=2))
 
 
 def _jsonable(value):
@@ -141,6 +241,9 @@ def _fmt(value: float) -> str:
     return "" if np.isnan(value) else f"{value:.6f}"
 
 
+HEATMAP_LABELLED_TASKS = 20  # above this many tasks the picture shows colours only
+
+
 def write_heatmap(path: Path, records: list[dict], task_names: list[str], variant: str = "task_agnostic",
                   metric: str = "image_auroc") -> None:
     import matplotlib
@@ -150,23 +253,29 @@ def write_heatmap(path: Path, records: list[dict], task_names: list[str], varian
 
     phases = max((r["phase"] for r in records), default=-1) + 1
     matrix = accuracy_matrix(records, variant, metric, phases)
-    size = max(4.0, 0.55 * phases + 2)
+    # drawing cost grows with the figure and with one label per cell: both are capped, so a stream of hundreds
+    # of tasks redraws the picture after every task in about constant time (the CSV matrices hold the numbers)
+    size = min(14.0, max(4.0, 0.55 * phases + 2))
     figure, axis = plt.subplots(figsize=(size, size * 0.85))
     image = axis.imshow(np.ma.masked_invalid(matrix), vmin=0.5, vmax=1.0, cmap="viridis")
-    names = task_names[:phases]
-    axis.set_xticks(range(phases), names, rotation=60, ha="right", fontsize=8)
-    axis.set_yticks(range(phases), names, fontsize=8)
+    if phases <= HEATMAP_LABELLED_TASKS:
+        names = task_names[:phases]
+        axis.set_xticks(range(phases), names, rotation=60, ha="right", fontsize=8)
+        axis.set_yticks(range(phases), names, fontsize=8)
+        for t in range(phases):
+            for j in range(t + 1):
+                axis.text(j, t, f"{matrix[t, j]:.2f}", ha="center", va="center", fontsize=7,
+                          color="white" if matrix[t, j] < 0.8 else "black")
     axis.set_xlabel("evaluated task")
     axis.set_ylabel("after learning task")
-    for t in range(phases):
-        for j in range(t + 1):
-            axis.text(j, t, f"{matrix[t, j]:.2f}", ha="center", va="center", fontsize=7,
-                      color="white" if matrix[t, j] < 0.8 else "black")
     axis.set_title(f"{metric} ({variant})")
     figure.colorbar(image, ax=axis, fraction=0.046)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        with _atomic(path) as temporary:
+            figure.savefig(temporary, dpi=120, format="png")
+    finally:
+        plt.close(figure)
 
 
 def final_table(records: list[dict], task_names: list[str], mode: str) -> str:

@@ -20,7 +20,6 @@ code, which reads them):
 
 from __future__ import annotations
 
-import csv
 import os
 import tempfile
 from pathlib import Path
@@ -29,9 +28,9 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from ucad.datasets import is_hidden, is_image_file, read_visa_split
 from ucad.errors import UcadError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_LABEL = 65535
 STRUCTURE_SUFFIX = "-sam-b"
 VISA_SPLIT_CSV = Path("split_csv") / "1cls.csv"
@@ -217,21 +216,17 @@ def resize_labels_nearest(labels, shape) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _is_image(p: Path) -> bool:
-    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-
-
 def _images_in(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return [p for p in folder.iterdir() if _is_image(p)]
+    return [p for p in folder.iterdir() if is_image_file(p)]
 
 
 def _mvtec_category_images(cat_dir: Path, include_test: bool) -> list[Path]:
     images = _images_in(cat_dir / "train" / "good")
     if include_test and (cat_dir / "test").is_dir():
         for sub in sorted((cat_dir / "test").iterdir()):
-            if sub.is_dir():
+            if sub.is_dir() and not is_hidden(sub):
                 images.extend(_images_in(sub))
     return images
 
@@ -246,25 +241,18 @@ def _visa_folder_images(cat_dir: Path, include_test: bool) -> list[Path]:
 
 
 def _visa_csv_images(root: Path, csv_path: Path, include_test: bool, categories) -> list[Path]:
-    try:
-        with open(csv_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UcadError(f"VisA split file {csv_path} cannot be read: {exc}") from None
-    if rows and not {"object", "split", "image"} <= set(rows[0].keys()):
-        raise UcadError(
-            f"VisA split file {csv_path} lacks the columns object, split, image (has {sorted(rows[0].keys())})"
-        )
-    known = sorted({r["object"].strip() for r in rows})
+    # the training run's reader: both read split and label the same way and skip the same hidden files
+    rows = read_visa_split(csv_path, required=("object", "split", "image"))
+    known = sorted({r.object for r in rows})
     _check_categories(categories, known, root)
     wanted = {"train", "test"} if include_test else {"train"}
     images, missing = [], []
     for r in rows:
-        if r["split"].strip().lower() not in wanted:
+        if r.split not in wanted:
             continue
-        if categories and r["object"].strip() not in categories:
+        if categories and r.object not in categories:
             continue
-        p = root / r["image"].strip()
+        p = root / r.image
         if p.is_file():
             images.append(p)
         else:
@@ -308,7 +296,7 @@ def find_images(data_root, include_test: bool = False, categories: Iterable[str]
         images = _mvtec_category_images(root, include_test)
     else:
         found: dict[str, list[Path]] = {}
-        for cat_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for cat_dir in sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p)):
             if (cat_dir / "train").is_dir():
                 found[cat_dir.name] = _mvtec_category_images(cat_dir, include_test)
             elif (cat_dir / "Data" / "Images").is_dir():

@@ -1,12 +1,14 @@
 """Training one task's prompt with the structure-based contrastive loss, for a fixed number of epochs.
 
-Nothing here sees test data: the number of epochs is fixed up front and the last prompt is kept.
+Nothing here sees test data: the number of epochs is fixed up front, and the last prompt is kept unless
+ucad.epoch_selection picks an epoch on held-out training images.
 """
 from __future__ import annotations
 
 import torch
 from tqdm import tqdm
 
+from ucad.device import OutOfMemoryRetry
 from ucad.loss import labels_to_grid, structure_contrastive_loss
 
 SCL_FEATURES = ("raw", "embedded")
@@ -29,28 +31,33 @@ def train_prompt(model, prompt: torch.nn.Module, images: torch.Tensor, label_map
     optimizer = torch.optim.Adam(prompt.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     history = []
+    batches = OutOfMemoryRetry(batch_size, "prompt training", "dataset --batch_size")
+
+    def step(index: torch.Tensor) -> tuple[torch.Tensor, int]:
+        batch = images[index].to(model.device, non_blocking=True)
+        labels = label_maps[index].to(model.device, non_blocking=True)
+        if augment:
+            batch, labels = _flip(batch, labels, generator)
+        if scl_features == "raw":
+            features, grid = model.scl_features(batch, prompt)
+        else:
+            features, grid = model.embed(batch, prompt), model.grid
+        loss = structure_contrastive_loss(features, labels_to_grid(labels, grid, label_sampling), temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(prompt.parameters(), clip)
+        optimizer.step()
+        return loss.detach() * len(index), len(index)
+
     progress = tqdm(range(epochs), desc=description, leave=False)
     for _ in progress:
         order = torch.randperm(images.shape[0], generator=generator)
         # the epoch's loss is summed on the device: a float() per step would wait for the GPU every step
         total, count = torch.zeros((), device=model.device), 0
-        for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
-            batch = images[index].to(model.device, non_blocking=True)
-            labels = label_maps[index].to(model.device, non_blocking=True)
-            if augment:
-                batch, labels = _flip(batch, labels, generator)
-            if scl_features == "raw":
-                features, grid = model.scl_features(batch, prompt)
-            else:
-                features, grid = model.embed(batch, prompt), model.grid
-            loss = structure_contrastive_loss(features, labels_to_grid(labels, grid, label_sampling), temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(prompt.parameters(), clip)
-            optimizer.step()
-            total += loss.detach() * len(index)
-            count += len(index)
+        while count < len(order):
+            weighted_loss, used = batches.run(lambda size: step(order[count:count + size]))
+            total += weighted_loss
+            count += used
         history.append(float(total) / count)
         progress.set_postfix(loss=f"{history[-1]:.4f}")
         if after_epoch is not None:
