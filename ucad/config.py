@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from ucad.backbones import INPUT_NORMS
 from ucad.coreset import SAMPLER_NAMES
-from ucad.datasets import DATASET_LISTERS
+from ucad.datasets import LAYOUTS
 from ucad.epoch_selection import EPOCH_SELECTIONS
 from ucad.errors import UcadError
 from ucad.images import ImageGeometry
@@ -188,7 +188,7 @@ class LearningConfig:
 class DataConfig:
     """Which data: the layout, the folder, the tasks in order, the held-out split."""
 
-    name: str = argument("dataset", "NAME", type=tuple(DATASET_LISTERS))
+    name: str = argument("dataset", "NAME", type=tuple(LAYOUTS))
     data_path: str = argument("dataset", "DATA_PATH", type="path")
     categories: tuple[str, ...] = option((), "dataset", "-d", "--subdatasets", multiple=True,
                                          help="Category (task), repeat in task order; default: all found.")

@@ -2,6 +2,11 @@
 
 A task is one product category. Listing is separate from decoding (see `ucad.images`), so a
 bad path or a misspelt category fails in a second, before any model is built.
+
+This is the one listing of a data set's files: the training run (`list_tasks`) and the structure-map maker
+(`ucad.structure_maps.find_images`) both go through it, so they agree on which files are data. A layout is one
+`DataLayout` registration (`register_layout`): the choices of `dataset NAME` and the detection of a folder's
+layout come from the registry.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import difflib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ucad.errors import UcadError
 
@@ -84,8 +90,13 @@ def mvtec_categories(root: Path) -> list[str]:
                   if not is_hidden(p) and (p / "train").is_dir() and (p / "test").is_dir())
 
 
-def list_mvtec_task(root: Path, category: str) -> TaskSamples:
-    """One category in the MVTec AD layout; `category` "." means root itself is the category."""
+def is_mvtec_layout(root: Path) -> bool:
+    return bool(mvtec_categories(root)) or (root / "train").is_dir()
+
+
+def list_mvtec_task(root: Path, category: str, need_masks: bool = True) -> TaskSamples:
+    """One category in the MVTec AD layout; `category` "." means root itself is the category. Without
+    `need_masks` (the structure-map maker) a defect image's missing mask is no error (its mask_path is None)."""
     root = Path(root)
     _check_root(root, "DATA_PATH of the dataset sub-command")
     folder = root if category == "." else root / category
@@ -111,7 +122,9 @@ def list_mvtec_task(root: Path, category: str) -> TaskSamples:
             if not mask.is_file():
                 # VisA converted by its official script (spot-diff prepare_data.py) names masks <name>.png
                 same_name = mask.with_name(f"{image.stem}.png")
-                if not same_name.is_file():
+                if not same_name.is_file() and not need_masks:
+                    same_name = None
+                elif not same_name.is_file():
                     raise UcadError(
                         f"defect image '{image}' has no mask: expected '{mask}' (or '{same_name}'). Every image "
                         f"in test/{defect}/ needs ground_truth/{defect}/<name>_mask.png"
@@ -184,22 +197,36 @@ def visa_categories(root: Path) -> list[str]:
     split_file = root / VISA_SPLIT_FILE
     if split_file.is_file():
         return sorted({row.object for row in read_visa_split(split_file)})
-    return mvtec_categories(root)
+    found = mvtec_categories(root)
+    if not found and is_visa_layout(root):
+        raise _no_visa_split_file(root)
+    return found
 
 
-def list_visa_task(root: Path, category: str) -> TaskSamples:
-    """VisA as distributed (split_csv/1cls.csv) or already converted to the MVTec layout."""
+def _no_visa_split_file(root: Path) -> UcadError:
+    return UcadError(
+        f"'{root}' is neither VisA as distributed (no split file '{root / VISA_SPLIT_FILE}': restore "
+        "split_csv/1cls.csv from the VisA download, it says which images are for training) nor VisA converted to "
+        "the MVTec layout (no <category>/train and <category>/test folders)")
+
+
+def is_visa_layout(root: Path) -> bool:
+    """VisA as distributed: the split file, or its <category>/Data/Images folders (whose split file is missing)."""
+    return (root / VISA_SPLIT_FILE).is_file() or any(
+        (p / "Data" / "Images").is_dir() for p in root.iterdir() if p.is_dir() and not is_hidden(p))
+
+
+def list_visa_task(root: Path, category: str, need_masks: bool = True) -> TaskSamples:
+    """VisA as distributed (split_csv/1cls.csv) or already converted to the MVTec layout. Without `need_masks`
+    (the structure-map maker) the label and mask columns may be absent and a missing mask is no error."""
     root = Path(root)
     _check_root(root, "DATA_PATH of the dataset sub-command")
     split_file = root / VISA_SPLIT_FILE
     if not split_file.is_file():
         if mvtec_categories(root):
-            return list_mvtec_task(root, category)
-        raise UcadError(
-            f"'{root}' is neither VisA as distributed (no '{split_file}') nor VisA converted to the MVTec layout "
-            "(no <category>/train and <category>/test folders)"
-        )
-    all_rows = read_visa_split(split_file)
+            return list_mvtec_task(root, category, need_masks)
+        raise _no_visa_split_file(root)
+    all_rows = read_visa_split(split_file, VISA_COLUMNS if need_masks else ("object", "split", "image"))
     rows = [row for row in all_rows if row.object == category]
     if not rows:
         raise _unknown_category(category, sorted({row.object for row in all_rows}), root, "VisA")
@@ -209,7 +236,7 @@ def list_visa_task(root: Path, category: str) -> TaskSamples:
         image = root / row.image
         anomalous = row.label == "anomaly"
         mask = root / row.mask if anomalous and row.mask else None
-        if anomalous and (mask is None or not mask.is_file()):
+        if anomalous and need_masks and (mask is None or not mask.is_file()):
             raise UcadError(f"defect image '{image}' has no mask: expected '{mask}' (column 'mask' of "
                             f"'{split_file}' line {row.line})")
         sample = Sample(image, mask, anomalous, "anomaly" if anomalous else "good")
@@ -219,16 +246,63 @@ def list_visa_task(root: Path, category: str) -> TaskSamples:
     return TaskSamples(category, root, train, test)
 
 
-DATASET_LISTERS = {"mvtec": list_mvtec_task, "visa": list_visa_task}
+@dataclass(frozen=True)
+class DataLayout:
+    """One way a data set is arranged on disk."""
+
+    name: str  # as `dataset NAME` takes it
+    description: str  # how its folders look, for messages
+    recognises: Callable[[Path], bool]  # does this folder look like this layout
+    categories: Callable[[Path], list[str]]  # the categories (tasks) found in a root
+    list_task: Callable[[Path, str, bool], TaskSamples]  # (root, category, need_masks) -> the category's samples
+
+
+LAYOUTS: dict[str, DataLayout] = {}
+
+
+def register_layout(layout: DataLayout) -> None:
+    """A new data layout: it becomes a choice of `dataset NAME` and is recognised by the structure-map maker."""
+    LAYOUTS[layout.name] = layout
+
+
+register_layout(DataLayout(
+    "mvtec", "the MVTec layout (ROOT/<category>/train/good/*.png, ROOT/<category>/test/<type>/*.png) or a single "
+             "category folder (ROOT/train/good/*, ROOT/test/<type>/*)",
+    is_mvtec_layout, mvtec_categories, list_mvtec_task))
+register_layout(DataLayout(
+    "visa", "VisA as distributed (ROOT/<category>/Data/Images/{Normal,Anomaly}/*.JPG with ROOT/split_csv/1cls.csv) "
+            "or converted to the MVTec layout",
+    is_visa_layout, visa_categories, list_visa_task))
+
+
+def layouts_hint() -> str:
+    return "expected " + ", or ".join(layout.description for layout in LAYOUTS.values())
+
+
+def detect_layout(root: str | Path) -> str:
+    """The name of the first registered layout that recognises the folder (for tools that are given no NAME)."""
+    root = Path(root)
+    _check_root(root, "the data path")
+    for layout in LAYOUTS.values():
+        if layout.recognises(root):
+            return layout.name
+    raise UcadError(f"no data set found in '{root}': {layouts_hint()}")
 
 
 def list_tasks(name: str, root: str | Path, categories: list[str], train_val_split: float = 1.0,
-               seed: int = 0) -> list[TaskSamples]:
-    """All tasks of a run, in the order given; checks every category before anything is trained."""
+               seed: int = 0, need_masks: bool = True) -> list[TaskSamples]:
+    """All tasks of a run, in the order given; checks every category before anything is trained.
+
+    `need_masks` False lists images only (the structure-map maker): a missing mask of a test image is no error."""
     root = Path(root)
+    if name not in LAYOUTS:
+        raise UcadError(f"unknown data layout '{name}': choose one of {', '.join(LAYOUTS)}")
+    layout = LAYOUTS[name]
     _check_root(root, f"DATA_PATH of 'dataset {name}'")
+    if (root / "train").is_dir() and list(categories) == [root.name]:
+        categories = ["."]  # the root is itself the one category, named
     if not categories:
-        found = mvtec_categories(root) if name == "mvtec" else visa_categories(root)
+        found = layout.categories(root)
         if not found:
             if (root / "train").is_dir():
                 categories = ["."]
@@ -238,7 +312,7 @@ def list_tasks(name: str, root: str | Path, categories: list[str], train_val_spl
             categories = found
     if len(set(categories)) != len(categories):
         raise UcadError(f"a category is given twice in -d: {categories}")
-    tasks = [DATASET_LISTERS[name](root, category) for category in categories]
+    tasks = [layout.list_task(root, category, need_masks) for category in categories]
     if not 0.0 < train_val_split <= 1.0:
         raise UcadError(f"--train_val_split must be in (0, 1], got {train_val_split}")
     if train_val_split < 1.0:

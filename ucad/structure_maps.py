@@ -23,17 +23,16 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 from PIL import Image
 
-from ucad.datasets import is_hidden, is_image_file, read_visa_split
+from ucad.datasets import detect_layout, layouts_hint, list_tasks
 from ucad.errors import UcadError
 
 MAX_LABEL = 65535
 STRUCTURE_SUFFIX = "-sam-b"
-VISA_SPLIT_CSV = Path("split_csv") / "1cls.csv"
 
 MAKE_MAPS_HINT = (
     "make them with `python segment_anything_prep/make_structure_maps.py --data_path DATA "
@@ -41,11 +40,6 @@ MAKE_MAPS_HINT = (
     "or train without them with the option `--no_scl` of the `ucad` sub-command (the prompt is then not trained)"
 )
 
-LAYOUTS_HINT = (
-    "expected the MVTec layout (ROOT/<category>/train/good/*.png, ROOT/<category>/test/<type>/*.png), "
-    "a single category folder (ROOT/train/good/*, ROOT/test/<type>/*), or VisA as distributed "
-    "(ROOT/<category>/Data/Images/{Normal,Anomaly}/*.JPG with ROOT/split_csv/1cls.csv)"
-)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -216,94 +210,20 @@ def resize_labels_nearest(labels, shape) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _images_in(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return [p for p in folder.iterdir() if is_image_file(p)]
-
-
-def _mvtec_category_images(cat_dir: Path, include_test: bool) -> list[Path]:
-    images = _images_in(cat_dir / "train" / "good")
-    if include_test and (cat_dir / "test").is_dir():
-        for sub in sorted((cat_dir / "test").iterdir()):
-            if sub.is_dir() and not is_hidden(sub):
-                images.extend(_images_in(sub))
-    return images
-
-
-def _visa_folder_images(cat_dir: Path, include_test: bool) -> list[Path]:
-    # VisA folder without the split file: every Normal image (a superset of the train split; maps for extra
-    # images are harmless), and the Anomaly ones with include_test
-    images = _images_in(cat_dir / "Data" / "Images" / "Normal")
-    if include_test:
-        images.extend(_images_in(cat_dir / "Data" / "Images" / "Anomaly"))
-    return images
-
-
-def _visa_csv_images(root: Path, csv_path: Path, include_test: bool, categories) -> list[Path]:
-    # the training run's reader: both read split and label the same way and skip the same hidden files
-    rows = read_visa_split(csv_path, required=("object", "split", "image"))
-    known = sorted({r.object for r in rows})
-    _check_categories(categories, known, root)
-    wanted = {"train", "test"} if include_test else {"train"}
-    images, missing = [], []
-    for r in rows:
-        if r.split not in wanted:
-            continue
-        if categories and r.object not in categories:
-            continue
-        p = root / r.image
-        if p.is_file():
-            images.append(p)
-        else:
-            missing.append(p)
-    if missing:
-        raise UcadError(
-            f"{len(missing)} image(s) listed in {csv_path} are missing, e.g. {missing[0]}; "
-            f"choose the categories present with -d CATEGORY"
-        )
-    return images
-
-
-def _check_categories(categories, available: Sequence[str], root: Path) -> None:
-    if not categories:
-        return
-    unknown = [c for c in categories if c not in available]
-    if unknown:
-        raise UcadError(
-            f"categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} not found in {root}; "
-            f"available: {', '.join(available) if available else 'none'}"
-        )
-
-
 def find_images(data_root, include_test: bool = False, categories: Iterable[str] | None = None) -> list[Path]:
     """Images of a data set that need structure maps (training images; with ``include_test`` the test ones too).
 
-    Layouts: MVTec (``ROOT/<cat>/train/good/*``, test ``ROOT/<cat>/test/*/*``), a single MVTec category folder
-    (``ROOT/train/good/*``), VisA as distributed (``ROOT/<cat>/Data/Images/...`` with ``ROOT/split_csv/1cls.csv``:
-    train = rows whose split is ``train``; the image column is relative to ROOT). Extensions are matched
-    case-insensitively; the result is sorted. ``categories`` keeps only those categories. Nothing found -> UcadError.
-    """
+    The training run's own listing (``ucad.datasets``, the layout recognised from the folder), so the maker writes
+    a map for exactly the images a run trains on: the same hidden-file rule, the same VisA split file, every image
+    held out by a later ``--train_val_split`` included. Extensions are matched case-insensitively; the result is
+    sorted. ``categories`` keeps only those categories. Nothing found -> UcadError."""
     root = Path(data_root)
     if not root.is_dir():
-        raise UcadError(f"data path {root} is not a folder; {LAYOUTS_HINT}")
+        raise UcadError(f"data path {root} is not a folder; {layouts_hint()}")
     categories = [c for c in (categories or []) if c]
-    csv_path = root / VISA_SPLIT_CSV
-    if csv_path.is_file():
-        images = _visa_csv_images(root, csv_path, include_test, categories)
-    elif (root / "train").is_dir():
-        _check_categories(categories, [root.name], root.parent)
-        images = _mvtec_category_images(root, include_test)
-    else:
-        found: dict[str, list[Path]] = {}
-        for cat_dir in sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p)):
-            if (cat_dir / "train").is_dir():
-                found[cat_dir.name] = _mvtec_category_images(cat_dir, include_test)
-            elif (cat_dir / "Data" / "Images").is_dir():
-                found[cat_dir.name] = _visa_folder_images(cat_dir, include_test)
-        _check_categories(categories, sorted(found), root)
-        images = [p for name, imgs in found.items() if not categories or name in categories for p in imgs]
+    tasks = list_tasks(detect_layout(root), root, categories, need_masks=False)
+    images = [sample.image_path for task in tasks for sample in task.train + (task.test if include_test else [])]
     if not images:
         which = f" (categories {', '.join(categories)})" if categories else ""
-        raise UcadError(f"no {'' if include_test else 'training '}images found in {root}{which}; {LAYOUTS_HINT}")
-    return sorted(images, key=lambda p: str(p))
+        raise UcadError(f"no {'' if include_test else 'training '}images found in {root}{which}; {layouts_hint()}")
+    return sorted(set(images), key=str)
