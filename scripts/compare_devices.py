@@ -152,7 +152,7 @@ def read_records(run_dir: Path) -> dict[tuple, dict]:
 
 
 def _difference(a: str, b: str) -> float:
-    x, y = float(a), float(b)
+    x, y = (float(v) if v != "" else math.nan for v in (a, b))  # the CSVs write an undefined value as empty
     if math.isnan(x) and math.isnan(y):
         return 0.0
     return abs(x - y) if not (math.isnan(x) or math.isnan(y)) else math.inf
