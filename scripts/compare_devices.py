@@ -124,24 +124,16 @@ def run_experiment(name: str, device_options: list[str], nn_backend: str, data: 
     return run_dir
 
 
-def final_routes(run_dir: Path, device: str, precision: str, data: Path, tasks: list[str],
-                 sizes: dict) -> dict[str, list[int]]:
-    """Per test image, the task the run's final model routes it to (on the run's device and precision)."""
-    import torch
-
-    from ucad.datasets import list_tasks
-    from ucad.images import ImageGeometry, load_images
-    from ucad.model import UcadModel
-    from ucad.router import TaskKeyIndex, route
-
-    model = UcadModel.load(run_dir / "models" / "ucad_model.pt", torch.device(device), precision=precision)
-    index = TaskKeyIndex.from_tasks(model.tasks, model.config.patch_distance, model.device)
-    geometry = ImageGeometry(sizes["imagesize"], sizes["imagesize"], "square")
-    routes = {}
-    for task in list_tasks("mvtec", data, tasks, 1.0, 0):
-        images = load_images(task.test, geometry, 4, show=False)
-        frozen = model.features(images, None, 32)
-        routes[task.category] = route(index.distances(frozen)).cpu().tolist()
+def final_routes(run_dir: Path, tasks: list[str]) -> dict[str, list[int]]:
+    """Per test image, the task the run's final phase routed it to (on the run's device and precision), as its
+    scores_per_image.csv records it."""
+    with open(run_dir / "scores_per_image.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    last = max(int(row["phase"]) for row in rows)
+    routes = {task: [] for task in tasks}
+    for row in rows:
+        if int(row["phase"]) == last:
+            routes[row["test_set"]].append(tasks.index(row["routed_task"]))
     return routes
 
 
@@ -240,7 +232,7 @@ def main() -> int:
         for name, device_options, backend, device, precision in [reference, *others]:
             run_dir = run_experiment(name, device_options, backend, data, tasks, out, sizes)
             records[name] = read_records(run_dir)
-            routes[name] = final_routes(run_dir, device, precision, data, tasks, sizes)
+            routes[name] = final_routes(run_dir, tasks)
             settings[name] = {"run_dir": str(run_dir), "options": device_options, "nn_backend": backend}
     except Exception as error:  # noqa: BLE001
         print(f"error: {error}")
