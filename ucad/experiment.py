@@ -223,8 +223,10 @@ def _run_experiment(configs: Configs, progress: dict) -> Path:
         model.tasks.append(memory)
         losses[task.category] = history
         if history:
-            echo(f"   prompt loss {history[0]:.4f} -> {history[-1]:.4f} over {len(history)} epochs; prompted features "
-                 f"of the training images moved {memory.extra.get('feature_drift', 0.0):.1%} from the frozen ones")
+            drift = memory.extra.get("feature_drift")
+            echo(f"   prompt loss {history[0]:.4f} -> {history[-1]:.4f} over {len(history)} epochs; "
+                 + (f"the kept prompt moved the training images' features {drift:.1%} from the frozen ones"
+                    if drift is not None else "no prompt kept"))
         if "chosen_epoch" in memory.extra:
             chosen = memory.extra["chosen_epoch"]
             echo(f"   epoch chosen on held-out synthetic defects: {chosen if chosen else 'none (frozen features)'} "

@@ -65,8 +65,9 @@ def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tenso
         prompted = prompted.reshape(-1, prompted.shape[-1])
     # how far the prompt moved the task's own normal patches from the frozen backbone's (relative L2, mean over
     # patches): the measure of whether a prompt "stays out of the way" of what PatchCore-style scoring relies on
-    frozen = frozen.float()
-    extra["feature_drift"] = float(((prompted - frozen).norm(dim=1) / frozen.norm(dim=1).clamp_min(1e-12)).mean())
+    if prompt is not None:  # with no prompt kept (epoch selection chose none) there is nothing to measure
+        frozen = frozen.float()
+        extra["feature_drift"] = float(((prompted - frozen).norm(dim=1) / frozen.norm(dim=1).clamp_min(1e-12)).mean())
     del frozen
     with timer.phase("coreset"):
         selected = sampler.subsample(prompted, config.memory_size)
