@@ -185,6 +185,24 @@ def format_table(comparisons: list[dict]) -> str:
     return "\n".join(text)
 
 
+FINAL_METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro", "routing_accuracy")
+
+
+def final_numbers(records: dict[str, dict], tasks: list[str]) -> str:
+    """Each run's own final task-agnostic numbers per task, so a difference can be read as better or worse."""
+    lines = ["final task-agnostic numbers of each run",
+             " | ".join(["run".ljust(17), "task".ljust(13)] + [m.ljust(16) for m in FINAL_METRICS])]
+    for name, run in records.items():
+        last = max(int(k[0]) for k in run)
+        for task in tasks:
+            row = run.get((str(last), task, "task_agnostic"))
+            if row is None:
+                continue
+            values = [f"{float(row[m]):.4f}" if row.get(m, "") != "" else "-" for m in FINAL_METRICS]
+            lines.append(" | ".join([name.ljust(17), task.ljust(13)] + [v.ljust(16) for v in values]))
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -238,7 +256,7 @@ def main() -> int:
         print(f"error: {error}")
         return 2
     comparisons = [compare(f"{a} - {b}", records[b], records[a], routes[b], routes[a], tasks) for a, b in pairs]
-    table = format_table(comparisons)
+    table = format_table(comparisons) + "\n\n" + final_numbers(records, tasks)
     print("\n" + table)
     (out / "differences.txt").write_text(table + "\n")
     (out / "differences.json").write_text(json.dumps(

@@ -44,6 +44,15 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return None
 
 
+def keep_fp32_exact(device: torch.device) -> None:
+    """Float32 math on the GPU stays float32: no TF32 in convolutions or matrix products. cuDNN allows TF32 by
+    default, which on the H200 moved a CNN's fp32 numbers away from the CPU's (pixel AUROC by 0.003 on
+    magnetic_tile after 3 prompt epochs); --precision then says all there is to say about the arithmetic."""
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ucad.anomaly_map import anomaly_maps, image_scores
 from ucad.backbones import FeatureExtractor
 from ucad.config import ModelConfig, RunConfig, from_dict, to_dict
-from ucad.device import OutOfMemoryRetry, autocast, autocast_dtype
+from ucad.device import OutOfMemoryRetry, autocast, autocast_dtype, keep_fp32_exact
 from ucad.errors import UcadError
 from ucad.knowledge import PackedKnowledge
 from ucad.nearest_neighbor import NearestNeighbourScorer
@@ -76,6 +76,7 @@ class UcadModel:
         self.embedder = PatchEmbedder(config.patchsize, config.pretrain_embed_dimension,
                                       config.target_embed_dimension)
         self.amp_dtype = autocast_dtype(device, precision)
+        keep_fp32_exact(device)
         # without a scorer from the run, the run's default nearest-neighbour settings (so a loaded model scores
         # as the run that made it did)
         self.scorer = scorer or NearestNeighbourScorer(config.anomaly_scorer_num_nn, RunConfig.nn_backend, device,
