@@ -90,7 +90,7 @@ def main() -> int:
     parser.add_argument("--basic_size", type=int, default=1960, help="knowledge of the unlimited variant (0 = off)")
     parser.add_argument("--embed_dimension", type=int, default=1024, help="--pretrain/--target_embed_dimension")
     parser.add_argument("--cpu", action="store_true")
-    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--precision", default="fp32", help="as run_ucad.py --precision")
     parser.add_argument("--reference_evaluation", action="store_true", help="time the slow recompute-everything path")
     parser.add_argument("--data", default=None, help="a real MVTec-layout folder instead of synthetic work")
     parser.add_argument("-d", "--category", action="append", default=[])

@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""The same small real experiment on the CPU and on the GPU (fp32 and bf16): every metric of every task must
-agree within a tolerance (0.005) and every test image must be routed to the same task.
+"""The same small real experiment on the CPU and on the GPU: in fp32 (the default arithmetic) every metric of every
+task must agree within a tolerance (0.005) and every test image must be routed to the same task; the opt-in bf16
+autocast (--precision bf16) is run and its differences are reported, not judged.
 
     python3 scripts/compare_devices.py OUT_DIR                  # CPU fp32, GPU fp32, GPU bf16 (needs a GPU)
     python3 scripts/compare_devices.py OUT_DIR --cpu            # tiny; two CPU fp32 runs (faiss vs torch search)
+
+On an H200 (2026-11-30) GPU fp32 gave the CPU's numbers to 4 decimals once TF32 was switched off, and bf16 moved
+magnetic_tile's pixel AUROC by 0.02-0.03, up or down: that is why fp32 is the default.
 
 Tasks: magnetic_tile (real data, `--magnetic_tile`, default ../shared/data/magnetic_tile; a subset of its
 training images) followed by two generated demo products. Without magnetic_tile the run says so and uses the
@@ -11,8 +15,9 @@ demo products only. Backbone: EfficientNet-Lite0 with its real ImageNet weights 
 structure maps: Felzenszwalb (scikit-image), made here. Everything lands under OUT_DIR; the data folder holds
 links to magnetic_tile, never copies.
 
-Written: OUT_DIR/differences.txt (the table printed), OUT_DIR/differences.json, and per run OUT_DIR/runs/NAME.log
-and its results folder. Exit status 0 when every comparison passes, 1 when one does not, 2 on a setup error.
+Written: OUT_DIR/differences.txt (the table printed, then each run's own final numbers), OUT_DIR/differences.json,
+and per run OUT_DIR/runs/NAME.log and its results folder. Exit status 0 when every judged comparison passes, 1 when
+one does not, 2 on a setup error.
 """
 from __future__ import annotations
 
@@ -151,8 +156,9 @@ def _difference(a: str, b: str) -> float:
 
 
 def compare(name: str, reference: dict, other: dict, reference_routes: dict, other_routes: dict,
-            tasks: list[str]) -> dict:
-    """Per task: the largest |difference| of each metric over every phase and variant, and routes that differ."""
+            tasks: list[str], judged: bool = True) -> dict:
+    """Per task: the largest |difference| of each metric over every phase and variant, and routes that differ.
+    An unjudged comparison (bf16) always passes: its differences are reported for the reader."""
     if set(reference) != set(other):
         raise RuntimeError(f"{name}: the runs wrote different (phase, task, variant) rows")
     metrics = [k for k in next(iter(reference.values())) if k not in NOT_METRICS]
@@ -164,8 +170,9 @@ def compare(name: str, reference: dict, other: dict, reference_routes: dict, oth
         rows.append({"comparison": name, "task": task, **largest, "routes_differing": differing,
                      "routes_total": len(reference_routes[task])})
     worst = max(max(r[m] for m in metrics) for r in rows)
-    passed = worst <= TOLERANCE and all(r["routes_differing"] == 0 for r in rows)
-    return {"comparison": name, "metrics": metrics, "rows": rows, "largest_difference": worst, "passed": passed}
+    within = worst <= TOLERANCE and all(r["routes_differing"] == 0 for r in rows)
+    return {"comparison": name, "metrics": metrics, "rows": rows, "largest_difference": worst,
+            "judged": judged, "within_tolerance": within, "passed": within or not judged}
 
 
 def format_table(comparisons: list[dict]) -> str:
@@ -180,7 +187,7 @@ def format_table(comparisons: list[dict]) -> str:
             "-+-".join("-" * w for w in widths)]
     text += [" | ".join(v.ljust(w) for v, w in zip(line, widths)) for line in lines]
     for c in comparisons:
-        verdict = "PASS" if c["passed"] else "FAIL"
+        verdict = ("PASS" if c["within_tolerance"] else "FAIL") if c["judged"] else "REPORTED (bf16 is opt-in)"
         text.append(f"{verdict}: {c['comparison']} (largest difference {c['largest_difference']:.4f})")
     return "\n".join(text)
 
@@ -255,7 +262,8 @@ def main() -> int:
     except Exception as error:  # noqa: BLE001
         print(f"error: {error}")
         return 2
-    comparisons = [compare(f"{a} - {b}", records[b], records[a], routes[b], routes[a], tasks) for a, b in pairs]
+    comparisons = [compare(f"{a} - {b}", records[b], records[a], routes[b], routes[a], tasks,
+                           judged="bf16" not in a + b) for a, b in pairs]
     table = format_table(comparisons) + "\n\n" + final_numbers(records, tasks)
     print("\n" + table)
     (out / "differences.txt").write_text(table + "\n")

@@ -2,8 +2,8 @@
 # The GPU check, one command, everything under OUT_DIR:
 #   a. the test suite's CUDA tests (pytest -m cuda) and a short CUDA smoke run of the CLI (train, save, predict);
 #   b. the same small real experiment (magnetic_tile + two demo tasks, EfficientNet-Lite0 offline weights, a few
-#      epochs) on the CPU, on the GPU in fp32 and on the GPU in bf16: every metric of every task within 0.005 and
-#      identical routing, as a table of differences (scripts/compare_devices.py);
+#      epochs) on the CPU, on the GPU in fp32 and on the GPU in bf16: in fp32 every metric of every task within 0.005
+#      and identical routing; bf16 (opt-in) reported, not judged; a table of differences (scripts/compare_devices.py);
 #   c. scripts/benchmark.py at MVTec size (15 tasks x 240 train / 115 test at 224 px, ViT-B/16 random weights,
 #      25 epochs, evaluation after every task): wall time, phases, peak GPU memory, as JSON; then, time allowing,
 #      a torch profiler trace of one prompt-training epoch (benchmark.py --profile, one task).

@@ -191,7 +191,9 @@ def test_every_choice_is_printed_and_recorded(demo_root, tmp_path):
     assert "--input_norm imagenet (as released)" in line
     assert "--patch_distance euclidean (differs from the released code)" in line
     assert "--scl_features raw (as released)" in line and "--label_sampling centre (as released)" in line
+    assert "--precision fp32 (as released)" in line
     config = json.loads((tmp_path / "p" / "g_0" / "config.json").read_text())
     assert config["model"]["patch_distance"] == "euclidean" and config["model"]["input_norm"] == "auto"
     assert config["input_norm_used"] == "imagenet" and config["input_mean"] == [0.485, 0.456, 0.406]
     assert config["learning"]["scl_features"] == "raw" and config["learning"]["label_sampling"] == "centre"
+    assert config["run"]["precision"] == "fp32"

@@ -80,6 +80,18 @@ def test_the_grid_is_known_before_any_forward():
     assert features.shape[1] == grid[0] * grid[1] and model.grid == grid
 
 
+def test_a_loaded_model_keeps_the_arithmetic_it_was_trained_with(trained, tmp_path):
+    """Its thresholds were computed with that arithmetic; a precision given at load time still overrides it."""
+    run_dir, _ = trained
+    path = run_dir / "models" / "ucad_model.pt"
+    assert UcadModel.load(path, torch.device("cpu")).amp_dtype is None  # trained in fp32, the default
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state["run_configuration"]["run"]["precision"] = "bf16"
+    torch.save(state, tmp_path / "bf16.pt")
+    assert UcadModel.load(tmp_path / "bf16.pt", torch.device("cpu")).amp_dtype == torch.bfloat16
+    assert UcadModel.load(tmp_path / "bf16.pt", torch.device("cpu"), precision="fp32").amp_dtype is None
+
+
 def test_score_with_the_task_given_is_the_per_task_primitive(trained, demo_root):
     run_dir, _ = trained
     model = UcadModel.load(run_dir / "models" / "ucad_model.pt", torch.device("cpu"))

@@ -225,8 +225,10 @@ class RunConfig:
                                         "knowledge and the backbone layers after the deepest extracted one (new).")
     resume: bool = option(False, "main", "--resume", is_flag=True,
                           help="Continue the last run of this log group after its last finished task (new).")
-    precision: str = option("auto", "main", "--precision", type=PRECISIONS,
-                            help="Autocast for the backbone: auto = bf16 on GPU, fp32 on CPU (new).")
+    precision: str = option("fp32", "main", "--precision", type=PRECISIONS,
+                            help="Arithmetic of the backbone: fp32 (as released; the GPU then gives the CPU's "
+                                 "numbers), or bf16 / fp16 autocast, or auto = bf16 on a GPU that has it (new; moves "
+                                 "metrics by up to a few hundredths, see the README).")
     reference_evaluation: bool = option(False, "main", "--reference_evaluation", is_flag=True, hidden=True,
                                         help="Recompute every test feature and score in every phase (slow reference "
                                              "for checking the caches).")

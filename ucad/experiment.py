@@ -86,9 +86,10 @@ def fidelity_line(model: UcadModel, model_config: ModelConfig, learning: Learnin
     """The settings where a run can differ from the released code, each marked released / ours (README section
     'Differences from the released code')."""
     released = {"input_norm": "imagenet", "patch_distance": "squared", "scl_features": "raw",
-                "label_sampling": "centre"}
+                "label_sampling": "centre", "precision": "fp32"}
     used = {"input_norm": model.extractor.input_norm, "patch_distance": model_config.patch_distance,
-            "scl_features": learning.scl_features, "label_sampling": learning.label_sampling}
+            "scl_features": learning.scl_features, "label_sampling": learning.label_sampling,
+            "precision": "fp32" if model.amp_dtype is None else str(model.amp_dtype).replace("torch.", "")}
     return ", ".join(f"--{k} {v} ({'as released' if v == released[k] else 'differs from the released code'})"
                      for k, v in used.items())
 

@@ -66,7 +66,7 @@ class ScoredImages:
 class UcadModel:
     BANKS = (KNOWLEDGE, UNLIMITED)
 
-    def __init__(self, config: ModelConfig, device: torch.device, precision: str = "auto",
+    def __init__(self, config: ModelConfig, device: torch.device, precision: str = "fp32",
                  extractor: FeatureExtractor | None = None, scorer: NearestNeighbourScorer | None = None):
         self.config = config
         self.device = device
@@ -259,10 +259,11 @@ class UcadModel:
         temporary.replace(path)  # never leave a half-written model behind a crash
 
     @classmethod
-    def load(cls, path: Path, device: torch.device, weights: str | None = None, precision: str = "auto",
+    def load(cls, path: Path, device: torch.device, weights: str | None = None, precision: str | None = None,
              scorer: NearestNeighbourScorer | None = None) -> "UcadModel":
         """A model written by `save`. The backbone is built without pretrained weights (no hub, no package) and
-        given the stored ones; `weights` (auto | hub | random | PATH) takes them from elsewhere instead."""
+        given the stored ones; `weights` (auto | hub | random | PATH) takes them from elsewhere instead. Without
+        `precision`, the arithmetic the model was trained with (its thresholds were computed with it)."""
         path = Path(path)
         if not path.is_file():
             raise UcadError(f"model file '{path}' does not exist (it is written by --save_patchcore_model)")
@@ -295,6 +296,8 @@ class UcadModel:
         else:
             config.weights = weights
             extractor = None
+        if precision is None:
+            precision = state.get("run_configuration", {}).get("run", {}).get("precision", "fp32")
         model = cls(config, device, precision, extractor, scorer)
         if tuple(state["grid"]) != model.grid:
             raise UcadError(f"model file '{path}': stored patch grid {tuple(state['grid'])} differs from the "
