@@ -52,19 +52,19 @@ def tiny_model() -> UcadModel:
 
 
 def fail_above(model: UcadModel, largest: int, error) -> list[int]:
-    """model.embed and model.scl_features (what feature extraction and prompt training call) raise `error` for
-    batches larger than `largest`; returns the batch sizes they were called with."""
+    """model.embed and model.training_features (what feature extraction and prompt training call) raise `error`
+    for batches larger than `largest`; returns the batch sizes they were called with."""
     calls = []
 
     def failing(original):
-        def forward(images, prompt=None):
+        def forward(images, prompt=None, *args, **kwargs):
             calls.append(images.shape[0])
             if images.shape[0] > largest:
                 raise error()
-            return original(images, prompt)
+            return original(images, prompt, *args, **kwargs)
         return forward
 
-    model.embed, model.scl_features = failing(model.embed), failing(model.scl_features)
+    model.embed, model.training_features = failing(model.embed), failing(model.training_features)
     return calls
 
 

@@ -174,6 +174,9 @@ class LearningConfig:
     label_sampling: str = option("centre", "ucad", "--label_sampling", type=tuple(sorted(LABEL_SAMPLING)),
                                  help="Region id of a patch: at its centre pixel (as released) or its top-left "
                                       "pixel (new).")
+    prompt_anchor: float = option(0.0, "ucad", "--prompt_anchor", minimum=0.0,
+                                  help="Weight of a term that keeps the prompted embedding of normal training images "
+                                       "near the frozen one (relative squared drift); 0 = off, as released (new).")
     lr: float = option(5e-4, "ucad", "--lr", greater_than=0, help="Adam learning rate of the prompt (new).")
     feature_batch_size: int = option(32, "ucad", "--feature_batch_size", minimum=1, resume_may_differ=True,
                                      help="Images per batch when extracting features (new).")

@@ -32,7 +32,7 @@ def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tenso
         with timer.phase("coreset"):
             knowledge = sampler.subsample(frozen)
         return TaskMemory(name, keys, None, knowledge), []
-    frozen = frozen.half()  # kept through training only to measure the prompt's drift below
+    frozen = frozen.half()  # kept through training to measure the prompt's drift below (and for --prompt_anchor)
 
     prompt = model.new_prompt(task_index, config.seed)
     history: list[float] = []
@@ -51,7 +51,8 @@ def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tenso
                                    config.grad_clip, config.temperature, config.augment,
                                    scl_features=config.scl_features, label_sampling=config.label_sampling,
                                    seed=config.seed * 1000 + task_index, description=f"[{name}] prompt",
-                                   after_epoch=judge.after_epoch if judge else None)
+                                   after_epoch=judge.after_epoch if judge else None,
+                                   anchor=config.prompt_anchor, frozen_features=frozen.view(n, -1, frozen.shape[-1]))
         if judge is not None:
             extra.update(chosen_epoch=judge.chosen_epoch, validation_scores=judge.scores)
             if judge.best_state is None:

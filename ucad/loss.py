@@ -41,6 +41,14 @@ def structure_contrastive_loss(features: torch.Tensor, labels: torch.Tensor,
     return per_image[contributing].mean()
 
 
+def anchor_penalty(prompted: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
+    """How far the prompt moved normal patches from the frozen backbone's, in the embedding the memory stores:
+    mean over patches of ||prompted - frozen||^2 divided by the mean ||frozen||^2, so a uniform 10 % drift costs
+    0.01 whatever the backbone's feature scale. Added to SCL with weight --prompt_anchor (ours, not released)."""
+    frozen = frozen.float()
+    return ((prompted - frozen) ** 2).sum(-1).mean() / (frozen ** 2).sum(-1).mean().clamp_min(1e-12)
+
+
 def _regions_per_image(labels: torch.Tensor) -> torch.Tensor:
     """(B, P) -> (B,) the number of distinct labels above 0 in each row."""
     ordered = labels.sort(dim=1).values

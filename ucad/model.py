@@ -118,13 +118,24 @@ class UcadModel:
         """What the structure-contrastive loss sees, as in the released code: the extractor's raw features of the
         deepest extracted layer (ViT: that block's patch tokens, 768-d for ViT-B; CNN: that stage's map resized to
         the patch grid), not the pooled PatchCore embedding. Returns (B, P, C) float32 and the grid."""
+        raw, grid, _ = self.training_features(images_uint8, prompt, "raw", embedded=False)
+        return raw, grid
+
+    def training_features(self, images_uint8: torch.Tensor, prompt: torch.nn.Module, scl_features: str = "raw",
+                          embedded: bool = False) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
+        """One prompted forward for prompt training: (what SCL sees, its grid, and with `embedded` the (B, P, D)
+        embedding the memory stores, for --prompt_anchor). scl_features "embedded" makes SCL see that embedding."""
         with autocast(self.device, self.amp_dtype):
             maps = self.extractor(images_uint8, prompt)
+        maps = [m.float() for m in maps]
+        stored = self.embedder(maps)[0] if embedded or scl_features == "embedded" else None
+        if scl_features == "embedded":
+            return stored, self.grid, stored if embedded else None
         grid = self.embedder.grid_of(tuple(max(m.shape[d] for m in maps) for d in (2, 3)))
-        deepest = maps[-1].float()  # layers are kept in network order
+        deepest = maps[-1]  # layers are kept in network order
         if tuple(deepest.shape[2:]) != grid:
             deepest = F.interpolate(deepest, size=grid, mode="bilinear", align_corners=False)
-        return deepest.flatten(2).transpose(1, 2), grid
+        return deepest.flatten(2).transpose(1, 2), grid, stored
 
     @torch.no_grad()
     def features(self, images_uint8: torch.Tensor, prompt: torch.nn.Module | None = None, batch_size: int = 32,

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from ucad.device import OutOfMemoryRetry
-from ucad.loss import labels_to_grid, structure_contrastive_loss
+from ucad.loss import anchor_penalty, labels_to_grid, structure_contrastive_loss
 
 SCL_FEATURES = ("raw", "embedded")
 
@@ -18,14 +18,19 @@ def train_prompt(model, prompt: torch.nn.Module, images: torch.Tensor, label_map
                  epochs: int = 25, lr: float = 5e-4, batch_size: int = 8, clip: float = 1.0,
                  temperature: float = 0.5, augment: bool = False, scl_features: str = "raw",
                  label_sampling: str = "centre", seed: int = 0, description: str = "prompt",
-                 after_epoch=None) -> list[float]:
+                 after_epoch=None, anchor: float = 0.0, frozen_features: torch.Tensor | None = None) -> list[float]:
     """images (N,3,S,S) uint8 and label_maps (N,S,S) int on the CPU or the device. Returns mean loss per epoch.
+
+    anchor > 0 adds anchor * anchor_penalty: the prompted embedding of each training image is kept near
+    `frozen_features` (N, P, D), the frozen backbone's embedding of the same images (the learner has them already).
 
     scl_features "raw": the loss sees the extractor's raw features at the patch grid (the released method);
     "embedded": the pooled PatchCore embedding that the memory stores (an ablation). `after_epoch(prompt)` is called
     after every epoch (validation-based epoch choice, ucad.epoch_selection)."""
     if scl_features not in SCL_FEATURES:
         raise ValueError(f"scl_features must be one of {SCL_FEATURES}, got {scl_features!r}")
+    if anchor > 0 and frozen_features is None:
+        raise ValueError("anchor > 0 needs frozen_features, the frozen embedding of the training images")
     prompt.train()
     prompt.requires_grad_(True)
     optimizer = torch.optim.Adam(prompt.parameters(), lr=lr)
@@ -36,13 +41,13 @@ def train_prompt(model, prompt: torch.nn.Module, images: torch.Tensor, label_map
     def step(index: torch.Tensor) -> tuple[torch.Tensor, int]:
         batch = images[index].to(model.device, non_blocking=True)
         labels = label_maps[index].to(model.device, non_blocking=True)
+        frozen = frozen_features[index].to(model.device, non_blocking=True) if anchor > 0 else None
         if augment:
-            batch, labels = _flip(batch, labels, generator)
-        if scl_features == "raw":
-            features, grid = model.scl_features(batch, prompt)
-        else:
-            features, grid = model.embed(batch, prompt), model.grid
+            batch, labels, frozen = _flip(batch, labels, frozen, model.grid, generator)
+        features, grid, embedded = model.training_features(batch, prompt, scl_features, embedded=anchor > 0)
         loss = structure_contrastive_loss(features, labels_to_grid(labels, grid, label_sampling), temperature)
+        if anchor > 0:
+            loss = loss + anchor * anchor_penalty(embedded, frozen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(prompt.parameters(), clip)
@@ -67,10 +72,13 @@ def train_prompt(model, prompt: torch.nn.Module, images: torch.Tensor, label_map
     return history
 
 
-def _flip(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
-    """Random horizontal / vertical flips, the same for an image and its region map."""
-    if torch.rand(1, generator=generator).item() < 0.5:
-        images, labels = images.flip(-1), labels.flip(-1)
-    if torch.rand(1, generator=generator).item() < 0.5:
-        images, labels = images.flip(-2), labels.flip(-2)
-    return images, labels
+def _flip(images: torch.Tensor, labels: torch.Tensor, frozen: torch.Tensor | None, grid: tuple[int, int],
+          generator: torch.Generator):
+    """Random horizontal / vertical flips, the same for an image, its region map and its frozen (B, P, D) patch
+    features (flipped on their grid)."""
+    cells = frozen.unflatten(1, grid) if frozen is not None else None  # (B, h, w, D)
+    for image_dim, cell_dim in ((-1, 2), (-2, 1)):
+        if torch.rand(1, generator=generator).item() < 0.5:
+            images, labels = images.flip(image_dim), labels.flip(image_dim)
+            cells = cells.flip(cell_dim) if cells is not None else None
+    return images, labels, cells.flatten(1, 2) if cells is not None else None
