@@ -14,7 +14,8 @@ from ucad.cli import dataset_command, main, sampler_command, ucad_command
 
 # (option, value) pairs that are valid: everything else given 0 or -1 must be refused up front
 VALID = {("--gpu", "0"), ("--seed", "0"), ("--epochs_num", "0"), ("--basic_size", "0"), ("--num_workers", "0"),
-         ("--faiss_num_workers", "0"), ("--smoothing_sigma", "0"), ("--patchoverlap", "0")}
+         ("--faiss_num_workers", "0"), ("--smoothing_sigma", "0"), ("--patchoverlap", "0"),
+         ("--prompt_anchor", "0")}
 PARTS = {None: main, "ucad": ucad_command, "sampler": sampler_command, "dataset": dataset_command}
 
 
