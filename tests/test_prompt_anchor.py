@@ -1,0 +1,59 @@
+"""--prompt_anchor: a term that keeps the prompted embedding of normal training images near the frozen one."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_training import structured_images
+from ucad.loss import anchor_penalty
+from ucad.model import ModelConfig, UcadModel
+from ucad.training import _flip, train_prompt
+
+
+def test_anchor_penalty_is_the_relative_squared_drift():
+    frozen = torch.tensor([[[3.0, 4.0], [0.0, 5.0]]])  # |f|^2 = 25 for both patches
+    assert float(anchor_penalty(frozen * 1.1, frozen)) == pytest.approx(0.01)  # a uniform 10 % drift
+    moved = frozen.clone()
+    moved[0, 0] += torch.tensor([1.0, 2.0])  # one patch moved by |(1, 2)|^2 = 5: mean 2.5 over mean 25
+    assert float(anchor_penalty(moved, frozen)) == pytest.approx(0.1)
+    assert float(anchor_penalty(frozen, frozen)) == 0.0
+
+
+def drift_after_training(anchor: float) -> float:
+    torch.manual_seed(0)
+    config = ModelConfig(backbone="resnet18", layers=("layer2",), weights="random", patchsize=1, imagesize=64,
+                         resize=64, pretrain_embed_dimension=32, target_embed_dimension=32)
+    model = UcadModel(config, torch.device("cpu"))
+    images, labels = structured_images()
+    frozen = model.features(images, None, batch_size=8)
+    prompt = model.new_prompt(0, seed=0)
+    train_prompt(model, prompt, images, labels, epochs=6, lr=5e-2, batch_size=4, anchor=anchor,
+                 frozen_features=frozen if anchor > 0 else None)
+    prompted = model.features(images, prompt, batch_size=8)
+    return float(anchor_penalty(prompted, frozen))
+
+
+def test_the_anchor_keeps_prompted_features_nearer_the_frozen_ones():
+    free, anchored = drift_after_training(0.0), drift_after_training(100.0)
+    assert free > 0.01  # SCL alone moves the features (else the test could not tell the two apart)
+    assert anchored < 0.5 * free
+
+
+def test_the_anchor_needs_the_frozen_features():
+    config = ModelConfig(backbone="resnet18", layers=("layer2",), weights="random", imagesize=32, resize=32,
+                         pretrain_embed_dimension=16, target_embed_dimension=16)
+    model = UcadModel(config, torch.device("cpu"))
+    images, labels = structured_images(2, 32)
+    with pytest.raises(ValueError, match="frozen_features"):
+        train_prompt(model, model.new_prompt(0, seed=0), images, labels, epochs=1, anchor=1.0)
+
+
+def test_a_flip_moves_image_region_map_and_frozen_features_alike():
+    grid = (2, 3)
+    cells = torch.arange(6).view(1, 2, 3)  # cell (i, j) holds i * 3 + j
+    image = cells.repeat_interleave(2, 1).repeat_interleave(2, 2)[:, None].expand(1, 3, 4, 6).to(torch.uint8)
+    frozen = torch.arange(6, dtype=torch.float32).view(1, 6, 1).expand(1, 6, 4).clone()
+    for seed in range(8):  # every combination of the two flips comes up
+        images, labels, moved = _flip(image, image[:, 0].long(), frozen, grid, torch.Generator().manual_seed(seed))
+        seen = images[0, 0, ::2, ::2].reshape(-1).float()  # the cell index each grid position now shows
+        assert torch.equal(moved[0, :, 0], seen) and torch.equal(labels[0, ::2, ::2].reshape(-1).float(), seen)
