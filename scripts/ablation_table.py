@@ -35,11 +35,18 @@ def run_rows(run_dir: Path) -> list[tuple]:
     rows = []
     for r in final:
         epoch = chosen.get(r["task"], "")
-        rows.append((name, r["task"], *(value(r, m) for m in METRICS), drift.get(r["task"], float("nan")),
-                     "none" if epoch is None else str(epoch)))
-    means = [sum(row[2 + i] for row in rows) / len(rows) for i in range(len(METRICS) + 1)]
+        task_drift = drift.get(r["task"])  # absent or null where no prompt was kept
+        rows.append((name, r["task"], *(value(r, m) for m in METRICS),
+                     float("nan") if task_drift is None else task_drift, "none" if epoch is None else str(epoch)))
+    means = [_mean([row[2 + i] for row in rows]) for i in range(len(METRICS) + 1)]
     rows.append((name, "mean", *means, ""))
     return rows
+
+
+def _mean(values: list[float]) -> float:
+    """Mean of the defined values (nan where none is)."""
+    defined = [v for v in values if v == v]
+    return sum(defined) / len(defined) if defined else float("nan")
 
 
 def format_rows(rows: list[tuple], markdown: bool) -> str:

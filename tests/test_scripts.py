@@ -96,11 +96,11 @@ def test_ablation_table_reads_the_final_task_agnostic_rows_and_averages_them(tmp
             "1,0,a,task_agnostic,0.8,0.4,0.9,1.0,0.2", "1,1,b,task_agnostic,0.6,0.2,0.7,0.5,0.4",
             "1,0,a,oracle,0.1,0.1,0.1,,"]
     (run / "results_all_phases.csv").write_text(header + "\n".join(rows) + "\n")
-    (run / "summary.json").write_text(json.dumps({"feature_drift": {"a": 0.1, "b": 0.3},
+    (run / "summary.json").write_text(json.dumps({"feature_drift": {"a": 0.1, "b": None},  # b kept no prompt
                                                   "chosen_epochs": {"a": 3, "b": None}}))
     script = Path(__file__).resolve().parents[1] / "scripts" / "ablation_table.py"
     result = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True, check=True)
     lines = [[c.strip() for c in line.split("|")] for line in result.stdout.splitlines()[2:]]
     assert lines[0] == ["anchor1", "a", "0.800", "0.400", "0.900", "1.000", "0.200", "0.100", "3"]
-    assert lines[1] == ["anchor1", "b", "0.600", "0.200", "0.700", "0.500", "0.400", "0.300", "none"]
-    assert lines[2] == ["anchor1", "mean", "0.700", "0.300", "0.800", "0.750", "0.300", "0.200", ""]
+    assert lines[1] == ["anchor1", "b", "0.600", "0.200", "0.700", "0.500", "0.400", "-", "none"]
+    assert lines[2] == ["anchor1", "mean", "0.700", "0.300", "0.800", "0.750", "0.300", "0.100", ""]
