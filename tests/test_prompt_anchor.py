@@ -7,7 +7,8 @@ import torch
 from test_training import structured_images
 from ucad.loss import anchor_penalty
 from ucad.model import ModelConfig, UcadModel
-from ucad.training import _flip, train_prompt
+import ucad.training
+from ucad.training import train_prompt
 
 
 def test_anchor_penalty_is_the_relative_squared_drift():
@@ -48,12 +49,20 @@ def test_the_anchor_needs_the_frozen_features():
         train_prompt(model, model.new_prompt(0, seed=0), images, labels, epochs=1, anchor=1.0)
 
 
-def test_a_flip_moves_image_region_map_and_frozen_features_alike():
-    grid = (2, 3)
-    cells = torch.arange(6).view(1, 2, 3)  # cell (i, j) holds i * 3 + j
-    image = cells.repeat_interleave(2, 1).repeat_interleave(2, 2)[:, None].expand(1, 3, 4, 6).to(torch.uint8)
-    frozen = torch.arange(6, dtype=torch.float32).view(1, 6, 1).expand(1, 6, 4).clone()
-    for seed in range(8):  # every combination of the two flips comes up
-        images, labels, moved = _flip(image, image[:, 0].long(), frozen, grid, torch.Generator().manual_seed(seed))
-        seen = images[0, 0, ::2, ::2].reshape(-1).float()  # the cell index each grid position now shows
-        assert torch.equal(moved[0, :, 0], seen) and torch.equal(labels[0, ::2, ::2].reshape(-1).float(), seen)
+def test_with_flips_the_anchor_compares_against_the_flipped_images_own_frozen_features():
+    """A CNN is not flip-equivariant: an unmoved prompt must cost nothing, flipped or not."""
+    config = ModelConfig(backbone="resnet18", layers=("layer2",), weights="random", patchsize=1, imagesize=32,
+                         resize=32, pretrain_embed_dimension=16, target_embed_dimension=16)
+    model = UcadModel(config, torch.device("cpu"))
+    images, labels = structured_images(4, 32)
+    frozen = model.features(images, None, batch_size=4)
+    seen = []
+    original = ucad.training.anchor_penalty
+    ucad.training.anchor_penalty = lambda prompted, reference: seen.append(float(original(prompted, reference).detach())) \
+        or original(prompted, reference)
+    try:
+        train_prompt(model, model.new_prompt(0, seed=0), images, labels, epochs=1, lr=1e-12, batch_size=4,
+                     augment=True, seed=1, anchor=1.0, frozen_features=frozen)
+    finally:
+        ucad.training.anchor_penalty = original
+    assert len(seen) == 1 and seen[0] < 1e-8  # the CNN prompt starts as the identity

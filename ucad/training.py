@@ -22,7 +22,8 @@ def train_prompt(model, prompt: torch.nn.Module, images: torch.Tensor, label_map
     """images (N,3,S,S) uint8 and label_maps (N,S,S) int on the CPU or the device. Returns mean loss per epoch.
 
     anchor > 0 adds anchor * anchor_penalty: the prompted embedding of each training image is kept near
-    `frozen_features` (N, P, D), the frozen backbone's embedding of the same images (the learner has them already).
+    `frozen_features` (N, P, D), the frozen backbone's embedding of the same images (the learner has them already;
+    with `augment` the flipped batch's frozen embedding is computed instead).
 
     scl_features "raw": the loss sees the extractor's raw features at the patch grid (the released method);
     "embedded": the pooled PatchCore embedding that the memory stores (an ablation). `after_epoch(prompt)` is called
@@ -41,9 +42,15 @@ def train_prompt(model, prompt: torch.nn.Module, images: torch.Tensor, label_map
     def step(index: torch.Tensor) -> tuple[torch.Tensor, int]:
         batch = images[index].to(model.device, non_blocking=True)
         labels = label_maps[index].to(model.device, non_blocking=True)
-        frozen = frozen_features[index].to(model.device, non_blocking=True) if anchor > 0 else None
         if augment:
-            batch, labels, frozen = _flip(batch, labels, frozen, model.grid, generator)
+            batch, labels = _flip(batch, labels, generator)
+        frozen = None
+        if anchor > 0 and augment:
+            # a backbone is not flip-equivariant: a flipped image's frozen features are not its features flipped
+            with torch.no_grad():
+                frozen = model.embed(batch, None)
+        elif anchor > 0:
+            frozen = frozen_features[index].to(model.device, non_blocking=True)
         features, grid, embedded = model.training_features(batch, prompt, scl_features, embedded=anchor > 0)
         loss = structure_contrastive_loss(features, labels_to_grid(labels, grid, label_sampling), temperature)
         if anchor > 0:
@@ -72,13 +79,10 @@ def train_prompt(model, prompt: torch.nn.Module, images: torch.Tensor, label_map
     return history
 
 
-def _flip(images: torch.Tensor, labels: torch.Tensor, frozen: torch.Tensor | None, grid: tuple[int, int],
-          generator: torch.Generator):
-    """Random horizontal / vertical flips, the same for an image, its region map and its frozen (B, P, D) patch
-    features (flipped on their grid)."""
-    cells = frozen.unflatten(1, grid) if frozen is not None else None  # (B, h, w, D)
-    for image_dim, cell_dim in ((-1, 2), (-2, 1)):
-        if torch.rand(1, generator=generator).item() < 0.5:
-            images, labels = images.flip(image_dim), labels.flip(image_dim)
-            cells = cells.flip(cell_dim) if cells is not None else None
-    return images, labels, cells.flatten(1, 2) if cells is not None else None
+def _flip(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+    """Random horizontal / vertical flips, the same for an image and its region map."""
+    if torch.rand(1, generator=generator).item() < 0.5:
+        images, labels = images.flip(-1), labels.flip(-1)
+    if torch.rand(1, generator=generator).item() < 0.5:
+        images, labels = images.flip(-2), labels.flip(-2)
+    return images, labels
