@@ -12,7 +12,7 @@ setup(
     # faiss-gpu replaces faiss-cpu (both install the module `faiss`): pip uninstall faiss-cpu, then pip install .[gpu]
     extras_require={"gpu": ["faiss-gpu>=1.7.4"]},
     entry_points={"console_scripts": [
-        "ucad=ucad.cli:entry",
+        "ucad=ucad.cli:main",
         "ucad-predict=ucad.predict:main",
         "ucad-evaluate=ucad.evaluate:main",
         "ucad-demo-data=ucad.demo_data:main",

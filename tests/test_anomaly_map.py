@@ -23,7 +23,7 @@ def reference(patch_scores: torch.Tensor, grid, size, sigma=4.0) -> np.ndarray:
 @pytest.mark.parametrize("grid,size", [((14, 14), 224), ((4, 4), 32), ((28, 28), 224), ((3, 5), 40)])
 def test_equals_bilinear_then_scipy_gaussian(grid, size):
     scores = torch.rand(3, grid[0] * grid[1], generator=torch.Generator().manual_seed(0)) * 5.0
-    got = anomaly_maps(scores, grid, size).numpy()
+    got = anomaly_maps(scores, grid, size, 4.0).numpy()
     assert got.shape == (3, size, size)
     np.testing.assert_allclose(got, reference(scores, grid, size), atol=1e-5, rtol=0)
 
@@ -33,7 +33,7 @@ def test_single_hot_patch_at_the_border():
     scores = torch.zeros(1, 14 * 14)
     scores[0, 0] = 10.0  # top-left patch
     scores[0, 14 * 7 + 13] = 4.0  # right edge
-    got = anomaly_maps(scores, (14, 14), 224).numpy()
+    got = anomaly_maps(scores, (14, 14), 224, 4.0).numpy()
     np.testing.assert_allclose(got, reference(scores, (14, 14), 224), atol=1e-5, rtol=0)
 
 
@@ -41,7 +41,7 @@ def test_single_hot_patch_at_the_border():
 def test_maps_smaller_than_the_kernel(size):
     # the sigma-4 kernel has radius 16: scipy still works when the map is smaller than that
     scores = torch.rand(2, 4 * 4, generator=torch.Generator().manual_seed(1))
-    got = anomaly_maps(scores, (4, 4), size).numpy()
+    got = anomaly_maps(scores, (4, 4), size, 4.0).numpy()
     np.testing.assert_allclose(got, reference(scores, (4, 4), size), atol=1e-5, rtol=0)
 
 
@@ -70,7 +70,7 @@ def test_sigma_zero_is_plain_bilinear():
 
 
 def test_constant_scores_stay_constant():
-    got = anomaly_maps(torch.full((1, 196), 2.5), (14, 14), 224)
+    got = anomaly_maps(torch.full((1, 196), 2.5), (14, 14), 224, 4.0)
     torch.testing.assert_close(got, torch.full((1, 224, 224), 2.5))
 
 

@@ -1,5 +1,5 @@
-"""Every numeric option of the command line with 0 and -1 (issue 11, item 2): an invalid value is one line
-naming the option and exit status 2, never a traceback; a valid one gets as far as the (missing) data."""
+"""Every numeric option of the command line with 0 and -1: an invalid value is one line naming the option and
+exit status 2, never a traceback; a valid one gets as far as the (missing) data."""
 from __future__ import annotations
 
 import subprocess

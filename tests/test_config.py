@@ -28,7 +28,7 @@ def test_defaults_come_from_the_dataclasses(captured, tmp_path):
     configs = captured[0]
     assert configs.model == ModelConfig() and configs.learning == LearningConfig()
     assert configs.data == DataConfig("mvtec", "/data") and configs.run == RunConfig(str(tmp_path))
-    # the defaults the README documents (once two files disagreed: 8 vs 4 workers, patch size 3 vs 1)
+    # defaults the README documents
     assert configs.run.faiss_num_workers == 8 and configs.model.patchsize == 3
     assert configs.learning.sampler == "approx_greedy_coreset" and configs.learning.train_prompt
 
@@ -62,6 +62,36 @@ def test_option_names_are_unique_and_each_default_appears_once_in_help():
     for name in ("--memory_size", "--epochs_num", "--key_size", "--basic_size", "--faiss_num_workers",
                  "--patchsize", "--train_val_split", "--threshold_quantile", "--save_anomaly_maps"):
         assert name in typed
+
+
+def test_patchcore_only_options_parse_but_are_hidden_from_help(captured, tmp_path):
+    patchcore_only = ["--preprocessing", "mean", "--aggregation", "mean", "--patchscore", "max", "--patchoverlap",
+                      "0.1", "--patchsize_aggregate", "3"]
+    result = CliRunner().invoke(main, [str(tmp_path), "ucad", *patchcore_only, "dataset", "mvtec", "/data"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert captured[0].model.patchoverlap == 0.1 and captured[0].model.patchsize_aggregate == (3,)
+    shown = CliRunner().invoke(main, [str(tmp_path), "ucad", "--help"]).output
+    assert "--patchsize " in shown
+    for option in patchcore_only[::2]:
+        assert option not in shown
+
+
+def test_predict_and_evaluate_take_the_runs_options_for_shared_settings():
+    from ucad.evaluate import dataset_command as evaluate_dataset, main as evaluate
+    from ucad.predict import main as predict
+
+    by_name = {f.name: f for cls in CONFIG_CLASSES.values() for f in fields(cls)}
+    shared = {"--gpu": "gpu", "--cpu": "cpu", "--batch_size": "feature_batch_size", "--num_workers": "num_workers"}
+    for command in (predict, evaluate, evaluate_dataset):
+        options = {max(p.opts, key=len): p for p in command.params}
+        for option, name in shared.items():
+            if option in options:
+                assert options[option].default == by_name[name].default
+                assert options[option].help == cli_parameter(by_name[name]).help
+    assert {"--gpu", "--cpu", "--batch_size", "--num_workers"} <= {max(p.opts, key=len) for p in predict.params}
+    refused = CliRunner().invoke(predict, ["model.pt", "images", "out", "--batch_size", "0"])
+    assert refused.exit_code == 2 and "--batch_size" in refused.output and "at least 1, got 0" in refused.output
 
 
 @pytest.mark.parametrize("options, message", [

@@ -1,5 +1,5 @@
 """ucad.data_check: every image, mask and structure map of every task is opened before the first task trains,
-and every problem is reported at once (issue 11, items 1 and 3)."""
+and every problem is reported at once."""
 from __future__ import annotations
 
 import shutil

@@ -228,7 +228,7 @@ def test_unreadable_image_names_the_file(tmp_path, workers):
     broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png" * 3)
     task = list_mvtec_task(root, "bottle")  # listing does not decode
     with pytest.raises(UcadError) as info:
-        load_images(task.train, ImageGeometry(32, 32), workers=workers, show=False)
+        load_images(task.train, ImageGeometry(32, 32, "crop"), workers=workers, show=False)
     assert str(broken) in str(info.value)
     assert "cannot read image" in str(info.value)
 
@@ -237,9 +237,9 @@ def test_unreadable_and_missing_mask(tmp_path):
     broken = tmp_path / "m.png"
     broken.write_bytes(b"garbage")
     with pytest.raises(UcadError, match=str(broken)):
-        load_mask(broken, ImageGeometry(16, 16))
+        load_mask(broken, ImageGeometry(16, 16, "crop"))
     with pytest.raises(UcadError, match="does not exist"):
-        load_mask(tmp_path / "none.png", ImageGeometry(16, 16))
+        load_mask(tmp_path / "none.png", ImageGeometry(16, 16, "crop"))
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -377,7 +377,7 @@ def test_real_magnetic_tile_listing():
     assert set(masks.unique().tolist()) <= {0, 1} and masks.sum() > 0
 
 
-# ----------------------------------------------------------------------------- issue 11: reliability
+# ----------------------------------------------------------------------------- wide, damaged and odd files
 def test_16_bit_images_are_scaled_by_their_bit_depth_not_clipped(tmp_path):
     """convert("RGB") clips 16-bit values at 255 (every picture white, image AUROC 0.5): scale 65535 -> 255."""
     geometry = ImageGeometry(16, 16, "square")
@@ -389,7 +389,7 @@ def test_16_bit_images_are_scaled_by_their_bit_depth_not_clipped(tmp_path):
     dark = np.full((16, 16), 4095, np.uint16)
     Image.fromarray(dark).save(tmp_path / "dark.png")
     assert load_image(tmp_path / "dark.png", geometry).max() == round(4095 * 255 / 65535)
-    # two different 16-bit images stay different (they were both all 255 before)
+    # two different 16-bit images stay different (clipping would make both all 255)
     Image.fromarray(np.full((16, 16), 30000, np.uint16)).save(tmp_path / "mid.png")
     assert load_image(tmp_path / "mid.png", geometry).mean() == pytest.approx(30000 * 255 / 65535, abs=0.5)
 

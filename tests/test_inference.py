@@ -18,6 +18,7 @@ from ucad.config import ModelConfig
 from ucad.datasets import list_tasks
 from ucad.images import load_images
 from ucad.model import KNOWLEDGE, UNLIMITED, UcadModel
+from ucad.model_file import load_model
 from ucad.weights import offline_efficientnet_lite0_path
 
 TASKS = ("weave", "washer")
@@ -84,17 +85,17 @@ def test_a_loaded_model_keeps_the_arithmetic_it_was_trained_with(trained, tmp_pa
     """Its thresholds were computed with that arithmetic; a precision given at load time still overrides it."""
     run_dir, _ = trained
     path = run_dir / "models" / "ucad_model.pt"
-    assert UcadModel.load(path, torch.device("cpu")).amp_dtype is None  # trained in fp32, the default
+    assert load_model(path, torch.device("cpu")).amp_dtype is None  # trained in fp32, the default
     state = torch.load(path, map_location="cpu", weights_only=True)
     state["run_configuration"]["run"]["precision"] = "bf16"
     torch.save(state, tmp_path / "bf16.pt")
-    assert UcadModel.load(tmp_path / "bf16.pt", torch.device("cpu")).amp_dtype == torch.bfloat16
-    assert UcadModel.load(tmp_path / "bf16.pt", torch.device("cpu"), precision="fp32").amp_dtype is None
+    assert load_model(tmp_path / "bf16.pt", torch.device("cpu")).amp_dtype == torch.bfloat16
+    assert load_model(tmp_path / "bf16.pt", torch.device("cpu"), precision="fp32").amp_dtype is None
 
 
 def test_score_with_the_task_given_is_the_per_task_primitive(trained, demo_root):
     run_dir, _ = trained
-    model = UcadModel.load(run_dir / "models" / "ucad_model.pt", torch.device("cpu"))
+    model = load_model(run_dir / "models" / "ucad_model.pt", torch.device("cpu"))
     task = list_tasks("mvtec", demo_root, ["washer"])[0]
     images = load_images(task.test[:5], model.config.geometry, 1, show=False)
     scored = model.score(images, task=1, batch_size=2)
@@ -127,7 +128,7 @@ def test_every_phase_writes_one_row_per_test_image(trained, demo_root):
 # ----------------------------------------------------------------------------- 5. thresholds
 def test_thresholds_are_quantiles_of_the_held_out_normal_images(trained, demo_root):
     run_dir, output = trained
-    model = UcadModel.load(run_dir / "models" / "ucad_model.pt", torch.device("cpu"))
+    model = load_model(run_dir / "models" / "ucad_model.pt", torch.device("cpu"))
     tasks = list_tasks("mvtec", demo_root, list(TASKS), 0.75, seed=0)
     for index, task in enumerate(tasks):
         assert len(task.validation) == 2 and len(task.train) == 4
@@ -177,7 +178,7 @@ def test_full_model_keeps_everything(demo_root, tmp_path):
     code, output = run(["--save_patchcore_model", "--save_full_model"] + global_options(tmp_path) + TINY
                        + held_out_dataset(demo_root, "weave"))
     assert code == 0, output
-    model = UcadModel.load(tmp_path / "p" / "g_0" / "models" / "ucad_model.pt", torch.device("cpu"))
+    model = load_model(tmp_path / "p" / "g_0" / "models" / "ucad_model.pt", torch.device("cpu"))
     assert model.tasks[0].knowledge_unlimited.shape[0] == 32 and UNLIMITED in model.tasks[0].thresholds
 
 
@@ -214,7 +215,7 @@ def test_model_loads_without_network_or_weight_package(demo_root, tmp_path, monk
     from ucad.weights import offline_efficientnet_lite0_path as package_path
 
     assert package_path() is None  # the package is really gone
-    loaded = UcadModel.load(path, torch.device("cpu"))
+    loaded = load_model(path, torch.device("cpu"))
     assert "stored in ucad_model.pt" in loaded.extractor.weights_description
     torch.testing.assert_close(loaded.embed(images), expected)
     from ucad.predict import main as predict
@@ -234,7 +235,7 @@ def test_damaged_or_foreign_model_files_fail_in_one_line(tmp_path):
         from ucad.errors import UcadError
 
         with pytest.raises(UcadError, match=path.name):
-            UcadModel.load(path, torch.device("cpu"))
+            load_model(path, torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- predict's output

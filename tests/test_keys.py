@@ -6,9 +6,8 @@ import torch
 
 from ucad.coreset import CoresetSampler
 from ucad.errors import UcadError
-from ucad.keys import KEY_SAMPLERS, routing_margin, select_keys
-from ucad.nearest_neighbor import NearestNeighbourScorer
-from ucad.router import key_distances, route
+from ucad.keys import KEY_SAMPLERS, select_keys
+from ucad.router import TaskKeyIndex, route, routing_margin
 
 pytest.importorskip("faiss")
 
@@ -59,11 +58,10 @@ def test_unknown_sampler_names_the_option():
 
 def test_kmeans_keys_route_lookalike_tasks_that_greedy_keys_confuse():
     task_a, task_b, images_a = two_lookalike_tasks()
-    nearest = NearestNeighbourScorer(k=1, backend="torch")
     routed = {}
     for sampler in KEY_SAMPLERS:
         keys = [select_keys(task, 16, sampler, seed=0) for task in (task_a, task_b)]
-        distances = torch.stack([key_distances(images_a, k, nearest) for k in keys], dim=1)
+        distances = TaskKeyIndex(keys).distances(images_a)
         routed[sampler] = (route(distances) == 0).float().mean().item()
     # greedy k-center spends A's keys on its outliers, so A's typical patches look closer to B
     assert routed["greedy_coreset"] < 0.5 and routed["approx_greedy_coreset"] < 0.5
@@ -74,3 +72,14 @@ def test_routing_margin_is_the_relative_gap_to_the_runner_up():
     distances = torch.tensor([[1.0, 2.0, 3.0], [4.0, 2.0, 2.5], [5.0, 5.0, 9.0]])
     torch.testing.assert_close(routing_margin(distances), torch.tensor([1.0, 0.25, 0.0]))
     assert torch.isinf(routing_margin(torch.tensor([[3.0]]))).all()  # one task: no rival
+
+
+def test_every_accepted_seed_gives_a_key_seed_faiss_takes():
+    """seed * 1000 + task exceeds a C int from --seed 2147484 on (a date such as 20240101, say)."""
+    from ucad.config import LearningConfig
+
+    for seed in (0, 2_147_483, 2_147_484, 20240101, 2 ** 32 - 1):
+        task_seed = LearningConfig(seed=seed).task_seed(14)
+        assert 0 <= task_seed < 2 ** 31
+        select_keys(torch.randn(300, 8), 4, "kmeans", seed=task_seed)
+    assert LearningConfig(seed=7).task_seed(3) == 7003  # small seeds keep the numbers they always gave

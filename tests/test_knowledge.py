@@ -70,7 +70,7 @@ def test_a_run_reports_bytes_and_saves_pq_knowledge_that_reloads(demo_root, tmp_
     from click.testing import CliRunner
 
     from ucad.cli import main
-    from ucad.model import UcadModel
+    from ucad.model_file import load_model
 
     result = CliRunner().invoke(main, [
         "--cpu", "--epochs_num", "0", "--memory_size", "40", "--key_size", "8", "--basic_size", "0",
@@ -84,5 +84,5 @@ def test_a_run_reports_bytes_and_saves_pq_knowledge_that_reloads(demo_root, tmp_
     run_dir = tmp_path / "p" / "g_0"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["memory_bytes_per_task"]["weave"]["knowledge"] == 33088
-    model = UcadModel.load(run_dir / "models" / "ucad_model.pt", torch.device("cpu"), weights="random")
+    model = load_model(run_dir / "models" / "ucad_model.pt", torch.device("cpu"), weights="random")
     assert model.tasks[0].packed.storage == "pq" and model.tasks[0].knowledge.shape == (40, 64)

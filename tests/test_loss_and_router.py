@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ucad.loss import labels_to_grid, structure_contrastive_loss
-from ucad.nearest_neighbor import NearestNeighbourScorer
-from ucad.router import key_distances, route
+from ucad.router import TaskKeyIndex, route
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -132,7 +131,7 @@ def test_labels_to_grid_never_blends(size, grid):
     rows = ((torch.arange(grid[0]) + 0.5) * size / grid[0]).floor().long()
     cols = ((torch.arange(grid[1]) + 0.5) * size / grid[1]).floor().long()
     assert torch.equal(out.reshape(2, *grid), labels[:, rows][:, :, cols])
-    corner = labels_to_grid(labels, grid, "corner")  # the old top-left sampling, kept for ablations
+    corner = labels_to_grid(labels, grid, "corner")  # top-left sampling (--label_sampling corner)
     rows = (torch.arange(grid[0]) * size / grid[0]).floor().long()
     cols = (torch.arange(grid[1]) * size / grid[1]).floor().long()
     assert torch.equal(corner.reshape(2, *grid), labels[:, rows][:, :, cols])
@@ -157,16 +156,14 @@ def make_tasks(dim=16, keys=20, seed=0):
     return centres, key_sets, g
 
 
-@pytest.mark.parametrize("backend", ["faiss", "torch"])
-def test_key_distances_and_route_pick_the_right_task(backend):
+def test_key_distances_and_route_pick_the_right_task():
     centres, key_sets, g = make_tasks()
     truth = torch.tensor([2, 0, 1, 1, 0, 2])
     images = torch.stack([centres[t] + torch.randn(9, 16, generator=g) for t in truth])  # (6, 9 patches, 16)
-    nearest = NearestNeighbourScorer(k=1, backend=backend)
-    per_task = torch.stack([key_distances(images, keys, nearest) for keys in key_sets], dim=1)
+    per_task = TaskKeyIndex(key_sets).distances(images)
     assert per_task.shape == (6, 3)
     assert torch.equal(route(per_task), truth)
-    # key_distances = mean over the image's patches of the distance to the nearest key
+    # the key distance = mean over the image's patches of the distance to the nearest key
     expected = (torch.cdist(images[0], key_sets[1]).min(dim=1).values ** 2).mean()  # squared L2, the default
     assert per_task[0, 1].item() == pytest.approx(expected.item(), rel=1e-4)
 
@@ -183,6 +180,5 @@ def test_routing_by_mean_not_by_single_patch():
     keys1 = torch.full((5, 4), 10.0)
     image = torch.full((1, 10, 4), 1.0)
     image[0, 0] = 10.0
-    nearest = NearestNeighbourScorer(k=1, backend="torch")
-    per_task = torch.stack([key_distances(image, keys0, nearest), key_distances(image, keys1, nearest)], dim=1)
+    per_task = TaskKeyIndex([keys0, keys1]).distances(image)
     assert route(per_task).tolist() == [0]

@@ -5,7 +5,10 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
+from metric_references import aupro, pixel_metrics
 from ucad import metrics as M
+
+FPR_LIMIT = 0.3  # the run's default, for which the hand-worked areas below are given
 
 
 def _sk_f1max(y, s):
@@ -30,10 +33,10 @@ def test_binary_metrics_match_sklearn(seed, rounded):
     y, s = _random_case(rng, 300 + 50 * seed, rounded)
     assert M.roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
     assert M.average_precision(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-12)
-    assert M.f1_max(y, s) == pytest.approx(_sk_f1max(y, s), abs=1e-12)
-    auroc, ap = M.auroc_and_ap(y, s)
+    auroc, ap, f1max = M.binary_metrics(y, s)
     assert auroc == pytest.approx(roc_auc_score(y, s), abs=1e-12)
     assert ap == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    assert f1max == pytest.approx(_sk_f1max(y, s), abs=1e-12)
 
 
 def test_all_tied_scores():
@@ -41,7 +44,7 @@ def test_all_tied_scores():
     s = np.ones(5)
     assert M.roc_auc(y, s) == pytest.approx(0.5)
     assert M.average_precision(y, s) == pytest.approx(average_precision_score(y, s))
-    assert M.f1_max(y, s) == pytest.approx(_sk_f1max(y, s))
+    assert M.binary_metrics(y, s)[2] == pytest.approx(_sk_f1max(y, s))
 
 
 def test_one_class_gives_nan():
@@ -49,8 +52,7 @@ def test_one_class_gives_nan():
     for y in (np.zeros(3), np.ones(3)):
         assert math.isnan(M.roc_auc(y, s))
         assert math.isnan(M.average_precision(y, s))
-        assert math.isnan(M.f1_max(y, s))
-        assert all(math.isnan(v) for v in M.auroc_and_ap(y, s))
+        assert all(math.isnan(v) for v in M.binary_metrics(y, s))
 
 
 def test_nan_scores_rejected():
@@ -80,21 +82,20 @@ def test_pixel_metrics_large_match_sklearn():
     masks = _blobby_masks(rng, 20, 64, 64)
     for maps in (_random_maps(rng, masks), _random_maps(rng, masks, 2)):
         y, s = masks.ravel(), maps.ravel()
-        auroc, ap = M.auroc_and_ap(y, s)
-        assert auroc == pytest.approx(roc_auc_score(y, s), abs=1e-10)
-        assert ap == pytest.approx(average_precision_score(y, s), abs=1e-10)
-        res = M.compute_task_metrics(masks.max(axis=(1, 2)), maps.max(axis=(1, 2)), masks, maps)
-        assert res["pixel_auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-10)
-        assert res["pixel_ap"] == pytest.approx(average_precision_score(y, s), abs=1e-10)
-        assert res["pixel_f1max"] == pytest.approx(_sk_f1max(y, s), abs=1e-10)
-        assert res["aupro"] == pytest.approx(M.aupro(masks, maps), abs=1e-12)
+        res = M.compute_task_metrics(masks.max(axis=(1, 2)), maps.max(axis=(1, 2)), masks, maps, FPR_LIMIT)
+        reference = pixel_metrics(masks, maps, FPR_LIMIT)
+        for got in (res, reference):
+            assert got["pixel_auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-10)
+            assert got["pixel_ap"] == pytest.approx(average_precision_score(y, s), abs=1e-10)
+            assert got["pixel_f1max"] == pytest.approx(_sk_f1max(y, s), abs=1e-10)
+        assert res["aupro"] == pytest.approx(aupro(masks, maps, FPR_LIMIT), abs=1e-12)
 
 
 def test_float16_maps_match_sklearn_on_same_values():
     rng = np.random.default_rng(1)
     masks = _blobby_masks(rng, 6, 32, 32)
     maps = _random_maps(rng, masks).astype(np.float16)
-    res = M.compute_task_metrics([0, 1, 1, 1, 1, 1], rng.random(6), masks.astype(bool), maps)
+    res = M.compute_task_metrics([0, 1, 1, 1, 1, 1], rng.random(6), masks.astype(bool), maps, FPR_LIMIT)
     y, s = masks.ravel(), maps.ravel().astype(np.float64)
     assert res["pixel_auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-10)
     assert res["pixel_ap"] == pytest.approx(average_precision_score(y, s), abs=1e-10)
@@ -124,9 +125,9 @@ def test_aupro_hand_worked():
     #            area .23125 / .3 = 0.7708333...
     # limit 0.5: .15 + .2*(.75+1)/2 + .1*1 = .425; / .5 = 0.85
     masks, maps = _hand_case()
-    assert M.aupro(masks, maps) == pytest.approx(0.23125 / 0.3, abs=1e-12)
-    assert M.aupro(masks, maps, fpr_limit=0.5) == pytest.approx(0.85, abs=1e-12)
-    assert M.aupro(masks, maps, fpr_limit=0.2) == pytest.approx(0.75, abs=1e-12)
+    assert aupro(masks, maps, 0.3) == pytest.approx(0.23125 / 0.3, abs=1e-12)
+    assert aupro(masks, maps, 0.5) == pytest.approx(0.85, abs=1e-12)
+    assert aupro(masks, maps, 0.2) == pytest.approx(0.75, abs=1e-12)
 
 
 def test_aupro_uses_8_connectivity():
@@ -137,22 +138,22 @@ def test_aupro_uses_8_connectivity():
     maps[0, 0, 0] = maps[0, 0, 4] = 1.0
     # Curve (0,0) (0,.75) (1,1): PRO(.3) = .825, area .3*(.75+.825)/2 -> /.3 = .7875.
     # With 4-connectivity it would be PRO 2/3 at FPR 0 and 0.71666...
-    assert M.aupro(masks, maps) == pytest.approx(0.7875, abs=1e-12)
+    assert aupro(masks, maps, 0.3) == pytest.approx(0.7875, abs=1e-12)
 
 
 def test_aupro_perfect_map_is_one():
     rng = np.random.default_rng(3)
     masks = _blobby_masks(rng, 5, 24, 24)
     maps = masks + 0.1 * rng.random(masks.shape)
-    assert M.aupro(masks, maps) == pytest.approx(1.0, abs=1e-12)
-    assert M.aupro(masks, maps, fpr_limit=0.05) == pytest.approx(1.0, abs=1e-12)
+    assert aupro(masks, maps, FPR_LIMIT) == pytest.approx(1.0, abs=1e-12)
+    assert aupro(masks, maps, 0.05) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_aupro_nan_without_regions():
     masks = np.zeros((2, 8, 8))
     maps = np.random.default_rng(0).random((2, 8, 8))
-    assert math.isnan(M.aupro(masks, maps))
-    res = M.compute_task_metrics([0, 0], [0.1, 0.2], masks, maps)
+    assert math.isnan(aupro(masks, maps, FPR_LIMIT))
+    res = M.compute_task_metrics([0, 0], [0.1, 0.2], masks, maps, FPR_LIMIT)
     assert math.isnan(res["aupro"]) and math.isnan(res["pixel_auroc"])
 
 
@@ -183,7 +184,7 @@ def test_aupro_matches_brute_force(seed, decimals):
     masks = _blobby_masks(rng, 4, 16, 16)
     maps = _random_maps(rng, masks, decimals)
     for limit in (0.3, 0.1, 1.0):
-        assert M.aupro(masks, maps, limit) == pytest.approx(
+        assert aupro(masks, maps, limit) == pytest.approx(
             _aupro_brute(masks, maps, limit), abs=1e-6)
 
 
@@ -191,17 +192,17 @@ def test_aupro_limit_changes_result():
     rng = np.random.default_rng(7)
     masks = _blobby_masks(rng, 4, 16, 16)
     maps = _random_maps(rng, masks)
-    a03, a01 = M.aupro(masks, maps, 0.3), M.aupro(masks, maps, 0.1)
+    a03, a01 = aupro(masks, maps, 0.3), aupro(masks, maps, 0.1)
     assert not math.isclose(a03, a01)
     with pytest.raises(ValueError):
-        M.aupro(masks, maps, 0.0)
+        aupro(masks, maps, 0.0)
 
 
 # ----------------------------------------------------------------------------- per task / CL
 
 
 def test_compute_task_metrics_keys_and_image_only():
-    res = M.compute_task_metrics([0, 1, 1, 0], [0.2, 0.9, 0.4, 0.5])
+    res = M.compute_task_metrics([0, 1, 1, 0], [0.2, 0.9, 0.4, 0.5], None, None, FPR_LIMIT)
     assert set(res) == {"image_auroc", "image_ap", "image_f1max",
                         "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro"}
     assert res["image_auroc"] == pytest.approx(0.75)

@@ -1,4 +1,4 @@
-"""The torch pixel-metric path (PixelGroundTruth + pixel_metrics_torch) against the numpy path."""
+"""The torch pixel-metric path (PixelGroundTruth + pixel_metrics_torch) against the numpy reference."""
 import math
 
 import numpy as np
@@ -6,9 +6,11 @@ import pytest
 import torch
 from scipy import ndimage
 
+from metric_references import aupro, pixel_metrics
 from ucad import metrics as M
+from ucad.config import RunConfig
 
-PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")
+FPR_LIMIT = RunConfig.fpr_limit
 
 # the CUDA variants carry the `cuda` marker: skipped without a GPU, selected by `pytest -m cuda`
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -31,13 +33,12 @@ def _random_maps(rng, masks, decimals=None, dtype=np.float32):
     return np.round(maps, decimals) if decimals is not None else maps
 
 
-def _numpy_pixel(masks, maps, fpr_limit=0.3):
-    res = M.compute_task_metrics([0, 1], [0.1, 0.9], masks, maps, fpr_limit)
-    return {k: res[k] for k in PIXEL_KEYS}
+def _numpy_pixel(masks, maps, fpr_limit=FPR_LIMIT):
+    return pixel_metrics(masks, maps, fpr_limit)
 
 
 def _assert_same(a, b, tol=1e-6):
-    for k in PIXEL_KEYS:
+    for k in M.PIXEL_KEYS:
         if math.isnan(a[k]) or math.isnan(b[k]):
             assert math.isnan(a[k]) and math.isnan(b[k]), (k, a[k], b[k])
         else:
@@ -58,7 +59,7 @@ def test_matches_numpy_random_maps(seed, decimals, device):
     for limit in (0.3, 0.1, 0.01, 0.5, 1.0):
         expected = _numpy_pixel(masks, maps, limit)
         got = M.pixel_metrics_torch(gt, torch.from_numpy(maps), fpr_limit=limit)
-        assert set(got) == set(PIXEL_KEYS)
+        assert set(got) == set(M.PIXEL_KEYS)
         assert all(isinstance(v, float) for v in got.values())
         _assert_same(expected, got)
 
@@ -70,12 +71,12 @@ def test_float16_maps(device):
     maps16 = _random_maps(rng, masks, dtype=np.float16)
     expected = _numpy_pixel(masks, maps16)
     gt = M.PixelGroundTruth(masks, device=device)
-    _assert_same(expected, M.pixel_metrics_torch(gt, torch.from_numpy(maps16)))
-    _assert_same(expected, M.pixel_metrics_torch(gt, torch.from_numpy(maps16).to(device)))
-    _assert_same(expected, M.pixel_metrics_torch(gt, maps16))  # numpy maps are accepted too
+    _assert_same(expected, M.pixel_metrics_torch(gt, torch.from_numpy(maps16), FPR_LIMIT))
+    _assert_same(expected, M.pixel_metrics_torch(gt, torch.from_numpy(maps16).to(device), FPR_LIMIT))
+    _assert_same(expected, M.pixel_metrics_torch(gt, maps16, FPR_LIMIT))  # numpy maps are accepted too
     # bfloat16 widens exactly to float32: same as numpy on those float32 values
     mbf = torch.from_numpy(maps16.astype(np.float32)).to(torch.bfloat16)
-    _assert_same(_numpy_pixel(masks, mbf.float().numpy()), M.pixel_metrics_torch(gt, mbf))
+    _assert_same(_numpy_pixel(masks, mbf.float().numpy()), M.pixel_metrics_torch(gt, mbf, FPR_LIMIT))
 
 
 def test_float64_and_integer_maps_keep_their_ties():
@@ -84,16 +85,16 @@ def test_float64_and_integer_maps_keep_their_ties():
     # float64 values that differ only beyond float32 precision must stay distinct
     maps64 = _random_maps(rng, masks).astype(np.float64) + 1e-12 * rng.random(masks.shape)
     gt = M.PixelGroundTruth(masks)
-    _assert_same(_numpy_pixel(masks, maps64), M.pixel_metrics_torch(gt, torch.from_numpy(maps64)))
+    _assert_same(_numpy_pixel(masks, maps64), M.pixel_metrics_torch(gt, torch.from_numpy(maps64), FPR_LIMIT))
     maps_int = (_random_maps(rng, masks) * 3).astype(np.int64)
-    _assert_same(_numpy_pixel(masks, maps_int), M.pixel_metrics_torch(gt, torch.from_numpy(maps_int)))
+    _assert_same(_numpy_pixel(masks, maps_int), M.pixel_metrics_torch(gt, torch.from_numpy(maps_int), FPR_LIMIT))
 
 
 def test_all_scores_tied():
     rng = np.random.default_rng(2)
     masks = _blobby_masks(rng, 4, 16, 16)
     maps = np.full(masks.shape, 0.25, dtype=np.float32)
-    got = M.pixel_metrics_torch(M.PixelGroundTruth(masks), torch.from_numpy(maps))
+    got = M.pixel_metrics_torch(M.PixelGroundTruth(masks), torch.from_numpy(maps), FPR_LIMIT)
     assert got["pixel_auroc"] == pytest.approx(0.5, abs=1e-12)
     _assert_same(_numpy_pixel(masks, maps), got)
 
@@ -108,11 +109,11 @@ def test_mask_formats_and_shapes():
               masks[:, None]):  # (N, 1, H, W)
         gt = M.PixelGroundTruth(m)
         assert gt.shape == masks.shape
-        _assert_same(expected, M.pixel_metrics_torch(gt, torch.from_numpy(maps)))
-        _assert_same(expected, M.pixel_metrics_torch(gt, torch.from_numpy(maps)[:, None]))
+        _assert_same(expected, M.pixel_metrics_torch(gt, torch.from_numpy(maps), FPR_LIMIT))
+        _assert_same(expected, M.pixel_metrics_torch(gt, torch.from_numpy(maps)[:, None], FPR_LIMIT))
     # a single (H, W) mask and map
     _assert_same(_numpy_pixel(masks[2], maps[2]),
-                 M.pixel_metrics_torch(M.PixelGroundTruth(masks[2]), torch.from_numpy(maps[2])))
+                 M.pixel_metrics_torch(M.PixelGroundTruth(masks[2]), torch.from_numpy(maps[2]), FPR_LIMIT))
 
 
 # ----------------------------------------------------------------------------- AUPRO regions
@@ -125,7 +126,7 @@ def test_ground_truth_contents():
     assert gt.labels.dtype == torch.bool and gt.labels.shape == (masks.size,)
     assert gt.pro_increment.dtype == torch.float64
     assert gt.num_normal == int((masks == 0).sum()) and gt.num_defect == int(masks.sum())
-    assert gt.num_pixels == masks.size
+    assert gt.num_normal + gt.num_defect == masks.size
     n_regions = sum(ndimage.label(m, structure=np.ones((3, 3)))[1] for m in masks)
     assert gt.num_regions == n_regions
     # each region carries weight 1 / n_regions in total, normal pixels none
@@ -139,11 +140,11 @@ def test_hand_worked_aupro_and_8_connectivity():
     masks = np.array([[[1, 1, 0, 0]], [[0, 1, 0, 0]]])
     maps = torch.tensor([[[0.9, 0.5, 0.5, 0.1]], [[0.7, 0.8, 0.3, 0.1]]])
     gt = M.PixelGroundTruth(masks)
-    assert M.pixel_metrics_torch(gt, maps)["aupro"] == pytest.approx(0.23125 / 0.3, abs=1e-12)
+    assert M.pixel_metrics_torch(gt, maps, 0.3)["aupro"] == pytest.approx(0.23125 / 0.3, abs=1e-12)
     assert M.pixel_metrics_torch(gt, maps, 0.5)["aupro"] == pytest.approx(0.85, abs=1e-12)
     assert M.pixel_metrics_torch(gt, maps, 0.2)["aupro"] == pytest.approx(0.75, abs=1e-12)
     assert M.pixel_metrics_torch(gt, maps, 1.0)["aupro"] == pytest.approx(
-        M.aupro(masks, maps.numpy(), 1.0), abs=1e-12)
+        aupro(masks, maps.numpy(), 1.0), abs=1e-12)
 
     # (0,0) and (1,1) touch diagonally: one region of area 2; (0,4) is a second region.
     masks = np.zeros((1, 3, 5), dtype=np.uint8)
@@ -152,7 +153,7 @@ def test_hand_worked_aupro_and_8_connectivity():
     maps[0, 0, 0] = maps[0, 0, 4] = 1.0
     gt = M.PixelGroundTruth(masks)
     assert gt.num_regions == 2
-    assert M.pixel_metrics_torch(gt, maps)["aupro"] == pytest.approx(0.7875, abs=1e-12)
+    assert M.pixel_metrics_torch(gt, maps, 0.3)["aupro"] == pytest.approx(0.7875, abs=1e-12)
 
 
 def test_many_regions_per_image():
@@ -170,7 +171,7 @@ def test_many_regions_per_image():
         for limit in (0.3, 0.05, 1.0):
             got = M.pixel_metrics_torch(gt, torch.from_numpy(maps), limit)
             _assert_same(_numpy_pixel(masks, maps, limit), got)
-            assert got["aupro"] == pytest.approx(M.aupro(masks, maps, limit), abs=1e-6)
+            assert got["aupro"] == pytest.approx(aupro(masks, maps, limit), abs=1e-6)
 
 
 def test_perfect_map():
@@ -178,7 +179,7 @@ def test_perfect_map():
     masks = _blobby_masks(rng, 5, 24, 24)
     maps = masks + 0.1 * rng.random(masks.shape)
     got = M.pixel_metrics_torch(M.PixelGroundTruth(masks), torch.from_numpy(maps), 0.05)
-    for k in PIXEL_KEYS:
+    for k in M.PIXEL_KEYS:
         assert got[k] == pytest.approx(1.0, abs=1e-12)
 
 
@@ -222,8 +223,8 @@ def test_no_defects_and_all_defects_give_nan():
     maps = torch.from_numpy(np.random.default_rng(0).random((3, 8, 8)))
     for masks in (np.zeros((3, 8, 8)), np.ones((3, 8, 8))):
         gt = M.PixelGroundTruth(masks)
-        got = M.pixel_metrics_torch(gt, maps)
-        assert all(math.isnan(got[k]) for k in PIXEL_KEYS)
+        got = M.pixel_metrics_torch(gt, maps, FPR_LIMIT)
+        assert all(math.isnan(got[k]) for k in M.PIXEL_KEYS)
         _assert_same(_numpy_pixel(masks, maps.numpy()), got)
     assert M.PixelGroundTruth(np.zeros((3, 8, 8))).pro_increment is None
 
@@ -234,15 +235,15 @@ def test_errors():
     gt = M.PixelGroundTruth(masks)
     maps = torch.from_numpy(_random_maps(rng, masks))
     with pytest.raises(ValueError):
-        M.pixel_metrics_torch(gt, maps[:2])
+        M.pixel_metrics_torch(gt, maps[:2], FPR_LIMIT)
     with pytest.raises(ValueError):
         M.pixel_metrics_torch(gt, maps, fpr_limit=0.0)
     bad = maps.clone()
     bad[1, 2, 3] = float("nan")
     with pytest.raises(ValueError):
-        M.pixel_metrics_torch(gt, bad)
+        M.pixel_metrics_torch(gt, bad, FPR_LIMIT)
     with pytest.raises(ValueError):
-        M.compute_task_metrics([0, 1, 1], [0.1, 0.5, 0.9], masks[:2], maps, ground_truth=gt)
+        M.compute_task_metrics([0, 1, 1], [0.1, 0.5, 0.9], masks[:2], maps, FPR_LIMIT, ground_truth=gt)
 
 
 # ----------------------------------------------------------------------------- per task
@@ -259,6 +260,7 @@ def test_compute_task_metrics_with_and_without_ground_truth(device):
         image_scores = maps.max(axis=(1, 2))
         for limit in (0.3, 0.2):
             plain = M.compute_task_metrics(image_labels, image_scores, masks, maps, limit)
+            _assert_same(_numpy_pixel(masks, maps, limit), plain)
             t_maps = torch.from_numpy(maps).to(device)
             for kwargs in (dict(masks=masks, anomaly_maps=maps),
                            dict(masks=None, anomaly_maps=t_maps),
@@ -271,13 +273,12 @@ def test_compute_task_metrics_with_and_without_ground_truth(device):
                 _assert_same(plain, fast)
         # float16 maps on the device give the numpy numbers of the same float16 values
         maps16 = maps.astype(np.float16)
-        plain16 = M.compute_task_metrics(image_labels, image_scores, masks, maps16)
-        fast16 = M.compute_task_metrics(image_labels, image_scores, None,
-                                        torch.from_numpy(maps16).to(device), ground_truth=gt)
-        _assert_same(plain16, fast16)
+        fast16 = M.compute_task_metrics(image_labels, image_scores, None, torch.from_numpy(maps16).to(device),
+                                        FPR_LIMIT, ground_truth=gt)
+        _assert_same(_numpy_pixel(masks, maps16), fast16)
     # without maps the pixel metrics stay nan, as without ground truth
-    res = M.compute_task_metrics(image_labels, image_scores, ground_truth=gt)
-    assert all(math.isnan(res[k]) for k in PIXEL_KEYS)
+    res = M.compute_task_metrics(image_labels, image_scores, None, None, FPR_LIMIT, ground_truth=gt)
+    assert all(math.isnan(res[k]) for k in M.PIXEL_KEYS)
 
 
 def test_full_size_test_set():
@@ -294,4 +295,4 @@ def test_full_size_test_set():
     maps = (rng.standard_normal(masks.shape, dtype=np.float32) + 1.5 * masks).astype(np.float32)
     expected = _numpy_pixel(masks, maps)
     gt = M.PixelGroundTruth(masks)
-    _assert_same(expected, M.pixel_metrics_torch(gt, torch.from_numpy(maps)))
+    _assert_same(expected, M.pixel_metrics_torch(gt, torch.from_numpy(maps), FPR_LIMIT))

@@ -1,5 +1,5 @@
-"""Running out of memory (issue 11, item 6): on a GPU the batch is halved once and retried with one line saying
-so; a second time, or out of host memory, the run ends with one line naming the option that sets the batch."""
+"""Running out of memory: on a GPU the batch is halved once and retried with one line saying so; a second time,
+or out of host memory, the run ends with one line naming the option that sets the batch."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,8 @@ import torch
 from ucad.device import OutOfMemoryRetry, out_of_memory_kind
 from ucad.errors import UcadError
 from ucad.model import ModelConfig, UcadModel
-from ucad.training import train_prompt
+
+from test_training import train
 
 
 def gpu_out_of_memory() -> torch.cuda.OutOfMemoryError:
@@ -94,13 +95,13 @@ def test_prompt_training_halves_the_batch_on_gpu_out_of_memory(capsys):
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     labels = torch.ones(6, 32, 32, dtype=torch.long)
     labels[:, :, 16:] = 2
-    prompt = model.new_prompt(0, seed=0)
+    prompt = model.new_prompt(0)
     calls = fail_above(model, 2, gpu_out_of_memory)
-    history = train_prompt(model, prompt, images, labels, epochs=2, batch_size=4)
+    history = train(model, prompt, images, labels, epochs_num=2, batch_size=4)
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(history)))
     assert calls == [4, 2, 2, 2, 2, 2, 2]  # one failed batch, then every batch of every epoch at 2
     assert capsys.readouterr().out.count("out of GPU memory in prompt training with batches of 4 "
                                          "(dataset --batch_size 4); retrying with batches of 2") == 1
     fail_above(model, 0, MemoryError)
     with pytest.raises(UcadError, match="smaller dataset --batch_size"):
-        train_prompt(model, model.new_prompt(1, seed=0), images, labels, epochs=1, batch_size=4)
+        train(model, model.new_prompt(1), images, labels, epochs_num=1, batch_size=4)

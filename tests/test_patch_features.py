@@ -146,4 +146,4 @@ def test_half_precision_input_is_embedded_in_float32():
 
 def test_bad_patchsize():
     with pytest.raises(ValueError, match="patchsize"):
-        PatchEmbedder(0)
+        PatchEmbedder(0, 8, 8)

@@ -4,11 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_training import structured_images
+from test_training import structured_images, train
 from ucad.loss import anchor_penalty
 from ucad.model import ModelConfig, UcadModel
 import ucad.training
-from ucad.training import train_prompt
 
 
 def test_anchor_penalty_is_the_relative_squared_drift():
@@ -27,9 +26,9 @@ def drift_after_training(anchor: float) -> float:
     model = UcadModel(config, torch.device("cpu"))
     images, labels = structured_images()
     frozen = model.features(images, None, batch_size=8)
-    prompt = model.new_prompt(0, seed=0)
-    train_prompt(model, prompt, images, labels, epochs=6, lr=5e-2, batch_size=4, anchor=anchor,
-                 frozen_features=frozen if anchor > 0 else None)
+    prompt = model.new_prompt(0)
+    train(model, prompt, images, labels, epochs_num=6, lr=5e-2, batch_size=4, prompt_anchor=anchor,
+          frozen_features=frozen if anchor > 0 else None)
     prompted = model.features(images, prompt, batch_size=8)
     return float(anchor_penalty(prompted, frozen))
 
@@ -46,7 +45,7 @@ def test_the_anchor_needs_the_frozen_features():
     model = UcadModel(config, torch.device("cpu"))
     images, labels = structured_images(2, 32)
     with pytest.raises(ValueError, match="frozen_features"):
-        train_prompt(model, model.new_prompt(0, seed=0), images, labels, epochs=1, anchor=1.0)
+        train(model, model.new_prompt(0), images, labels, epochs_num=1, prompt_anchor=1.0)
 
 
 def test_with_flips_the_anchor_compares_against_the_flipped_images_own_frozen_features():
@@ -61,8 +60,8 @@ def test_with_flips_the_anchor_compares_against_the_flipped_images_own_frozen_fe
     ucad.training.anchor_penalty = lambda prompted, reference: seen.append(float(original(prompted, reference).detach())) \
         or original(prompted, reference)
     try:
-        train_prompt(model, model.new_prompt(0, seed=0), images, labels, epochs=1, lr=1e-12, batch_size=4,
-                     augment=True, seed=1, anchor=1.0, frozen_features=frozen)
+        train(model, model.new_prompt(0), images, labels, epochs_num=1, lr=1e-12, batch_size=4,
+              augment=True, seed=1, prompt_anchor=1.0, frozen_features=frozen)
     finally:
         ucad.training.anchor_penalty = original
     assert len(seen) == 1 and seen[0] < 1e-8  # the CNN prompt starts as the identity

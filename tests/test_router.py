@@ -1,4 +1,4 @@
-"""ucad.router.TaskKeyIndex: one search over all tasks' keys gives what the per-task loop gives."""
+"""ucad.router.TaskKeyIndex: one search over all tasks' keys gives what one nearest-neighbour search per task gives."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from ucad.errors import UcadError
 from ucad.nearest_neighbor import NearestNeighbourScorer
-from ucad.router import TaskKeyIndex, key_distances, route
+from ucad.router import TaskKeyIndex, route
 
 
 def tasks_and_images(sizes, dim=24, images=7, patches=10, seed=0):
@@ -19,8 +19,11 @@ def tasks_and_images(sizes, dim=24, images=7, patches=10, seed=0):
 
 
 def loop(frozen, key_sets, backend, patch_distance):
+    """The reference: per task, each patch's nearest key by the knowledge scorer, averaged over the image."""
     nearest = NearestNeighbourScorer(k=1, backend=backend, patch_distance=patch_distance)
-    return torch.stack([key_distances(frozen, keys, nearest) for keys in key_sets], dim=1)
+    n, p, d = frozen.shape
+    return torch.stack([nearest.distances(frozen.reshape(n * p, d), keys).reshape(n, p).mean(dim=1)
+                        for keys in key_sets], dim=1)
 
 
 @pytest.mark.parametrize("patch_distance", ["squared", "euclidean"])
@@ -58,13 +61,9 @@ def test_half_precision_features_route_like_their_float_copy():
     assert torch.equal(route(index.distances(half)), truth)
 
 
-def test_from_tasks_and_nbytes():
-    class Task:
-        def __init__(self, keys):
-            self.keys = keys
-
+def test_nbytes_and_euclidean_distance():
     key_sets, frozen, _ = tasks_and_images([4, 6])
-    index = TaskKeyIndex.from_tasks([Task(k) for k in key_sets], "euclidean")
+    index = TaskKeyIndex(key_sets, "euclidean")
     assert index.nbytes == 10 * 24 * 4
     torch.testing.assert_close(index.distances(frozen), loop(frozen, key_sets, "torch", "euclidean"), rtol=1e-6, atol=0)
 

@@ -1,5 +1,5 @@
-"""The run folder (issue 11, items 2, 4 and 5): checked before the backbone loads, made without races, removed
-after a failed start, found again by --resume, written so that a kill or Ctrl-C cannot leave files that disagree."""
+"""The run folder: checked before the backbone loads, made without races, removed after a failed start, found
+again by --resume, written so that a kill or Ctrl-C cannot leave files that disagree."""
 from __future__ import annotations
 
 import csv
@@ -14,9 +14,11 @@ from click.testing import CliRunner
 
 import ucad.experiment
 import ucad.results
+import ucad.run_folder
 from ucad.cli import main
 from ucad.errors import UcadError
-from ucad.results import check_results_path, new_run_dir, remove_temporary_files, write_heatmap
+from ucad.results import write_heatmap
+from ucad.run_folder import atomic_write, check_results_path, new_run_dir, remove_temporary_files
 
 TINY = ["ucad", "-b", "resnet18", "--weights", "random", "-le", "layer2", "-le", "layer3", "--patchsize", "1",
         "--pretrain_embed_dimension", "32", "--target_embed_dimension", "32"]
@@ -57,7 +59,7 @@ def phases_in(path: Path) -> set[int]:
 
 
 def checkpoint_tasks(run_dir: Path) -> int:
-    return len(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]["tasks"])
+    return len(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["task_files"])
 
 
 # ----------------------------------------------------------------------------- the results path
@@ -94,8 +96,8 @@ def test_read_only_results_path(tmp_path):
 def test_new_run_dir_takes_the_next_number_when_another_run_took_it(tmp_path, monkeypatch):
     (tmp_path / "p" / "g_0").mkdir(parents=True)
     listings = iter([{}])  # the first listing was taken before the other process made g_0
-    real = ucad.results._run_numbers
-    monkeypatch.setattr(ucad.results, "_run_numbers", lambda *a: next(listings, None) or real(*a))
+    real = ucad.run_folder._run_numbers
+    monkeypatch.setattr(ucad.run_folder, "_run_numbers", lambda *a: next(listings, None) or real(*a))
     assert new_run_dir(tmp_path, "p", "g") == tmp_path / "p" / "g_1"
 
 
@@ -119,6 +121,19 @@ def test_heatmap_is_written_atomically_and_stray_temporary_files_go(tmp_path, mo
     (tmp_path / "matrices" / "x.csv.tmp").write_text("half")
     (tmp_path / "results_mean.csv.tmp").write_text("half")
     assert remove_temporary_files(tmp_path) == 2 and list(tmp_path.rglob("*.tmp")) == []
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "summary.json"
+    with atomic_write(target) as temporary:
+        assert temporary.parent == tmp_path and temporary.name.endswith(".tmp") and not target.exists()
+        temporary.write_text("first")
+    assert target.read_text() == "first"
+    with pytest.raises(OSError):
+        with atomic_write(target) as temporary:
+            temporary.write_text("half")
+            raise OSError("disk full")
+    assert target.read_text() == "first" and list(tmp_path.iterdir()) == [target]
 
 
 # ----------------------------------------------------------------------------- failed starts and --resume
@@ -191,7 +206,16 @@ def test_ctrl_c_exits_130_with_one_line_saying_how_to_resume(tmp_path, demo_root
                                                "command with --resume to continue with task 2")
 
 
-def test_ctrl_c_while_a_phase_is_written_waits_for_its_last_file(tmp_path, demo_root, monkeypatch):
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own Ctrl-C handler for the test, whatever the test process inherited: started in the background
+    by a script (`pytest &`), a process begins with SIGINT ignored, and a run then rightly ignores Ctrl-C too."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
+def test_ctrl_c_while_a_phase_is_written_waits_for_its_last_file(tmp_path, demo_root, monkeypatch, ctrl_c_raises):
     original_heatmap = ucad.results.write_heatmap
 
     def ctrl_c_while_writing(*args, **kwargs):

@@ -1,5 +1,5 @@
-"""scripts/*.sh (issue 11, item 7): run from any folder, relative paths are the caller's, extra global options
-reach run_ucad.py in a place the chained command line accepts. A stand-in interpreter (PYTHON) records what
+"""scripts/*.sh: run from any folder, relative paths are the caller's, extra global options reach run_ucad.py in a
+place the chained command line accepts. A stand-in interpreter (PYTHON) records what
 the scripts would run, so nothing is trained here; the recorded command line is then parsed by the real CLI."""
 from __future__ import annotations
 
@@ -73,6 +73,19 @@ def test_results_path_may_be_left_out_before_options(tmp_path, recorder, monkeyp
     assert config["learning"]["epochs_num"] == 3
 
 
+def test_sequence_scripts_answer_help_and_name_themselves_in_their_usage(tmp_path, recorder):
+    stub, log = recorder
+    for script in ("run_mvtec.sh", "run_visa.sh", "run_sequence.sh"):
+        shown = subprocess.run(["bash", str(REPOSITORY / "scripts" / script), *(["mvtec"] if script == "run_sequence.sh"
+                                                                                 else []), "--help"],
+                               cwd=tmp_path, env={**os.environ, "PYTHON": str(stub)}, capture_output=True, text=True)
+        assert shown.returncode == 0 and "GLOBAL OPTIONS" in shown.stdout, shown.stderr
+    missing = subprocess.run(["bash", str(REPOSITORY / "scripts" / "run_visa.sh")], cwd=tmp_path,
+                             env={**os.environ, "PYTHON": str(stub)}, capture_output=True, text=True)
+    assert missing.returncode == 2 and "usage: run_visa.sh DATA_PATH" in missing.stderr
+    assert not log.exists()  # nothing was run
+
+
 def test_demo_and_structure_map_scripts_from_another_folder(tmp_path, recorder, monkeypatch):
     stub, log = recorder
     calls = run_script("demo.sh", ["out", "--epochs_num", "2"], tmp_path, stub, log)
@@ -86,21 +99,3 @@ def test_demo_and_structure_map_scripts_from_another_folder(tmp_path, recorder, 
     (call,) = run_script("structure_maps_mvtec.sh", ["data", "sam.pth", "--device", "cpu"], tmp_path, stub, log)
     assert call["argv"][1:] == ["--data_path", "data", "--sam_type", "vit_b", "--sam_checkpoint", "sam.pth",
                                 "--device", "cpu"]
-
-
-def test_ablation_table_reads_the_final_task_agnostic_rows_and_averages_them(tmp_path):
-    run = tmp_path / "anchor1_0"
-    run.mkdir()
-    header = "phase,task_index,task,variant,image_auroc,pixel_ap,aupro,routing_accuracy,routing_margin\n"
-    rows = ["0,0,a,task_agnostic,0.5,0.5,0.5,1.0,9.0",  # an earlier phase: not in the table
-            "1,0,a,task_agnostic,0.8,0.4,0.9,1.0,0.2", "1,1,b,task_agnostic,0.6,0.2,0.7,0.5,0.4",
-            "1,0,a,oracle,0.1,0.1,0.1,,"]
-    (run / "results_all_phases.csv").write_text(header + "\n".join(rows) + "\n")
-    (run / "summary.json").write_text(json.dumps({"feature_drift": {"a": 0.1, "b": None},  # b kept no prompt
-                                                  "chosen_epochs": {"a": 3, "b": None}}))
-    script = Path(__file__).resolve().parents[1] / "scripts" / "ablation_table.py"
-    result = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True, check=True)
-    lines = [[c.strip() for c in line.split("|")] for line in result.stdout.splitlines()[2:]]
-    assert lines[0] == ["anchor1", "a", "0.800", "0.400", "0.900", "1.000", "0.200", "0.100", "3"]
-    assert lines[1] == ["anchor1", "b", "0.600", "0.200", "0.700", "0.500", "0.400", "-", "none"]
-    assert lines[2] == ["anchor1", "mean", "0.700", "0.300", "0.800", "0.750", "0.300", "0.100", ""]

@@ -12,6 +12,12 @@ from ucad.timing import PhaseTimer
 from ucad.training import train_prompt
 
 
+def train(model, prompt, images, labels, frozen_features=None, **settings) -> list[float]:
+    """train_prompt with the settings of LearningConfig(**settings), the configuration's defaults for the rest."""
+    learning = LearningConfig(**settings)
+    return train_prompt(model, prompt, images, labels, learning, learning.seed, frozen_features)
+
+
 def structured_images(n: int = 8, size: int = 64, seed: int = 0):
     """Images made of 4 quadrants of different random colours; the region map is the quadrant id."""
     generator = torch.Generator().manual_seed(seed)
@@ -34,10 +40,10 @@ def test_prompt_training_lowers_the_loss_and_touches_only_the_prompt(backbone, l
                          pretrain_embed_dimension=64, target_embed_dimension=64)
     model = UcadModel(config, torch.device("cpu"))
     backbone_before = {k: v.clone() for k, v in model.extractor.model.state_dict().items()}
-    prompt = model.new_prompt(0, seed=0)
+    prompt = model.new_prompt(0)
     prompt_before = {k: v.clone() for k, v in prompt.state_dict().items()}
     images, labels = structured_images()
-    history = train_prompt(model, prompt, images, labels, epochs=12, lr=5e-2, batch_size=4)
+    history = train(model, prompt, images, labels, epochs_num=12, lr=5e-2, batch_size=4)
     assert history[-1] < history[0] - 1e-3, history
     for name, value in model.extractor.model.state_dict().items():
         assert torch.equal(value, backbone_before[name]), f"backbone tensor {name} changed"
@@ -51,7 +57,7 @@ def test_vit_prefix_prompt_changes_the_features():
     model = UcadModel(config, torch.device("cpu"))
     images, _ = structured_images(2)
     frozen = model.features(images)
-    prompted = model.features(images, model.new_prompt(0, seed=0))
+    prompted = model.features(images, model.new_prompt(0))
     assert frozen.shape == prompted.shape == (2, 16, 64)
     assert not torch.allclose(frozen, prompted)
     assert model.extractor.prompt_layers == 3  # blocks 0..2, nothing beyond the extracted block

@@ -17,8 +17,8 @@ from ucad.errors import UcadError
 from ucad.weights import (
     BACKBONE_ALIASES,
     create_backbone,
+    lukemelas_to_timm_efficientnet,
     offline_efficientnet_lite0_path,
-    offline_efficientnet_lite0_state_dict,
     resolve_backbone_name,
 )
 
@@ -202,6 +202,39 @@ def test_wrong_checkpoint_raises_naming_file(tmp_path, small_resnet):
         create_backbone("resnet18", weights=str(path))
 
 
+def test_unused_tensor_is_an_error(tmp_path, small_resnet):
+    path = tmp_path / "extra.pth"
+    torch.save({**small_resnet.state_dict(), "projector.weight": torch.zeros(8, 512)}, path)
+    with pytest.raises(UcadError, match="1 unexpected keys.*projector.weight"):
+        create_backbone("resnet18", weights=str(path))
+
+
+def test_failing_timm_checkpoint_filter_is_reported(tmp_path, monkeypatch):
+    import timm.models.vision_transformer as vision_transformer
+
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+    path = tmp_path / "vit_tiny.pth"
+    torch.save(ref.state_dict(), path)
+
+    def broken_filter(state_dict, model):
+        raise ValueError("cannot convert this layout")
+
+    monkeypatch.setattr(vision_transformer, "checkpoint_filter_fn", broken_filter)
+    with pytest.raises(UcadError, match="vit_tiny.pth.*checkpoint filter.*cannot convert this layout"):
+        create_backbone("vit_tiny_patch16_224", weights=str(path), img_size=32, depth=1)
+
+
+def test_pickled_objects_are_refused_in_one_line(tmp_path, small_resnet):
+    path = tmp_path / "pickled.pth"
+    torch.save({"state_dict": small_resnet.state_dict(), "config": _Config()}, path)
+    with pytest.raises(UcadError, match="pickled.pth: cannot read the checkpoint .it holds pickled Python objects"):
+        create_backbone("resnet18", weights=str(path))
+
+
+class _Config:
+    """A Python object that torch.load(weights_only=True) refuses to unpickle."""
+
+
 def _vit_to_jax_npz(model, path):
     """Write a timm ViT as a Google-JAX-style .npz (inverse of timm's vision_transformer._load_weights)."""
     t = lambda x: x.detach().numpy()
@@ -269,7 +302,7 @@ def test_vit_pth_roundtrip(tmp_path):
 def test_offline_mapping_is_complete_and_matches_positional_order():
     raw = torch.load(str(offline_efficientnet_lite0_path()), map_location="cpu", weights_only=True)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    mapped = offline_efficientnet_lite0_state_dict(model)
+    mapped = lukemelas_to_timm_efficientnet(raw, model)
     target = model.state_dict()
     assert mapped.keys() == target.keys()
     assert all(mapped[k].shape == target[k].shape for k in target)

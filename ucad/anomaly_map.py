@@ -12,8 +12,7 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
-def anomaly_maps(patch_scores: torch.Tensor, grid: tuple[int, int], image_size: int,
-                 sigma: float = 4.0) -> torch.Tensor:
+def anomaly_maps(patch_scores: torch.Tensor, grid: tuple[int, int], image_size: int, sigma: float) -> torch.Tensor:
     """(N, h*w) patch scores -> (N, S, S) smoothed maps, as scipy.ndimage.gaussian_filter(mode="reflect")."""
     maps = patch_scores.float().reshape(-1, 1, grid[0], grid[1])
     maps = F.interpolate(maps, size=(image_size, image_size), mode="bilinear", align_corners=False)[:, 0]

@@ -6,6 +6,7 @@ of 12, so the other 6 blocks are never computed.
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -35,17 +36,14 @@ class FeatureExtractor(nn.Module):
     def __init__(self, backbone_name: str, layers: list[str] | tuple[str, ...], weights: str = "auto",
                  imagesize: int | None = None, input_norm: str = "auto"):
         super().__init__()
-        self.model, self.weights_description = create_backbone(backbone_name, weights=weights)
-        if (imagesize and isinstance(self.model, VisionTransformer)
-                and tuple(self.model.patch_embed.img_size) != (imagesize, imagesize)):
-            # a ViT has a fixed input size: rebuild it for this one (timm resamples the position embedding)
-            self.model, self.weights_description = create_backbone(backbone_name, weights=weights, img_size=imagesize)
-        self.model.eval()
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(False)
-        self.is_vit = isinstance(self.model, VisionTransformer)
         if input_norm not in INPUT_NORMS:
             raise UcadError(f"--input_norm '{input_norm}': choose {', '.join(INPUT_NORMS)}")
+        # create_backbone returns the model frozen (eval mode, no gradients)
+        self.model, self.weights_description = create_backbone(backbone_name, weights=weights)
+        self.is_vit = isinstance(self.model, VisionTransformer)
+        if self.is_vit and imagesize and tuple(self.model.patch_embed.img_size) != (imagesize, imagesize):
+            # a ViT has a fixed input size: rebuild it for this one (timm resamples the position embedding)
+            self.model, self.weights_description = create_backbone(backbone_name, weights=weights, img_size=imagesize)
         if input_norm == "auto":
             input_norm = getattr(self.model, "trained_input_norm", "imagenet")
         self.input_norm = input_norm
@@ -61,7 +59,7 @@ class FeatureExtractor(nn.Module):
     # ----------------------------------------------------------------- ViT
     def _setup_vit(self, layers: list[str]) -> None:
         depth = len(self.model.blocks)
-        indices = []
+        indices = set()
         for layer in layers:
             match = re.fullmatch(r"(?:blocks\.)?(\d+)", layer)
             if not match or int(match.group(1)) >= depth:
@@ -69,16 +67,15 @@ class FeatureExtractor(nn.Module):
                     f"-le/--layers_to_extract_from '{layer}' is not a block of this ViT: use an index 0..{depth - 1} "
                     "or blocks.N (UCAD uses 5)"
                 )
-            indices.append(int(match.group(1)))
-        for block in self.model.blocks[: max(indices) + 1]:
+            indices.add(int(match.group(1)))
+        self.block_indices = sorted(indices)
+        self.prompt_layers = self.block_indices[-1] + 1
+        for block in self.model.blocks[:self.prompt_layers]:
             missing = [a for a in ("norm1", "attn", "ls1", "norm2", "mlp", "ls2") if not hasattr(block, a)]
             if missing or not hasattr(block.attn, "qkv"):
                 raise UcadError(f"backbone block type {type(block).__name__} is not supported for prefix prompts")
-        self.block_indices = sorted(set(indices))
         self.layer_names = [f"blocks.{i}" for i in self.block_indices]
-        self.prompt_layers = max(self.block_indices) + 1
-        self.embed_dim = self.model.embed_dim
-        self.channels = [self.embed_dim] * len(self.block_indices)
+        self.channels = [self.model.embed_dim] * len(self.block_indices)
 
     @staticmethod
     def _attention(attn: nn.Module, x: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None):
@@ -102,83 +99,57 @@ class FeatureExtractor(nn.Module):
 
     def _vit_features(self, x: torch.Tensor, prompt: PrefixPrompt | None) -> list[torch.Tensor]:
         model = self.model
-        x = model.patch_embed(x)
-        x = model._pos_embed(x)
-        x = model.norm_pre(x)
-        grid = model.patch_embed.grid_size
+        x = model.norm_pre(model._pos_embed(model.patch_embed(x)))
         outputs = []
-        for index in range(max(self.block_indices) + 1):
-            block = model.blocks[index]
+        for index, block in enumerate(model.blocks[:self.prompt_layers]):
             prefix = prompt.key_value(index) if prompt is not None and index < prompt.tokens.shape[0] else None
             x = x + block.ls1(self._attention(block.attn, block.norm1(x), prefix))
             x = x + block.ls2(block.mlp(block.norm2(x)))
             if index in self.block_indices:
                 patches = x[:, model.num_prefix_tokens:]
-                outputs.append(patches.transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1]))
+                outputs.append(patches.transpose(1, 2).reshape(x.shape[0], -1, *model.patch_embed.grid_size))
         return outputs
 
     # ----------------------------------------------------------------- CNN
-    def _resolve_cnn_layer(self, layer: str) -> str:
-        if layer.isdigit():
-            info = self.model.feature_info
-            names = [entry["module"] for entry in info]
-            if int(layer) >= len(names):
-                raise UcadError(f"-le '{layer}': this backbone has feature stages 0..{len(names) - 1} ({names})")
-            return names[int(layer)]
-        modules = dict(self.model.named_modules())
-        if layer not in modules:
-            stages = [entry["module"] for entry in getattr(self.model, "feature_info", [])]
-            raise UcadError(f"-le/--layers_to_extract_from '{layer}' is not a module of this backbone; "
-                            f"its feature stages are {stages} (or give their index 0..{len(stages) - 1})")
-        return layer
-
-    def _stages_up_to(self, name: str) -> list[str]:
-        modules = dict(self.model.named_modules())
-        dotted = re.fullmatch(r"(.*)\.(\d+)", name)
-        if dotted:
-            return [f"{dotted.group(1)}.{i}" for i in range(int(dotted.group(2)) + 1)
-                    if f"{dotted.group(1)}.{i}" in modules]
-        numbered = re.fullmatch(r"(\D+)(\d+)", name)
-        if numbered:
-            return [f"{numbered.group(1)}{i}" for i in range(int(numbered.group(2)) + 1)
-                    if f"{numbered.group(1)}{i}" in modules]
-        return [name]
-
     def _setup_cnn(self, layers: list[str]) -> None:
-        names = [self._resolve_cnn_layer(layer) for layer in layers]
-        order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
-        self.layer_names = sorted(set(names), key=order.get)
-        self.prompt_stage_names = self._stages_up_to(self.layer_names[-1])
         modules = dict(self.model.named_modules())
-        self._captured: dict[str, torch.Tensor] = {}
-        self._active_prompt: ChannelPrompt | None = None
-        self._stage_inputs: list[int] = []
+        stages = [entry["module"] for entry in getattr(self.model, "feature_info", [])]
+        names = []
+        for layer in layers:
+            if layer.isdigit():
+                if int(layer) >= len(stages):
+                    raise UcadError(f"-le '{layer}': this backbone has feature stages 0..{len(stages) - 1} ({stages})")
+                layer = stages[int(layer)]
+            elif layer not in modules:
+                raise UcadError(f"-le/--layers_to_extract_from '{layer}' is not a module of this backbone; "
+                                f"its feature stages are {stages} (or give their index 0..{len(stages) - 1})")
+            names.append(layer)
+        order = {name: i for i, name in enumerate(modules)}
+        self.layer_names = sorted(set(names), key=order.get)
+        # the prompted stages: the deepest layer and its numbered predecessors (layer1..layer3, blocks.0..blocks.2)
+        numbered = re.fullmatch(r"(.*\.|\D+)(\d+)", self.layer_names[-1])
+        self.prompt_stage_names = [self.layer_names[-1]] if numbered is None else [
+            f"{numbered.group(1)}{i}" for i in range(int(numbered.group(2)) + 1)
+            if f"{numbered.group(1)}{i}" in modules]
+        self._stage_channels = [0] * len(self.prompt_stage_names)
         for name in self.layer_names:
-            modules[name].register_forward_hook(self._make_output_hook(name))
+            modules[name].register_forward_hook(functools.partial(self._capture_output, name))
         for stage_index, name in enumerate(self.prompt_stage_names):
-            modules[name].register_forward_pre_hook(self._make_prompt_hook(stage_index))
+            modules[name].register_forward_pre_hook(functools.partial(self._prompt_stage_input, stage_index))
         # one dry run on a small image finds the channel counts the prompts need
         with torch.no_grad():
-            self._recording = True
-            maps = self._cnn_features(torch.zeros(1, 3, 64, 64), None)
-            self._recording = False
-        self.channels = [m.shape[1] for m in maps]
+            self.channels = [m.shape[1] for m in self._cnn_features(torch.zeros(1, 3, 64, 64), None)]
 
-    def _make_output_hook(self, name: str):
-        def hook(module, inputs, output):
-            self._captured[name] = output
-            if name == self.layer_names[-1]:
-                raise _StopForward
-        return hook
+    def _capture_output(self, name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self._captured[name] = output
+        if name == self.layer_names[-1]:
+            raise _StopForward
 
-    def _make_prompt_hook(self, stage_index: int):
-        def hook(module, inputs):
-            if getattr(self, "_recording", False):
-                self._stage_inputs.append(inputs[0].shape[1])
-            if self._active_prompt is None:
-                return None
-            return (self._active_prompt.apply(stage_index, inputs[0]),) + tuple(inputs[1:])
-        return hook
+    def _prompt_stage_input(self, stage_index: int, module: nn.Module, inputs: tuple) -> tuple | None:
+        self._stage_channels[stage_index] = inputs[0].shape[1]
+        if self._active_prompt is None:
+            return None
+        return (self._active_prompt.apply(stage_index, inputs[0]),) + tuple(inputs[1:])
 
     def _cnn_features(self, x: torch.Tensor, prompt: ChannelPrompt | None) -> list[torch.Tensor]:
         self._captured = {}
@@ -194,8 +165,8 @@ class FeatureExtractor(nn.Module):
     # ----------------------------------------------------------------- common
     def new_prompt(self, length: int, generator: torch.Generator | None = None) -> nn.Module:
         if self.is_vit:
-            return PrefixPrompt(self.prompt_layers, length, self.embed_dim, generator=generator)
-        return ChannelPrompt(self._stage_inputs)
+            return PrefixPrompt(self.prompt_layers, length, self.model.embed_dim, generator=generator)
+        return ChannelPrompt(self._stage_channels)
 
     def describe(self, prompts: bool = True) -> str:
         kind = "ViT, prefix prompts on blocks 0..%d" % (self.prompt_layers - 1) if self.is_vit else (
@@ -240,6 +211,4 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images_uint8: torch.Tensor, prompt: nn.Module | None = None) -> list[torch.Tensor]:
         x = normalize(images_uint8, self.mean, self.std)
-        if self.is_vit:
-            return self._vit_features(x, prompt)
-        return self._cnn_features(x, prompt)
+        return self._vit_features(x, prompt) if self.is_vit else self._cnn_features(x, prompt)

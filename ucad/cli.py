@@ -1,142 +1,171 @@
 """The chained command line: `run_ucad.py [global options] RESULTS_PATH ucad ... sampler ... dataset ...`.
 
-Option names and defaults follow the released UCAD/PatchCore command line so published commands run
-as written; options that are new here say so in their help. The options are not declared here: each is
-a field of the typed configuration (ucad.config), whose metadata says which sub-command shows it.
+Option names and defaults follow the released UCAD/PatchCore command line so published commands run as written.
+Each option is a field of the typed configuration (ucad.config); `shared_options` gives ucad.predict and
+ucad.evaluate the run's own options for the settings they share with it.
 """
 from __future__ import annotations
 
 import sys
-from dataclasses import fields
+from contextlib import contextmanager
+from dataclasses import Field, fields
 
 import click
+from click.core import ParameterSource
 
-from ucad.config import CONFIG_CLASSES, Configs, cli_parameter
+from ucad import __version__
+from ucad.config import CONFIG_CLASSES, Configs, bounds_problem, cli_parameter, read_config_file
 from ucad.errors import RunInterrupted, UcadError
 
 COMMAND_ORDER = ("ucad", "sampler", "dataset")
 # the configuration a command is mostly about: its fields are listed first in --help
 HOME_CONFIG = {"main": "run", "ucad": "model", "sampler": "learning", "dataset": "data"}
-
-
-def _click_type(value):
-    if isinstance(value, tuple):
-        return click.Choice(value)
-    if value == "path":
-        return click.Path()
-    if value == "folder":
-        return click.Path(file_okay=False)
-    return value
+CLICK_TYPES = {"path": click.Path(), "folder": click.Path(file_okay=False)}
+# every configuration field by name (names are unique across the four configurations), with its configuration
+FIELDS = {f.name: (name, f) for name, cls in CONFIG_CLASSES.items() for f in fields(cls)}
 
 
 def config_parameters(command: str, only: tuple[str, ...] | None = None):
     """A decorator adding the click arguments and options of every configuration field shown by `command`
     (`only`: just these fields), in the order the fields are declared."""
+    classes = sorted(CONFIG_CLASSES, key=lambda name: name != HOME_CONFIG[command])
+    return _adding([f for name in classes for f in fields(CONFIG_CLASSES[name])
+                    if cli_parameter(f) and cli_parameter(f).command == command and (only is None or f.name in only)])
+
+
+def shared_options(*names: str, renamed: dict[str, str] | None = None):
+    """A decorator adding, to a command beside the run (ucad.predict, ucad.evaluate), the run's options of the named
+    configuration fields, with the run's defaults and help; `renamed` maps a field to the option it is there (the
+    run's --feature_batch_size is their --batch_size). Values outside a field's limits are refused as click parses
+    them, since these commands build no Configs to check."""
+    return _adding([FIELDS[name][1] for name in names], renamed, check_bounds=True)
+
+
+def _adding(config_fields: list[Field], renamed: dict[str, str] | None = None, check_bounds: bool = False):
     def decorate(function):
-        classes = sorted(CONFIG_CLASSES, key=lambda name: name != HOME_CONFIG[command])
-        chosen = [(config_field, parameter) for name in classes for config_field in fields(CONFIG_CLASSES[name])
-                  if (parameter := cli_parameter(config_field)) is not None and parameter.command == command
-                  and (only is None or config_field.name in only)]
-        for config_field, parameter in reversed(chosen):  # click lists the last decorator first
-            keywords = {k: _click_type(v) if k == "type" else v for k, v in parameter.click.items()}
-            if parameter.is_argument:  # required once its sub-command is given (a left-out one keeps the default)
-                function = click.argument(config_field.name, metavar=parameter.metavar, **keywords)(function)
-                continue
-            default = config_field.default
-            if keywords.get("multiple") and not isinstance(default, tuple):
-                default = (default,)  # -b: a multiple option in the released CLI, one value here
-            flag = keywords.get("is_flag", False)
-            function = click.option(*parameter.declarations, config_field.name, default=default,
-                                    show_default=not flag and not keywords.get("hidden", False),
-                                    help=parameter.help, **keywords)(function)
+        for config_field in reversed(config_fields):  # click lists the last decorator first
+            function = _add_parameter(function, config_field, (renamed or {}).get(config_field.name), check_bounds)
         return function
     return decorate
 
 
-def build_configs(given: dict[str, dict]) -> Configs:
-    """The four configurations from the values each command received (command name -> {field name: value});
-    fields of a left-out sub-command keep their defaults."""
-    built = {}
-    for name, cls in CONFIG_CLASSES.items():
-        values = {}
-        for config_field in fields(cls):
-            parameter = cli_parameter(config_field)
-            if parameter is None or config_field.name not in given.get(parameter.command, {}):
+def _add_parameter(function, config_field: Field, renamed: str | None, check_bounds: bool):
+    parameter = cli_parameter(config_field)
+    keywords = dict(parameter.click)
+    if "type" in keywords:
+        choices = keywords["type"]
+        keywords["type"] = click.Choice(choices) if isinstance(choices, tuple) else CLICK_TYPES.get(choices, choices)
+    if not parameter.declarations:  # required once its sub-command is given (a left-out one keeps the default)
+        return click.argument(config_field.name, metavar=parameter.metavar, **keywords)(function)
+    default = config_field.default
+    if keywords.get("multiple") and not isinstance(default, tuple):
+        default = (default,)  # -b: a multiple option in the released CLI, one value here
+
+    def refuse_out_of_bounds(context, option, value):
+        problem = bounds_problem(parameter, value)
+        if problem:
+            raise click.BadParameter(problem)
+        return value
+
+    return click.option(*([renamed] if renamed else parameter.declarations), config_field.name, default=default,
+                        show_default=not keywords.get("is_flag") and not keywords.get("hidden"), help=parameter.help,
+                        callback=refuse_out_of_bounds if check_bounds else None, **keywords)(function)
+
+
+def build_configs(given: dict[str, dict], typed: dict[str, set[str]] | None = None,
+                  from_file: dict[str, dict] | None = None) -> Configs:
+    """The four configurations from the values each command received (command name -> {field name: value}). With
+    `from_file` (sections of a --config file), the file's values stand where the command line typed nothing:
+    only the fields in `typed` (command name -> names) come from the command line. Fields set nowhere keep their
+    defaults."""
+    values = {name: dict((from_file or {}).get(name, {})) for name in CONFIG_CLASSES}
+    for command, received in given.items():
+        for name, value in received.items():
+            if from_file is not None and name not in (typed or {}).get(command, set()):
                 continue
-            value = given[parameter.command][config_field.name]
-            values[config_field.name] = parameter.parse(value) if parameter.parse else value
-        built[name] = cls(**values)
-    configs = Configs(**built)
+            config, parse = FIELDS[name][0], cli_parameter(FIELDS[name][1]).parse
+            values[config][name] = parse(value) if parse else value
+    if "name" not in values["data"] or "data_path" not in values["data"]:
+        raise UcadError("the 'dataset NAME DATA_PATH' sub-command is missing (e.g. ... dataset mvtec /data/mvtec)")
+    configs = Configs(**{name: cls(**values[name]) for name, cls in CONFIG_CLASSES.items()})
     configs.check()
     return configs
 
 
-@click.group(chain=True)
+def typed_parameters(values: dict) -> set[str]:
+    """The names among `values` that the current command's command line (or environment) set."""
+    context = click.get_current_context()
+    return {name for name in values
+            if context.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+
+
+def read_recipe(path: str) -> dict[str, dict]:
+    """The sections of a --config file; keys that name no option are an error, or a note when another version of
+    ucad wrote the file."""
+    sections, unknown, version = read_config_file(path)
+    if unknown and version not in (None, __version__):
+        click.echo(f"note: --config '{path}' was written by ucad {version}; not used: {', '.join(unknown)}", err=True)
+    elif unknown:
+        raise UcadError(f"--config '{path}': '{unknown[0]}' is not an option; the file's parts are "
+                        f"{', '.join(CONFIG_CLASSES)}, each holding options by field name, as in a run's config.json")
+    return sections
+
+
+@contextmanager
+def one_line_errors():
+    """A problem the user can fix ends the command with one line and status 2, an interrupted run with one line and
+    status 130 (what shells report for a program ended by Ctrl-C), never with a traceback."""
+    try:
+        yield
+    except UcadError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    except RunInterrupted as interrupted:
+        click.echo(str(interrupted), err=True)
+        sys.exit(130)
+
+
+@click.group(chain=True, invoke_without_command=True)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="Set every option from a JSON file in the layout of a run's config.json (a recipe in configs/, or "
+                   "a run's own config.json to replay it); options typed on the command line win.")
 @config_parameters("main")
 def main(**kwargs):
     """UCAD: unsupervised continual anomaly detection with contrastively-learned prompts."""
 
 
-@main.command("ucad")
-@config_parameters("ucad")
-def ucad_command(**kwargs):
-    """The model: backbone, layers, patch features, scoring."""
-    return "ucad", kwargs
+def _sub_command(name: str, help: str) -> click.Command:
+    @main.command(name, help=help)
+    @config_parameters(name)
+    def command(**kwargs):
+        return name, kwargs, typed_parameters(kwargs)
+    return command
 
 
-@main.command("sampler")
-@config_parameters("sampler")
-def sampler_command(**kwargs):
-    """Coreset sampler for keys and knowledge."""
-    return "sampler", kwargs
-
-
-@main.command("dataset")
-@config_parameters("dataset")
-def dataset_command(**kwargs):
-    """Data: MVTec-layout folder or VisA, tasks in the order of -d."""
-    return "dataset", kwargs
+ucad_command = _sub_command("ucad", "The model: backbone, layers, patch features, scoring.")
+sampler_command = _sub_command("sampler", "Coreset sampler for keys and knowledge.")
+dataset_command = _sub_command("dataset", "Data: MVTec-layout folder or VisA, tasks in the order of -d.")
 
 
 @main.result_callback()
-def run(methods, **global_options):
-    order = [name for name, _ in methods]
-    if "dataset" not in order:
-        _fail("the 'dataset NAME DATA_PATH' sub-command is missing (e.g. ... dataset mvtec /data/mvtec)")
-    if order != sorted(order, key=COMMAND_ORDER.index):
-        _fail(f"sub-commands must come in the order {', '.join(COMMAND_ORDER)} (got {', '.join(order)})")
-    try:
-        # every value is checked before anything is loaded: a bad one is one line, not a traceback from deep
-        # inside torch (or a silent nonsense run)
-        configs = build_configs({"main": global_options, **dict(methods)})
-        from ucad.experiment import run_experiment  # heavy imports only once the command line is valid
+def run(methods, config_file, **global_options):
+    order = [name for name, _, _ in methods]
+    with one_line_errors():
+        if order != sorted(order, key=COMMAND_ORDER.index):
+            raise UcadError(f"sub-commands must come in the order {', '.join(COMMAND_ORDER)} (got {', '.join(order)})")
+        try:
+            # every value is checked before anything is loaded: a bad one is one line, not a traceback from deep
+            # inside torch (or a silent nonsense run)
+            from_file = read_recipe(config_file) if config_file else None
+            typed = {"main": typed_parameters(global_options), **{name: names for name, _, names in methods}}
+            configs = build_configs({"main": global_options, **{name: values for name, values, _ in methods}},
+                                    typed, from_file)
+            from ucad.experiment import run_experiment  # heavy imports only once the command line is valid
 
-        run_experiment(configs)
-    except UcadError as error:
-        _fail(str(error))
-    except RunInterrupted as interrupted:
-        _interrupted(str(interrupted))
-    except KeyboardInterrupt:  # while importing torch: nothing was written yet
-        _interrupted("interrupted before the run started; nothing was written")
-
-
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
-
-
-def _interrupted(message: str) -> None:
-    click.echo(message, err=True)
-    sys.exit(130)  # what shells report for a program ended by Ctrl-C
-
-
-def entry() -> None:
-    """Console entry point; user-fixable problems print one line, not a traceback."""
-    try:
-        main()
-    except UcadError as error:
-        _fail(str(error))
+            run_experiment(configs)
+        except KeyboardInterrupt:  # while importing torch: nothing was written yet
+            raise RunInterrupted("interrupted before the run started; nothing was written") from None
 
 
 if __name__ == "__main__":
-    entry()
+    main()

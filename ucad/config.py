@@ -1,15 +1,15 @@
 """The typed configuration of a run: the model, how each task is learned, the data, and how the run executes.
 
-Every default lives here and nowhere else. Each field that the command line sets carries, in its metadata, the
-sub-command it belongs to, the option as the user types it and its help: `ucad.cli` builds its options from these
-fields, config.json is written from them, and `--resume` names a differing field by its option.
+Every default lives here and nowhere else. A field that the command line sets carries its sub-command, option and
+help in its metadata: `ucad.cli` builds the options from them, and `--resume` names a differing field by its option.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field, fields
+from pathlib import Path
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable
 
 from ucad.backbones import INPUT_NORMS
@@ -22,11 +22,8 @@ from ucad.keys import KEY_SAMPLERS
 from ucad.knowledge import KNOWLEDGE_STORAGES
 from ucad.loss import LABEL_SAMPLING
 from ucad.nearest_neighbor import BACKENDS, PATCH_DISTANCES
+from ucad.router import ROUTINGS
 from ucad.training import SCL_FEATURES
-
-MODES = ("ucad", "patchcore")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-RESIZE_MODES = ("crop", "square")
 
 
 @dataclass(frozen=True)
@@ -37,8 +34,7 @@ class CliParameter:
     declarations: tuple[str, ...]  # ("-b", "--backbone_names"); empty for a positional argument
     help: str = ""
     metavar: str | None = None  # the name of a positional argument (NAME, DATA_PATH)
-    # click's keywords (multiple, is_flag, flag_value, hidden); "type" may also be a tuple of choices or
-    # "path" / "folder", so that this module needs no click
+    # click's keywords; "type" may also be a tuple of choices or "path" / "folder", so this module needs no click
     click: dict = field(default_factory=dict)
     minimum: float | None = None  # smallest accepted value
     greater_than: float | None = None  # values must exceed this
@@ -48,15 +44,11 @@ class CliParameter:
     resume_may_differ: bool = False  # how the run executes, not what it computes: --resume accepts a change
 
     @property
-    def is_argument(self) -> bool:
-        return not self.declarations
-
-    @property
     def typed(self) -> str:
         """The parameter as the user types it: --epochs_num, or 'dataset DATA_PATH' for an argument."""
-        if self.is_argument:
+        if not self.declarations:
             return self.metavar if self.command == "main" else f"{self.command} {self.metavar}"
-        return max((d for d in self.declarations if d.startswith("-")), key=len)
+        return max(self.declarations, key=len)
 
 
 def option(default, command: str, *declarations: str, help: str, minimum=None, greater_than=None, maximum=None,
@@ -66,8 +58,8 @@ def option(default, command: str, *declarations: str, help: str, minimum=None, g
                                                                 resume_may_differ)})
 
 
-def argument(command: str, metavar: str, help: str = "", default=dataclasses.MISSING, **click_kwargs):
-    return field(default=default, metadata={"cli": CliParameter(command, (), help, metavar, click_kwargs)})
+def argument(command: str, metavar: str, default=dataclasses.MISSING, **click_kwargs):
+    return field(default=default, metadata={"cli": CliParameter(command, (), metavar=metavar, click=click_kwargs)})
 
 
 def cli_parameter(config_field: dataclasses.Field) -> CliParameter | None:
@@ -92,99 +84,120 @@ class ModelConfig:
                                      help="Layers to read: ViT block index (5 or blocks.5), CNN module (layer2) or "
                                           "feature-stage index (2). Default 5 / 2,3.")
     weights: str = option("auto", "ucad", "--weights",
-                          help="auto | hub | random | PATH to a .pth/.safetensors/.npz checkpoint (new; auto = offline "
-                               "package for efficientnet_lite0, else timm hub).")
+                          help="auto | hub | random | PATH to a .pth/.safetensors/.npz checkpoint; auto = the "
+                               "offline package for efficientnet_lite0, else the timm hub.")
     input_norm: str = option("auto", "ucad", "--input_norm", type=INPUT_NORMS,
-                             help="Input mean/std: imagenet (as released, for every backbone), backbone (the weights' "
-                                  "own config); auto = imagenet, except the offline EfficientNet-Lite0 weights, "
-                                  "trained on [-1, 1] (new).")
-    mode: str = option("ucad", "ucad", "--mode", type=MODES,
+                             help="Input mean/std: imagenet (as released, for every backbone) or backbone (the "
+                                  "weights' own config); auto = imagenet, except [-1, 1] for the offline "
+                                  "EfficientNet-Lite0 weights, which were trained on that range.")
+    mode: str = option("ucad", "ucad", "--mode", type=("ucad", "patchcore"),
                        help="ucad = the continual method; patchcore = one PatchCore bank per task, no prompts "
-                            "(oracle baseline) (new).")
+                            "(oracle baseline).")
     pretrain_embed_dimension: int = option(1024, "ucad", "--pretrain_embed_dimension", minimum=1,
                                            help="Per-layer feature size after pooling.")
     target_embed_dimension: int = option(1024, "ucad", "--target_embed_dimension", minimum=1,
                                          help="Patch feature size after merging layers.")
-    preprocessing: str = option("mean", "ucad", "--preprocessing", type=("mean",),
+    # the next five options exist so that PatchCore command lines parse; each has the one value this code implements
+    preprocessing: str = option("mean", "ucad", "--preprocessing", type=("mean",), hidden=True,
                                 help="Per-layer projection: adaptive average pooling.")
-    aggregation: str = option("mean", "ucad", "--aggregation", type=("mean",),
+    aggregation: str = option("mean", "ucad", "--aggregation", type=("mean",), hidden=True,
                               help="Layer merging: adaptive average pooling.")
     anomaly_scorer_num_nn: int = option(1, "ucad", "--anomaly_scorer_num_nn", minimum=1,
                                         help="k nearest knowledge vectors averaged for a patch score.")
     patchsize: int = option(3, "ucad", "--patchsize", minimum=1,
                             help="Neighbourhood (p x p) aggregated into each patch feature.")
-    patchscore: str = option("max", "ucad", "--patchscore", type=("max",), help="Image score from patch scores.")
-    patchoverlap: float = option(0.0, "ucad", "--patchoverlap", minimum=0, less_than=1,
-                                 help="Accepted for compatibility; patches always use stride 1.")
-    patchsize_aggregate: tuple[int, ...] = option((), "ucad", "--patchsize_aggregate", multiple=True, type=int, minimum=1,
-                                                  help="Accepted for compatibility (unused, as in PatchCore).")
+    patchscore: str = option("max", "ucad", "--patchscore", type=("max",), hidden=True,
+                             help="Image score from patch scores: their maximum.")
+    patchoverlap: float = option(0.0, "ucad", "--patchoverlap", minimum=0, less_than=1, hidden=True,
+                                 help="Ignored: patches always use stride 1.")
+    patchsize_aggregate: tuple[int, ...] = option((), "ucad", "--patchsize_aggregate", multiple=True, type=int,
+                                                  minimum=1, hidden=True, help="Ignored, as in PatchCore.")
     patch_distance: str = option("squared", "ucad", "--patch_distance", type=PATCH_DISTANCES,
-                                 help="Patch score and key distance: squared L2 as the released faiss IndexFlatL2, "
-                                      "or euclidean (new).")
-    prompt_length: int = option(1, "ucad", "--prompt_length", minimum=1, help="Prefix key/value tokens per layer (new).")
+                                 help="Patch score and key distance: squared L2 (as the released faiss IndexFlatL2) "
+                                      "or euclidean.")
+    routing: str = option("mean", "ucad", "--routing", type=ROUTINGS,
+                          help="What routing compares across tasks: mean (as released) = mean nearest-key distance; "
+                               "calibrated = that distance over its mean on the task's own normal images; gaussian = "
+                               "an image-level diagonal Gaussian of frozen features, calibrated alike; "
+                               "calibrated_gaussian = the mean of the two.")
+    prompt_length: int = option(1, "ucad", "--prompt_length", minimum=1, help="Prefix key/value tokens per layer.")
     smoothing_sigma: float = option(4.0, "ucad", "--smoothing_sigma", minimum=0,
-                                    help="Gaussian sigma of the anomaly map (new).")
+                                    help="Gaussian sigma of the anomaly map.")
     resize: int = option(224, "dataset", "--resize", minimum=16, help="Shorter image side before the centre crop.")
     imagesize: int = option(224, "dataset", "--imagesize", minimum=16, help="Network input size (square).")
-    resize_mode: str = option("crop", "dataset", "--resize_mode", type=RESIZE_MODES,
+    resize_mode: str = option("crop", "dataset", "--resize_mode", type=("crop", "square"),
                               help="crop: resize + centre crop; square: squash to imagesize, nothing cut "
-                                   "(non-square data) (new).")
+                                   "(non-square data).")
 
     @property
     def geometry(self) -> ImageGeometry:
         return ImageGeometry(self.resize, self.imagesize, self.resize_mode)
+
+    @property
+    def learns_prompts(self) -> bool:
+        """patchcore mode keeps a coreset of the frozen features: no prompt, no structure maps."""
+        return self.mode == "ucad"
 
 
 @dataclass
 class LearningConfig:
     """How each task is learned: keys, prompt training, knowledge, thresholds."""
 
-    seed: int = option(0, "main", "--seed", minimum=0, less_than=2 ** 32, help="Seed of every random choice (prompts, coresets, shuffles, splits).")
+    seed: int = option(0, "main", "--seed", minimum=0, less_than=2 ** 32,
+                       help="Seed of every random choice (prompts, coresets, shuffles, splits).")
     memory_size: int = option(196, "main", "--memory_size", minimum=1,
                               help="Knowledge vectors kept per task (coreset size).")
     epochs_num: int = option(25, "main", "--epochs_num", minimum=0,
                              help="Prompt training epochs per task (fixed; never chosen on test data).")
     key_size: int = option(196, "main", "--key_size", minimum=1, help="Key vectors per task used to route test images.")
     key_sampler: str = option("kmeans", "ucad", "--key_sampler", type=KEY_SAMPLERS,
-                              help="How a task's keys are chosen from its frozen patches: kmeans centroids cover "
-                                   "typical patches (routes best); approx_greedy_coreset is the released code's "
-                                   "choice (new).")
+                              help="How a task's keys are chosen from its frozen patches: kmeans centroids or random "
+                                   "patches cover the typical ones; approx_greedy_coreset (as released) and "
+                                   "greedy_coreset pick the most outlying.")
+    key_storage: str = option("fp32", "ucad", "--key_storage", type=("fp32", "fp16"),
+                              help="How keys are stored: fp32 (as released) or fp16; with --key_size 392 (fp16) a "
+                                   "task keeps the paper's 784 KiB of keys.")
     epoch_selection: str = option("last", "ucad", "--epoch_selection", type=EPOCH_SELECTIONS,
                                   help="last: the prompt after --epochs_num epochs; validation: the best epoch (or "
-                                       "none) on held-out normal images with synthetic defects (needs dataset "
-                                       "--train_val_split < 1; never the test set) (new).")
+                                       "none) on held-out normal images with synthetic defects, never the test set "
+                                       "(needs dataset --train_val_split < 1).")
     knowledge_storage: str = option("fp32", "ucad", "--knowledge_storage", type=KNOWLEDGE_STORAGES,
-                                    help="How knowledge is stored: fp32 (released), fp16 or pq (product "
-                                         "quantisation); pair with --memory_size 392 (fp16) or 2176 (pq) for the "
-                                         "paper's 784 KiB per task (new).")
+                                    help="How knowledge is stored: fp32 (as released), fp16 or pq (product "
+                                         "quantisation); with --memory_size 392 (fp16) or 2176 (pq) a task keeps "
+                                         "the paper's 784 KiB.")
     basic_size: int = option(1960, "main", "--basic_size", minimum=0,
                              help="Knowledge size of the 'unlimited' variant reported beside (0 = off).")
     threshold_quantile: float = option(0.99, "main", "--threshold_quantile", greater_than=0.0, maximum=1.0,
                                        help="Per-task image and pixel thresholds: this quantile of the scores of the "
-                                            "held-out normal training images (dataset --train_val_split) (new).")
+                                            "held-out normal training images (dataset --train_val_split).")
     sampler: str = argument("sampler", "NAME", default="approx_greedy_coreset", type=SAMPLER_NAMES)
     sampler_percentage: float = option(0.1, "sampler", "-p", "--percentage", greater_than=0, maximum=1,
                                        help="Fraction kept in patchcore mode; ucad mode uses the fixed "
                                             "--key_size/--memory_size.")
     train_prompt: bool = option(True, "ucad", "--no_scl", is_flag=True, flag_value=False,
-                                help="Train without structure maps: prompts stay at their initialisation (new).")
+                                help="Train without structure maps: prompts stay at their initialisation.")
     scl_features: str = option("raw", "ucad", "--scl_features", type=SCL_FEATURES,
-                               help="What SCL sees: raw extractor tokens at the grid (as released) or the pooled "
-                                    "PatchCore embedding (new).")
+                               help="What SCL sees: raw extractor tokens at the patch grid (as released) or the "
+                                    "pooled PatchCore embedding.")
     label_sampling: str = option("centre", "ucad", "--label_sampling", type=tuple(sorted(LABEL_SAMPLING)),
                                  help="Region id of a patch: at its centre pixel (as released) or its top-left "
-                                      "pixel (new).")
+                                      "pixel.")
     prompt_anchor: float = option(0.0, "ucad", "--prompt_anchor", minimum=0.0,
                                   help="Weight of a term that keeps the prompted embedding of normal training images "
-                                       "near the frozen one (relative squared drift); 0 = off, as released (new).")
-    lr: float = option(5e-4, "ucad", "--lr", greater_than=0, help="Adam learning rate of the prompt (new).")
+                                       "near the frozen one (relative squared drift); 0 = off, as released.")
+    lr: float = option(5e-4, "ucad", "--lr", greater_than=0, help="Adam learning rate of the prompt.")
     feature_batch_size: int = option(32, "ucad", "--feature_batch_size", minimum=1, resume_may_differ=True,
-                                     help="Images per batch when extracting features (new).")
+                                     help="Images per batch when extracting features.")
     batch_size: int = option(8, "dataset", "--batch_size", minimum=1, help="Prompt-training batch size.")
     augment: bool = option(False, "dataset", "--augment", is_flag=True,
                            help="Random flips of training images during prompt training.")
     grad_clip: float = 1.0
     temperature: float = 0.5
+
+    def task_seed(self, task_index: int) -> int:
+        """The seed of task `task_index`'s random choices (keys, prompt, coreset, codebook): distinct per task and
+        seed, and within what every library takes as a seed (faiss wants a C int)."""
+        return (self.seed * 1000 + task_index) % 2 ** 31
 
 
 @dataclass
@@ -202,7 +215,7 @@ class DataConfig:
                               help="Threads decoding images (0 or 1: in the main thread).")
     structure_path: str | None = option(None, "dataset", "--structure_path", type="path",
                                         help="Structure-map tree (default DATA_PATH-sam-b), made by "
-                                             "segment_anything_prep (new).")
+                                             "segment_anything_prep.")
 
 
 @dataclass
@@ -211,27 +224,27 @@ class RunConfig:
 
     results_path: str = argument("main", "RESULTS_PATH", type="folder")
     gpu: tuple[int, ...] = option((0,), "main", "--gpu", multiple=True, type=int, minimum=0,
-                                  help="GPU index among those CUDA_VISIBLE_DEVICES shows; without a GPU the run falls "
-                                       "back to the CPU.")
-    cpu: bool = option(False, "main", "--cpu", is_flag=True, help="Run on the CPU even when a GPU is visible (new).")
+                                  help="GPU index among those CUDA_VISIBLE_DEVICES shows; without a GPU, the CPU is "
+                                       "used (with a warning).")
+    cpu: bool = option(False, "main", "--cpu", is_flag=True, help="Run on the CPU even when a GPU is visible.")
     log_group: str = option("group", "main", "--log_group", help="Run folder name; _N is appended, counting up.")
     log_project: str = option("project", "main", "--log_project", help="Folder under RESULTS_PATH grouping runs.")
     save_segmentation_images: bool = option(False, "main", "--save_segmentation_images", is_flag=True,
                                             help="Write image | ground truth | anomaly map pictures per test image.")
     save_anomaly_maps: bool = option(False, "main", "--save_anomaly_maps", is_flag=True,
-                                     help="Write the final phase's anomaly maps as .npy per test image (new).")
+                                     help="Write each test image's anomaly map (final phase) as .npy.")
     save_patchcore_model: bool = option(False, "main", "--save_patchcore_model", is_flag=True,
                                         help="Save a self-contained model (backbone weights, keys, prompts, knowledge, "
                                              "thresholds) to models/ucad_model.pt for ucad.predict / ucad.evaluate.")
     save_full_model: bool = option(False, "main", "--save_full_model", is_flag=True,
                                    help="With --save_patchcore_model, also keep what scoring never uses: the unlimited "
-                                        "knowledge and the backbone layers after the deepest extracted one (new).")
+                                        "knowledge and the backbone layers after the deepest extracted one.")
     resume: bool = option(False, "main", "--resume", is_flag=True,
-                          help="Continue the last run of this log group after its last finished task (new).")
-    precision: str = option("fp32", "main", "--precision", type=PRECISIONS,
-                            help="Arithmetic of the backbone: fp32 (as released; the GPU then gives the CPU's "
-                                 "numbers), or bf16 / fp16 autocast, or auto = bf16 on a GPU that has it (new; moves "
-                                 "metrics by up to a few hundredths, see the README).")
+                          help="Continue the last run of this log group after its last finished task.")
+    precision: str = option("fp32", "main", "--precision", type=("auto", "fp32", "bf16", "fp16"),
+                            help="Arithmetic of the backbone: fp32 (as released; a GPU gives the CPU's numbers), "
+                                 "bf16 / fp16 autocast (the metrics move slightly, see the README), or auto = bf16 "
+                                 "on a GPU that has it.")
     reference_evaluation: bool = option(False, "main", "--reference_evaluation", is_flag=True, hidden=True,
                                         help="Recompute every test feature and score in every phase (slow reference "
                                              "for checking the caches).")
@@ -240,13 +253,11 @@ class RunConfig:
     faiss_num_workers: int = option(8, "ucad", "--faiss_num_workers", minimum=0,
                                     help="faiss CPU threads (0: faiss's own choice of one).")
     nn_backend: str = option("auto", "ucad", "--nn_backend", type=BACKENDS,
-                             help="Nearest-neighbour search: auto = faiss on CPU, torch on GPU (new).")
+                             help="Nearest-neighbour search: auto = faiss on CPU, torch on GPU.")
     fpr_limit: float = 0.3  # AUPRO integrates the PRO curve up to this false-positive rate
 
 
 CONFIG_CLASSES = {"model": ModelConfig, "learning": LearningConfig, "data": DataConfig, "run": RunConfig}
-# what a run computes depends on these; RunConfig only says how and where it runs
-RESULT_DEFINING = ("model", "learning", "data")
 
 
 @dataclass
@@ -261,12 +272,40 @@ class Configs:
         return {name: to_dict(getattr(self, name)) for name in CONFIG_CLASSES}
 
     def check(self) -> None:
-        """Every field's limits, then the rules that tie fields of different configurations together."""
         for name in CONFIG_CLASSES:
             check_bounds(getattr(self, name))
+        self.model.geometry.check()
         if self.learning.epoch_selection == "validation" and self.data.train_val_split >= 1.0:
             raise UcadError("--epoch_selection validation scores each epoch on held-out normal training images: "
                             "keep some aside with `dataset --train_val_split 0.9`")
+
+
+# what a run's config.json records beside the four configurations
+RUN_RECORD_KEYS = ("version", "task_order", "device", "backbone_description", "input_norm_used", "input_mean",
+                   "input_std", "patch_grid", "nn")
+
+
+def read_config_file(path: str) -> tuple[dict[str, dict], list[str], str | None]:
+    """The configuration sections of a JSON file in the layout of a run's config.json (any part of it: a recipe
+    may name a few options only): ({section: {field: value}}, the keys that name no option, the version of ucad
+    that wrote it, if it says)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise UcadError(f"--config '{path}': cannot read it ({error.strerror or error})") from None
+    except json.JSONDecodeError as error:
+        raise UcadError(f"--config '{path}': not JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(data, dict):
+        raise UcadError(f"--config '{path}': expected a JSON object with the parts {', '.join(CONFIG_CLASSES)}")
+    sections, unknown = {}, []
+    for key, value in data.items():
+        if key in CONFIG_CLASSES and isinstance(value, dict):
+            names = {f.name for f in fields(CONFIG_CLASSES[key])}
+            unknown += [f"{key}.{name}" for name in value if name not in names]
+            sections[key] = {name: tuple(v) if isinstance(v, list) else v for name, v in value.items() if name in names}
+        elif key not in RUN_RECORD_KEYS:
+            unknown.append(key)
+    return sections, unknown, data.get("version")
 
 
 def to_dict(config) -> dict:
@@ -275,41 +314,37 @@ def to_dict(config) -> dict:
 
 def from_dict(cls, values: dict):
     """The inverse of to_dict (JSON lists back to tuples); unknown keys are ignored, missing ones take defaults."""
-    known = {f.name: f for f in fields(cls)}
-    kwargs = {}
-    for name, value in values.items():
-        if name not in known:
-            continue
-        if isinstance(known[name].default, tuple) and isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
-    return cls(**kwargs)
+    known = {f.name for f in fields(cls)}
+    return cls(**{name: tuple(value) if isinstance(value, list) else value
+                  for name, value in values.items() if name in known})
 
 
 def check_bounds(config) -> None:
     """The limits declared on the fields, as one-line errors naming the option (every value of a repeated one)."""
     for config_field in fields(config):
         parameter = cli_parameter(config_field)
-        if parameter is None:
-            continue
-        value = getattr(config, config_field.name)
-        for one in value if isinstance(value, tuple) else (value,):
-            if isinstance(one, (int, float)) and not isinstance(one, bool):
-                problem = _out_of_bounds(one, parameter)
-                if problem:
-                    raise UcadError(f"{parameter.typed} must be {problem}, got {one}")
+        problem = bounds_problem(parameter, getattr(config, config_field.name)) if parameter else None
+        if problem:
+            raise UcadError(f"{parameter.typed} {problem}")
 
 
-def _out_of_bounds(value: float, parameter: CliParameter) -> str | None:
-    """What the value should be, when it is not (nan and infinity never are)."""
-    low, high = parameter.minimum, parameter.maximum
+def bounds_problem(parameter: CliParameter, value) -> str | None:
+    """'must be at least 1, got 0' when a value (any value of a repeated option) breaks the parameter's limits;
+    nan and infinity always do."""
     low_open, high_open = parameter.greater_than is not None, parameter.less_than is not None
-    low = parameter.greater_than if low_open else low
-    high = parameter.less_than if high_open else high
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and (value >= high if high_open else value > high)
-    if math.isfinite(value) and not (too_low or too_high):
-        return None
+    low = parameter.greater_than if low_open else parameter.minimum
+    high = parameter.less_than if high_open else parameter.maximum
+    for one in value if isinstance(value, tuple) else (value,):
+        if isinstance(one, bool) or not isinstance(one, (int, float)):
+            continue
+        too_low = low is not None and (one <= low if low_open else one < low)
+        too_high = high is not None and (one >= high if high_open else one > high)
+        if too_low or too_high or not math.isfinite(one):
+            return f"must be {_interval(low, high, low_open, high_open)}, got {one}"
+    return None
+
+
+def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
     if low is None and high is None:
         return "a finite number"
     if high is None:
@@ -328,14 +363,14 @@ def differing_options(recorded: dict, current: Configs) -> list[str]:
     computes; `recorded` is Configs.as_dict() of the earlier run."""
     now = current.as_dict()
     differing = []
-    for name in RESULT_DEFINING:
+    for name in ("model", "learning", "data"):  # RunConfig only says how and where a run executes
         for config_field in fields(CONFIG_CLASSES[name]):
             parameter = cli_parameter(config_field)
-            if parameter is not None and parameter.resume_may_differ:
-                continue
-            before = recorded.get(name, {}).get(config_field.name)
             after = now[name][config_field.name]
-            if before != after:
+            # an option the earlier run's version did not have yet ran at its default
+            default = json.loads(json.dumps(config_field.default)) if config_field.default is not MISSING else None
+            before = recorded.get(name, {}).get(config_field.name, default)
+            if before != after and not (parameter and parameter.resume_may_differ):
                 label = parameter.typed if parameter else f"{name}.{config_field.name}"
                 differing.append(f"{label} {_shown(before, parameter)} there, {_shown(after, parameter)} now")
     return differing

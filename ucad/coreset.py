@@ -1,8 +1,6 @@
-"""Memory-bank reduction: PatchCore's greedy k-center coreset (exact and approximate) and identity.
-
-Both greedy variants keep only an (N,) vector of distances to the selected set, never an N x N
-matrix, so they run on large banks and on the GPU when the features live there.
-"""
+"""Memory-bank reduction: PatchCore's greedy k-center coreset (exact and approximate) and identity. The greedy
+variants keep an (N,) vector of distances to the selected set, never an N x N matrix, so they run on large banks
+and on the GPU when the features live there."""
 from __future__ import annotations
 
 import torch
@@ -36,9 +34,9 @@ class CoresetSampler:
             return torch.arange(n, device=features.device)
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         work = features.float()
-        if self.name == "approx_greedy_coreset" and work.shape[1] > self.projection_dim:
-            projection = torch.randn(work.shape[1], self.projection_dim, generator=generator) / self.projection_dim ** 0.5
-            work = work @ projection.to(work.device)
+        dim = self.projection_dim
+        if self.name == "approx_greedy_coreset" and work.shape[1] > dim:
+            work = work @ (torch.randn(work.shape[1], dim, generator=generator) / dim ** 0.5).to(work.device)
         # rows as columns: point @ (D x N) runs ~3x faster on CPU BLAS than (N x D) @ point
         work_t = work.T.contiguous()
         squared_norms = (work * work).sum(dim=1)
@@ -59,15 +57,14 @@ class CoresetSampler:
             min_distances = squared_distances(start)
             min_distances[start] = -1.0
             selected = [start]
-        progress = tqdm(total=target, desc=f"{self.name} {n} -> {target}", leave=False,
-                        disable=target < 2000, initial=len(selected))
-        while len(selected) < target:
-            index = int(torch.argmax(min_distances))
-            selected.append(index)
-            min_distances = torch.minimum(min_distances, squared_distances(index))
-            min_distances[index] = -1.0  # with duplicate rows every distance can reach 0: never pick a row twice
-            progress.update()
-        progress.close()
+        with tqdm(total=target, desc=f"{self.name} {n} -> {target}", leave=False, disable=target < 2000,
+                  initial=len(selected)) as progress:
+            while len(selected) < target:
+                index = int(torch.argmax(min_distances))
+                selected.append(index)
+                min_distances = torch.minimum(min_distances, squared_distances(index))
+                min_distances[index] = -1.0  # with duplicate rows every distance can reach 0: never pick a row twice
+                progress.update()
         return torch.tensor(selected, device=features.device, dtype=torch.long)
 
     def subsample(self, features: torch.Tensor, size: int | None = None) -> torch.Tensor:

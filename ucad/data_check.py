@@ -1,47 +1,41 @@
-"""Checking all the data of a run before the first task trains.
+"""Opening all the data of a run before the first task trains, so that a damaged file of a late task cannot stop
+a run after the earlier tasks have trained; every problem is reported at once.
 
-A zero-byte image in the test set of task 7 used to stop an MVTec run after six tasks had trained (hours lost).
-Here every training and test image, mask and structure map of every task is opened up front, in parallel, and
-every problem is reported at once. Images and masks are only opened (header and size) and, for PNG, their chunk
-checksums verified, which reads the file but decodes nothing (a JPEG is decoded only when it lacks its end
-marker, to catch truncated downloads); structure maps are decoded, because counting their
-regions needs the pixels (and they are small 16-bit PNGs).
-
-The listing itself is `ucad.datasets`'; this module only looks at the files it lists.
-"""
+Images and masks are only opened (header and size; PNG chunk checksums verified, a JPEG without its end marker
+decoded, to catch truncated downloads), which is fast; structure maps are decoded, as counting regions needs pixels."""
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from ucad.datasets import TaskSamples
 from ucad.errors import UcadError
-from ucad.structure_maps import MAKE_MAPS_HINT, load_structure_map, structure_map_path
+from ucad.images import EIGHT_BIT_MODES, parallel_map, scaling
+from ucad.metrics import one_class_note
+from ucad.structure_maps import MAKE_MAPS_HINT, load_structure_map, looks_like_a_photograph, structure_map_path
 
 MAX_LISTED_PROBLEMS = 20
 MIN_REGIONS = 2  # SCL contrasts regions: a map with fewer has nothing to teach
 
 
 @dataclass(frozen=True)
-class _Job:
+class _File:
+    """A file to open and, once opened, what was found."""
     task: int
     kind: str  # "image", "mask" or "structure map"
     path: Path
     image: Path | None = None  # the image a mask or structure map belongs to
-
-
-@dataclass
-class _Finding:
-    job: _Job
     size: tuple[int, int] | None = None  # (width, height)
     problem: str | None = None
     regions: int | None = None
     missing: bool = False
+    scaling: str | None = None  # how an image of more than 8 bits is brought to 8 bits
+    photograph: bool = False  # a structure map that looks like a grey picture, not region ids
 
 
 def relation_of_sizes(image_size: tuple[int, int], other_size: tuple[int, int]) -> str:
@@ -60,22 +54,32 @@ def _size_text(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]}"
 
 
-def _open_header(path: Path) -> tuple[tuple[int, int] | None, str | None]:
-    """(width, height) as the file declares it, or the reason it is unusable."""
+def _open_header(path: Path, kind: str) -> tuple[tuple[int, int] | None, str | None, str | None]:
+    """(width, height) as the file declares it, or the reason it is unusable; and for an image of more than 8
+    bits, how it is scaled to 8 (decoded for that: such images are rare)."""
     try:
+        if path.is_symlink() and not path.exists():
+            return None, f"is a symbolic link to '{os.readlink(path)}', which does not exist: fix or remove the link", \
+                None
         if path.stat().st_size == 0:
-            return None, "is empty (0 bytes)"
+            return None, "is empty (0 bytes)", None
+        rule = None
         with Image.open(path) as image:
             size = image.size
-            if image.format == "PNG":
+            if kind == "image" and image.mode not in EIGHT_BIT_MODES:
+                image.load()
+                rule = scaling(image)
+            elif image.format == "PNG":
                 image.verify()  # chunk checksums: finds a truncated or damaged PNG without decoding it
             elif image.format == "JPEG" and not _ends_like_a_jpeg(path):
                 image.load()  # no end marker: decode to tell a truncated file from one with trailing bytes
-        return size, None
+        return size, None, rule.rule if rule else None
     except FileNotFoundError:
-        return None, "does not exist"
+        return None, "does not exist", None
+    except UcadError as error:  # a mode that cannot be shown as RGB
+        return None, str(error), None
     except Exception as error:  # PIL raises many types for damaged files
-        return None, f"cannot be read ({type(error).__name__}: {error})"
+        return None, f"cannot be read ({type(error).__name__}: {error})", None
 
 
 def _ends_like_a_jpeg(path: Path) -> bool:
@@ -84,110 +88,129 @@ def _ends_like_a_jpeg(path: Path) -> bool:
         return b"\xff\xd9" in handle.read()
 
 
-def _probe(job: _Job) -> _Finding:
-    if job.kind != "structure map":
-        size, problem = _open_header(job.path)
-        return _Finding(job, size, problem)
-    if not job.path.is_file():
-        return _Finding(job, missing=True)
+def _probe(file: _File) -> _File:
+    if file.kind != "structure map":
+        size, problem, rule = _open_header(file.path, file.kind)
+        return replace(file, size=size, problem=problem, scaling=rule)
+    if not file.path.is_file():
+        return replace(file, missing=True)
     try:
-        labels = load_structure_map(job.path)
+        labels = load_structure_map(file.path)
     except UcadError as error:
-        return _Finding(job, problem=str(error))
+        return replace(file, problem=str(error))
     counts = np.bincount(labels.ravel().clip(min=0))
-    return _Finding(job, (labels.shape[1], labels.shape[0]), regions=int(np.count_nonzero(counts[1:])))
+    return replace(file, size=(labels.shape[1], labels.shape[0]), regions=int(np.count_nonzero(counts[1:])),
+                   photograph=looks_like_a_photograph(labels))
 
 
-def _jobs(tasks: list[TaskSamples], structure_root: Path | None, skip_training_of: int) -> list[_Job]:
-    jobs = []
+def _check_structure_root(tasks: list[TaskSamples], structure_root: Path) -> None:
+    """Structure maps are a tree of their own: the data folder given as that tree would use every grey image as
+    a map of region ids."""
+    for task in tasks:
+        if Path(structure_root).resolve() == Path(task.root).resolve():
+            raise UcadError(f"dataset --structure_path '{structure_root}' is the data folder itself: structure maps "
+                            "are a separate tree of region maps (default DATA_PATH-sam-b); give that tree, or "
+                            f"{MAKE_MAPS_HINT}")
+
+
+def _files(tasks: list[TaskSamples], structure_root: Path | None, skip_training_of: int) -> list[_File]:
+    files = []
     for index, task in enumerate(tasks):
         if index >= skip_training_of:
-            for sample in task.validation:  # held-out normal images: read for thresholds and epoch choice
-                jobs.append(_Job(index, "image", sample.image_path))
+            # held-out normal images are read too, for thresholds and the epoch choice
+            files += [_File(index, "image", sample.image_path) for sample in task.validation]
             for sample in task.train:
-                jobs.append(_Job(index, "image", sample.image_path))
+                files.append(_File(index, "image", sample.image_path))
                 if structure_root is not None:
-                    jobs.append(_Job(index, "structure map",
-                                     structure_map_path(sample.image_path, task.root, structure_root),
-                                     sample.image_path))
+                    files.append(_File(index, "structure map",
+                                       structure_map_path(sample.image_path, task.root, structure_root),
+                                       sample.image_path))
         for sample in task.test:
-            jobs.append(_Job(index, "image", sample.image_path))
+            files.append(_File(index, "image", sample.image_path))
             if sample.mask_path is not None:
-                jobs.append(_Job(index, "mask", sample.mask_path, sample.image_path))
-    return jobs
+                files.append(_File(index, "mask", sample.mask_path, sample.image_path))
+    return files
 
 
-def _run_parallel(jobs: list[_Job], workers: int, show: bool) -> list[_Finding]:
-    pool = ThreadPoolExecutor(max(1, workers))
-    try:
-        return list(tqdm(pool.map(_probe, jobs), total=len(jobs), desc="checking data", unit="file",
-                         disable=not show, leave=False))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C must not wait for thousands of queued files
-
-
-def check_data(tasks: list[TaskSamples], structure_root: Path | None = None, workers: int = 8, show: bool = True,
+def check_data(tasks: list[TaskSamples], structure_root: Path | None, workers: int, show: bool = True,
                skip_training_of: int = 0) -> list[str]:
-    """Open every image, mask and structure map of every task; raise one UcadError listing every problem.
+    """Open every image, mask and structure map of every task; raise one UcadError listing every problem, or
+    return the notes and warnings to print (at most one of each kind per task).
 
-    Returns the notes and warnings to print (at most one of each kind per task). `skip_training_of` tasks at the
-    start have finished already (--resume): their training images are not needed again.
-    A mask or structure map must have its image's size; a scaled copy is resized (and said so once per task);
-    any other size is an error naming both files and both sizes. Structure maps with fewer than 2 regions
-    (label 0 = no region) do not take part in SCL; a task in which every map is like that is an error."""
-    findings = _run_parallel(_jobs(tasks, structure_root, skip_training_of), workers, show)
-    image_sizes = {f.job.path: f.size for f in findings if f.job.kind == "image" and f.size is not None}
+    The first `skip_training_of` tasks have finished already (--resume): their training images are not read. A mask
+    or structure map of another size than its image is resized if it is a scaled copy, else an error. Structure maps
+    with fewer than 2 regions take no part in SCL; a task in which every map is like that is an error. A test set
+    with one class only is a warning naming the metrics it leaves empty."""
+    if structure_root is not None:
+        _check_structure_root(tasks, structure_root)
+    files = parallel_map(_probe, _files(tasks, structure_root, skip_training_of), workers, show,
+                         desc="checking data", unit="file")
+    image_sizes = {f.path: f.size for f in files if f.kind == "image" and f.size is not None}
     problems: list[str] = []
-    missing_maps: list[Path] = []
-    scaled: dict[tuple[int, str], list[_Finding]] = {}
-    few_regions: dict[int, list[_Finding]] = {}
-    maps_per_task: dict[int, int] = {}
-    for finding in findings:
-        job = finding.job
-        if finding.missing:
-            missing_maps.append(job.path)
+    missing_maps = [f.path for f in files if f.missing]
+    scaled: dict[tuple[int, str], list[_File]] = defaultdict(list)
+    few_regions: dict[int, list[_File]] = defaultdict(list)
+    photographs: dict[int, list[_File]] = defaultdict(list)
+    wide: dict[tuple[int, str], list[_File]] = defaultdict(list)
+    maps_per_task: Counter[int] = Counter()
+    for file in files:
+        if file.missing:
             continue
-        if finding.problem is not None:
-            problems.append(finding.problem if job.kind == "structure map" else
-                            f"{job.kind} '{job.path}' {finding.problem}")
+        if file.problem is not None:
+            problems.append(file.problem if file.kind == "structure map" else
+                            f"{file.kind} '{file.path}' {file.problem}")
             continue
-        if job.image is None:
-            continue
-        image_size = image_sizes.get(job.image)
-        if image_size is not None:
-            relation = relation_of_sizes(image_size, finding.size)
-            if relation == "scaled":
-                scaled.setdefault((job.task, job.kind), []).append(finding)
-            elif relation == "different":
-                fix = ("remake it with segment_anything_prep/make_structure_maps.py --overwrite"
-                       if job.kind == "structure map" else "replace it with a mask of the image's size")
-                problems.append(f"{job.kind} '{job.path}' is {_size_text(finding.size)} but its image '{job.image}' "
-                                f"is {_size_text(image_size)} (another aspect ratio, so it cannot be resized to "
-                                f"fit): {fix}")
-        if job.kind == "structure map":
-            maps_per_task[job.task] = maps_per_task.get(job.task, 0) + 1
-            if finding.regions < MIN_REGIONS:
-                few_regions.setdefault(job.task, []).append(finding)
+        image_size = image_sizes.get(file.image)  # None for an image itself, or one that cannot be read
+        relation = "same" if image_size is None else relation_of_sizes(image_size, file.size)
+        if relation == "scaled":
+            scaled[file.task, file.kind].append(file)
+        elif relation == "different":
+            fix = ("remake it with segment_anything_prep/make_structure_maps.py --overwrite"
+                   if file.kind == "structure map" else "replace it with a mask of the image's size")
+            problems.append(f"{file.kind} '{file.path}' is {_size_text(file.size)} but its image '{file.image}' "
+                            f"is {_size_text(image_size)} (another aspect ratio, so it cannot be resized to fit): "
+                            f"{fix}")
+        if file.scaling is not None:
+            wide[file.task, file.scaling].append(file)
+        if file.kind == "structure map":
+            maps_per_task[file.task] += 1
+            if file.photograph:
+                photographs[file.task].append(file)
+            elif file.regions < MIN_REGIONS:
+                few_regions[file.task].append(file)
 
     if missing_maps:
         problems.append(f"{len(missing_maps)} structure map(s) missing under '{structure_root}', e.g. "
                         f"'{missing_maps[0]}'; {MAKE_MAPS_HINT}")
+    for index, found in photographs.items():
+        problems.append(f"task '{tasks[index].category}': {len(found)} of {maps_per_task[index]} structure maps look "
+                        "like grey pictures, not region maps (hundreds of values changing in small steps), e.g. "
+                        f"'{found[0].path}': --structure_path must name the tree of maps that "
+                        "segment_anything_prep/make_structure_maps.py makes, not a folder of images")
     messages = []
+    for (index, rule), found in wide.items():
+        messages.append(f"note: task '{tasks[index].category}': {len(found)} image(s) are {rule}, e.g. "
+                        f"'{found[0].path}'")
+    for task in tasks:
+        anomalous = sum(sample.is_anomalous for sample in task.test)
+        note = one_class_note(len(task.test) - anomalous, anomalous)
+        if note:
+            messages.append(f"warning: task '{task.category}': {note}; they are left empty in the results")
     for (index, kind), found in scaled.items():
         example = found[0]
         messages.append(f"note: task '{tasks[index].category}': {len(found)} {kind}(s) are a scaled copy of their "
-                        f"image's size, e.g. '{example.job.path}' {_size_text(example.size)} for "
-                        f"{_size_text(image_sizes[example.job.image])}; they are resized to the image")
+                        f"image's size, e.g. '{example.path}' {_size_text(example.size)} for "
+                        f"{_size_text(image_sizes[example.image])}; they are resized to the image")
     for index, found in few_regions.items():
         category, total = tasks[index].category, maps_per_task[index]
         if len(found) == total:
             problems.append(f"task '{category}': every structure map ({total}) has fewer than {MIN_REGIONS} regions "
-                            f"(label 0 = no region), e.g. '{found[0].job.path}', so SCL has nothing to learn from: "
+                            f"(label 0 = no region), e.g. '{found[0].path}', so SCL has nothing to learn from: "
                             "remake the maps (e.g. with --method felzenszwalb) or train with the option --no_scl of "
                             "the ucad sub-command")
         else:
             messages.append(f"warning: task '{category}': {len(found)} of {total} structure maps have fewer than "
-                            f"{MIN_REGIONS} regions (label 0 = no region), e.g. '{found[0].job.path}'; those images "
+                            f"{MIN_REGIONS} regions (label 0 = no region), e.g. '{found[0].path}'; those images "
                             "take no part in prompt training (SCL)")
     if problems:
         listed = problems[:MAX_LISTED_PROBLEMS]

@@ -1,18 +1,16 @@
-"""Data sets as lists of samples: MVTec AD layout and VisA (as distributed or converted).
+"""Data sets as lists of samples, one task per product category: MVTec AD layout and VisA.
 
-A task is one product category. Listing is separate from decoding (see `ucad.images`), so a
-bad path or a misspelt category fails in a second, before any model is built.
-
-This is the one listing of a data set's files: the training run (`list_tasks`) and the structure-map maker
-(`ucad.structure_maps.find_images`) both go through it, so they agree on which files are data. A layout is one
-`DataLayout` registration (`register_layout`): the choices of `dataset NAME` and the detection of a folder's
-layout come from the registry.
-"""
+Listing is separate from decoding (`ucad.images`), so a bad path or a misspelt category fails in a second, before
+any model is built. The training run and the structure-map maker both list through here, so they agree on which
+files are data; each layout is one `register_layout` call."""
 from __future__ import annotations
 
 import csv
 import difflib
+import os
 import random
+import unicodedata
+from collections import namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,14 +19,9 @@ from ucad.errors import UcadError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 VISA_SPLIT_FILE = Path("split_csv") / "1cls.csv"
-VISA_CATEGORIES = [
-    "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
-    "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum",
-]
-MVTEC_CATEGORIES = [
-    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
-    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
-]
+VISA_COLUMNS = ("object", "split", "label", "image", "mask")
+# one checked row of VisA's split file; split and label lower-cased, line numbered for messages
+VisaRow = namedtuple("VisaRow", ("line",) + VISA_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -42,7 +35,6 @@ class Sample:
 @dataclass
 class TaskSamples:
     """The samples of one task (category): training images are all normal."""
-
     category: str
     root: Path  # the data set root the relative paths of structure maps are taken from
     train: list[Sample]
@@ -53,35 +45,102 @@ class TaskSamples:
 
 
 def is_hidden(path: Path) -> bool:
-    """Names starting with '.' (macOS '._x.png' resource forks, '.DS_Store', '.ipynb_checkpoints') are not data.
-
-    The one rule for training, testing, VisA split files and the structure-map maker, so they agree on the files."""
+    """macOS '._x.png' resource forks, '.DS_Store' and '.ipynb_checkpoints' are not data, anywhere."""
     return Path(path).name.startswith(".")
 
 
-def is_image_file(path: Path) -> bool:
-    return path.is_file() and not is_hidden(path) and path.suffix.lower() in IMAGE_SUFFIXES
-
-
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if is_image_file(p))
+    """The images in `folder` and its sub-folders (batches), sorted by path. A symbolic link is listed even when
+    its target is missing, so that the data check names it instead of the image silently missing."""
+    found, seen = [], set()
+    for current, subfolders, files in os.walk(folder, followlinks=True):
+        if os.path.realpath(current) in seen:  # a link back up the tree
+            subfolders.clear()
+            continue
+        seen.add(os.path.realpath(current))
+        subfolders[:] = [name for name in subfolders if not is_hidden(Path(name))]
+        found += [Path(current) / name for name in files
+                  if not is_hidden(Path(name)) and Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)
+
+
+def _refuse_loose_entries(folder: Path, meant: str) -> None:
+    """An image lying in train/ or test/ itself belongs to no class, and a dangling link may be a whole defect
+    folder: each is an error naming it, never dropped."""
+    for entry in sorted(folder.iterdir()):
+        if is_hidden(entry):
+            continue
+        if entry.is_symlink() and not entry.exists():
+            raise UcadError(f"'{entry}' is a symbolic link to '{os.readlink(entry)}', which does not exist: fix or "
+                            "remove the link")
+        if entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
+            raise UcadError(f"image '{entry}' lies in {folder.name}/ itself, where no image is read: move it into "
+                            f"{meant}")
+
+
+def nfc(name: str) -> str:
+    """A name as typed and as a file system stores it (macOS writes é as e + accent) compare equal after this."""
+    return unicodedata.normalize("NFC", name)
+
+
+def output_name(image_path: Path) -> str:
+    """The name a test image's picture and anomaly map are saved under, unique within its task's test set."""
+    return f"{image_path.parent.name}_{image_path.stem}"
+
+
+def _check_names(task: "TaskSamples") -> None:
+    """Two images of a task sharing a name without suffix ('000.png', '000.tif') would share one structure map,
+    and two test images sharing an output name one picture: each is an error naming both files."""
+    seen: dict[Path, Path] = {}
+    for sample in task.train + task.validation + task.test:
+        other = seen.setdefault(sample.image_path.with_suffix(""), sample.image_path)
+        if other != sample.image_path:
+            raise UcadError(f"images '{other}' and '{sample.image_path}' have the same name without suffix, so "
+                            "they would share one structure map and one output file: rename or remove one of them")
+    names: dict[str, Path] = {}
+    for sample in task.test:
+        other = names.setdefault(output_name(sample.image_path), sample.image_path)
+        if other != sample.image_path:
+            raise UcadError(f"test images '{other}' and '{sample.image_path}' would both be saved as "
+                            f"'{output_name(sample.image_path)}' (folder and file name) among the run's pictures and "
+                            "anomaly maps: rename one of them")
 
 
 def _check_root(root: Path, option: str) -> None:
-    if not root.exists():
-        raise UcadError(f"data path '{root}' does not exist: pass the folder holding the categories as {option}")
     if not root.is_dir():
-        raise UcadError(f"data path '{root}' is not a folder: pass the folder holding the categories as {option}")
+        problem = "is not a folder" if root.exists() else "does not exist"
+        twin = _stored_spelling(root)
+        if twin is not None:
+            problem += (f"; '{twin}' differs from it only in how accented letters are encoded (Unicode "
+                        "normalisation): type the path as stored there, e.g. by completing it with the Tab key")
+        raise UcadError(f"data path '{root}' {problem}: pass the folder holding the categories as {option}")
+
+
+def _stored_spelling(path: Path) -> Path | None:
+    """The existing sibling of a missing `path` whose name differs from it only by Unicode normalisation."""
+    parent = path.parent
+    if path.exists() or not parent.is_dir():
+        return None
+    return next((p for p in parent.iterdir() if p.name != path.name and nfc(p.name) == nfc(path.name)), None)
+
+
+def _category_as_stored(category: str, found: list[str]) -> str:
+    """The category whose name as stored equals `category` after Unicode normalisation; the name as typed if none
+    does. Two stored names equal after normalisation are an error: which one is meant cannot be told."""
+    if category in found or category == ".":
+        return category
+    same = [name for name in found if nfc(name) == nfc(category)]
+    if len(same) > 1:
+        raise UcadError(f"categories {', '.join(repr(s) for s in same)} differ only in how accented letters are "
+                        "encoded (Unicode normalisation), so -d cannot tell them apart: rename one of the folders")
+    return same[0] if same else category
 
 
 def _unknown_category(category: str, found: list[str], root: Path, layout: str) -> UcadError:
     close = difflib.get_close_matches(category, found, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    listing = ", ".join(found) if found else "none"
-    return UcadError(
-        f"category '{category}' not found in '{root}' ({layout} layout).{hint} Categories found: {listing}. "
-        "Fix the -d option of the dataset sub-command."
-    )
+    return UcadError(f"category '{category}' not found in '{root}' ({layout} layout).{hint} Categories found: "
+                     f"{', '.join(found) or 'none'}. Fix the -d option of the dataset sub-command.")
 
 
 def mvtec_categories(root: Path) -> list[str]:
@@ -97,12 +156,12 @@ def is_mvtec_layout(root: Path) -> bool:
 def list_mvtec_task(root: Path, category: str, need_masks: bool = True) -> TaskSamples:
     """One category in the MVTec AD layout; `category` "." means root itself is the category. Without
     `need_masks` (the structure-map maker) a defect image's missing mask is no error (its mask_path is None)."""
-    root = Path(root)
-    _check_root(root, "DATA_PATH of the dataset sub-command")
+    category = _category_as_stored(category, mvtec_categories(root)) if root.is_dir() else category
     folder = root if category == "." else root / category
     if category != "." and not (folder / "train").is_dir():
         raise _unknown_category(category, mvtec_categories(root), root, "MVTec AD")
     train_dir = folder / "train" / "good"
+    _refuse_loose_entries(folder / "train", "train/good/")
     if not train_dir.is_dir():
         raise UcadError(f"training folder '{train_dir}' is missing: a category needs train/good/ with normal images")
     train = [Sample(p, None, False, "good") for p in _images_in(train_dir)]
@@ -111,54 +170,31 @@ def list_mvtec_task(root: Path, category: str, need_masks: bool = True) -> TaskS
     test_dir = folder / "test"
     if not test_dir.is_dir():
         raise UcadError(f"test folder '{test_dir}' is missing: a category needs test/good/ and test/<defect>/")
-    test: list[Sample] = []
+    _refuse_loose_entries(test_dir, "test/good/ (normal) or test/<defect type>/")
+    test = []
     for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not is_hidden(p)):
         defect = defect_dir.name
         for image in _images_in(defect_dir):
-            if defect == "good":
-                test.append(Sample(image, None, False, "good"))
-                continue
-            mask = folder / "ground_truth" / defect / f"{image.stem}_mask.png"
-            if not mask.is_file():
+            # an image in a sub-folder (a batch) has its mask in the same sub-folder of ground_truth/<defect>/
+            mask_folder = folder / "ground_truth" / defect / image.parent.relative_to(defect_dir)
+            mask = None if defect == "good" else mask_folder / f"{image.stem}_mask.png"
+            if mask is not None and not mask.is_file():
                 # VisA converted by its official script (spot-diff prepare_data.py) names masks <name>.png
                 same_name = mask.with_name(f"{image.stem}.png")
-                if not same_name.is_file() and not need_masks:
-                    same_name = None
-                elif not same_name.is_file():
-                    raise UcadError(
-                        f"defect image '{image}' has no mask: expected '{mask}' (or '{same_name}'). Every image "
-                        f"in test/{defect}/ needs ground_truth/{defect}/<name>_mask.png"
-                    )
-                mask = same_name
-            test.append(Sample(image, mask, True, defect))
+                if need_masks and not same_name.is_file():
+                    raise UcadError(f"defect image '{image}' has no mask: expected '{mask}' (or '{same_name}'). "
+                                    f"Every image in test/{defect}/ needs ground_truth/{defect}/<name>_mask.png, "
+                                    "in the same sub-folder as the image")
+                mask = same_name if same_name.is_file() else None
+            test.append(Sample(image, mask, defect != "good", defect))
     if not test:
         raise UcadError(f"test folder '{test_dir}' holds no images")
     return TaskSamples(category, root, train, test)
 
 
-VISA_COLUMNS = ("object", "split", "label", "image", "mask")
-VISA_SPLITS = ("train", "test")
-VISA_LABELS = ("normal", "anomaly")
-
-
-@dataclass(frozen=True)
-class VisaRow:
-    """One row of VisA's split file, values stripped; split and label lower-cased."""
-
-    line: int  # line number in the file, for messages
-    object: str
-    split: str
-    label: str
-    image: str
-    mask: str
-
-
 def read_visa_split(split_file: Path, required=VISA_COLUMNS) -> list[VisaRow]:
-    """The rows of split_csv/1cls.csv, checked: every problem is a UcadError naming the file and the line.
-
-    split and label are read case- and space-insensitively ('Train', ' anomaly '); a split other than
-    train/test or a label other than normal/anomaly is an error, not a silent test or normal image. Rows whose
-    image name starts with '.' are skipped, as hidden files are everywhere else."""
+    """The rows of split_csv/1cls.csv; every problem is a UcadError naming the file and the line. split and label
+    ignore case and spaces ('Train', ' anomaly '); any other value is an error, not a silent test or normal image."""
     try:
         with open(split_file, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
@@ -172,7 +208,7 @@ def read_visa_split(split_file: Path, required=VISA_COLUMNS) -> list[VisaRow]:
     if missing:
         raise UcadError(f"split file '{split_file}' lacks the columns {missing} (has {header}); "
                         f"expected the columns {', '.join(VISA_COLUMNS)}")
-    rows = []
+    rows, first_line = [], {}
     for line, row in raw:
         extra = [v for v in row.pop(None, []) if v.strip()]  # a trailing comma is harmless, more values are not
         fields = sum(v is not None for v in row.values()) + len(extra)
@@ -181,15 +217,18 @@ def read_visa_split(split_file: Path, required=VISA_COLUMNS) -> list[VisaRow]:
                             "(a truncated or damaged file?): restore it from the VisA download")
         values = {c: (row.get(c) or "").strip() for c in VISA_COLUMNS}
         values["split"], values["label"] = values["split"].lower(), values["label"].lower()
-        if values["split"] not in VISA_SPLITS:
+        if values["split"] not in ("train", "test"):
             raise UcadError(f"split file '{split_file}' line {line}: split '{row['split']}' is neither train nor "
                             f"test ({values['image']}); fix that row")
-        if "label" in required and values["label"] not in VISA_LABELS:
+        if "label" in required and values["label"] not in ("normal", "anomaly"):
             raise UcadError(f"split file '{split_file}' line {line}: label '{row['label']}' is neither normal nor "
                             f"anomaly ({values['image']}); fix that row")
-        if is_hidden(Path(values["image"])):
-            continue
-        rows.append(VisaRow(line, **values))
+        earlier = first_line.setdefault(nfc(values["image"]), line)
+        if earlier != line:
+            raise UcadError(f"split file '{split_file}' line {line} repeats the image {values['image']} of line "
+                            f"{earlier}, so it would be counted twice: remove one of the two rows")
+        if not is_hidden(Path(values["image"])):
+            rows.append(VisaRow(line, **values))
     return rows
 
 
@@ -204,10 +243,9 @@ def visa_categories(root: Path) -> list[str]:
 
 
 def _no_visa_split_file(root: Path) -> UcadError:
-    return UcadError(
-        f"'{root}' is neither VisA as distributed (no split file '{root / VISA_SPLIT_FILE}': restore "
-        "split_csv/1cls.csv from the VisA download, it says which images are for training) nor VisA converted to "
-        "the MVTec layout (no <category>/train and <category>/test folders)")
+    return UcadError(f"'{root}' is neither VisA as distributed (no split file '{root / VISA_SPLIT_FILE}': restore "
+                     "split_csv/1cls.csv from the VisA download, it says which images are for training) nor VisA "
+                     "converted to the MVTec layout (no <category>/train and <category>/test folders)")
 
 
 def is_visa_layout(root: Path) -> bool:
@@ -217,21 +255,19 @@ def is_visa_layout(root: Path) -> bool:
 
 
 def list_visa_task(root: Path, category: str, need_masks: bool = True) -> TaskSamples:
-    """VisA as distributed (split_csv/1cls.csv) or already converted to the MVTec layout. Without `need_masks`
-    (the structure-map maker) the label and mask columns may be absent and a missing mask is no error."""
-    root = Path(root)
-    _check_root(root, "DATA_PATH of the dataset sub-command")
+    """VisA as distributed (split_csv/1cls.csv) or converted to the MVTec layout. Without `need_masks` the label
+    and mask columns may be absent and a missing mask is no error."""
     split_file = root / VISA_SPLIT_FILE
     if not split_file.is_file():
         if mvtec_categories(root):
             return list_mvtec_task(root, category, need_masks)
         raise _no_visa_split_file(root)
     all_rows = read_visa_split(split_file, VISA_COLUMNS if need_masks else ("object", "split", "image"))
+    category = _category_as_stored(category, sorted({row.object for row in all_rows}))
     rows = [row for row in all_rows if row.object == category]
     if not rows:
         raise _unknown_category(category, sorted({row.object for row in all_rows}), root, "VisA")
-    train: list[Sample] = []
-    test: list[Sample] = []
+    train, test = [], []
     for row in rows:
         image = root / row.image
         anomalous = row.label == "anomaly"
@@ -248,8 +284,6 @@ def list_visa_task(root: Path, category: str, need_masks: bool = True) -> TaskSa
 
 @dataclass(frozen=True)
 class DataLayout:
-    """One way a data set is arranged on disk."""
-
     name: str  # as `dataset NAME` takes it
     description: str  # how its folders look, for messages
     recognises: Callable[[Path], bool]  # does this folder look like this layout
@@ -280,7 +314,7 @@ def layouts_hint() -> str:
 
 
 def detect_layout(root: str | Path) -> str:
-    """The name of the first registered layout that recognises the folder (for tools that are given no NAME)."""
+    """The first registered layout that recognises the folder, for tools that are given no NAME."""
     root = Path(root)
     _check_root(root, "the data path")
     for layout in LAYOUTS.values():
@@ -291,39 +325,33 @@ def detect_layout(root: str | Path) -> str:
 
 def list_tasks(name: str, root: str | Path, categories: list[str], train_val_split: float = 1.0,
                seed: int = 0, need_masks: bool = True) -> list[TaskSamples]:
-    """All tasks of a run, in the order given; checks every category before anything is trained.
-
-    `need_masks` False lists images only (the structure-map maker): a missing mask of a test image is no error."""
+    """All tasks of a run, in the order given, every category checked before anything trains. Without `need_masks`
+    (the structure-map maker) a test image's missing mask is no error."""
     root = Path(root)
     if name not in LAYOUTS:
         raise UcadError(f"unknown data layout '{name}': choose one of {', '.join(LAYOUTS)}")
     layout = LAYOUTS[name]
     _check_root(root, f"DATA_PATH of 'dataset {name}'")
-    if (root / "train").is_dir() and list(categories) == [root.name]:
-        categories = ["."]  # the root is itself the one category, named
+    single_category = (root / "train").is_dir()  # "." lists the root itself as the one category
+    if single_category and list(categories) == [root.name]:
+        categories = ["."]
+    categories = categories or layout.categories(root) or (["."] if single_category else [])
     if not categories:
-        found = layout.categories(root)
-        if not found:
-            if (root / "train").is_dir():
-                categories = ["."]
-            else:
-                raise UcadError(f"no categories found in '{root}'; name them with -d or check the path")
-        else:
-            categories = found
-    if len(set(categories)) != len(categories):
+        raise UcadError(f"no categories found in '{root}'; name them with -d or check the path")
+    if len({nfc(c) for c in categories}) != len(categories):
         raise UcadError(f"a category is given twice in -d: {categories}")
     tasks = [layout.list_task(root, category, need_masks) for category in categories]
+    for task in tasks:
+        _check_names(task)
     if not 0.0 < train_val_split <= 1.0:
         raise UcadError(f"--train_val_split must be in (0, 1], got {train_val_split}")
-    if train_val_split < 1.0:
-        for task in tasks:
-            # a seeded subset, not the first files, so the split does not depend on file naming
-            order = list(range(len(task.train)))
-            random.Random(seed).shuffle(order)
-            keep = max(1, int(round(len(order) * train_val_split)))
-            task.validation = [task.train[i] for i in sorted(order[keep:])]
-            task.train = [task.train[i] for i in sorted(order[:keep])]
     for task in tasks:
+        # a seeded subset, not the first files, so the split does not depend on file naming
+        order = list(range(len(task.train)))
+        random.Random(seed).shuffle(order)
+        keep = max(1, round(len(order) * train_val_split))
+        task.validation = [task.train[i] for i in sorted(order[keep:])]
+        task.train = [task.train[i] for i in sorted(order[:keep])]
         if task.category == ".":
             task.category = root.name
     return tasks

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import operator
-import os
 import shutil
 import sys
 import time
@@ -44,6 +43,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ucad.errors import UcadError
+from ucad.run_folder import atomic_write
 
 DEMO_CATEGORIES = ["weave", "granite", "washer", "pcb_chip"]
 # look-alike variants, only written when asked for by name: a routing stress test (VisA's pcb1-4 and macaroni1/2
@@ -610,9 +610,8 @@ def _write_manifest(root: Path, params: dict, done: list[str]) -> None:
         "grayscale": [c for c in done if c in GRAYSCALE_CATEGORIES],
         "layout": "MVTec AD",
     }
-    tmp = root / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, root / MANIFEST_NAME)
+    with atomic_write(root / MANIFEST_NAME) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _generate(root, categories, seed, image_size, n_train, n_test_good, n_test_defect, overwrite):

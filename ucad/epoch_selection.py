@@ -30,35 +30,34 @@ class EpochJudge:
     sampler: CoresetSampler
     memory_size: int
     feature_batch_size: int
+    frozen: torch.Tensor  # (N * P, D) fp32 unprompted features of train_images, as the learner computed them
     seed: int = 0
     scores: list[float] = field(default_factory=list)  # per candidate: no prompt, epoch 1, epoch 2, ...
-    best_index: int = 0
+    chosen_epoch: int = 0  # 0 = no prompt; k = the prompt after epoch k
     best_state: dict | None = None
+    best_features: torch.Tensor | None = None  # (N * P, D) training features under the chosen candidate
 
     def __post_init__(self):
         self.images, self.masks, self.labels = make_validation_set(self.validation_images, self.seed)
-        self.scores.append(self.score(None))  # the unprompted backbone is the bar every epoch must clear
+        self.scores.append(self.score(None, self.frozen))  # the unprompted backbone is the bar every epoch must clear
+        self.best_features = self.frozen
 
     @torch.no_grad()
-    def score(self, prompt: torch.nn.Module | None) -> float:
-        model = self.model
-        features = model.features(self.train_images, prompt, self.feature_batch_size)
-        knowledge = self.sampler.subsample(features.reshape(-1, features.shape[-1]), self.memory_size)
+    def score(self, prompt: torch.nn.Module | None, features: torch.Tensor) -> float:
+        knowledge = self.sampler.subsample(features, self.memory_size)
         # scored as the task will be: the model's own scoring primitive, with this candidate prompt and knowledge
-        patch_scores = model.patch_scores(self.images, prompt, {"knowledge": knowledge},
-                                          batch_size=self.feature_batch_size)["knowledge"]
-        maps = model.anomaly_maps(patch_scores).cpu()
+        patch_scores = self.model.patch_scores(self.images, prompt, {"knowledge": knowledge},
+                                               batch_size=self.feature_batch_size)["knowledge"]
+        maps = self.model.anomaly_maps(patch_scores).cpu()
         image_auroc = roc_auc(self.labels, image_scores(patch_scores).numpy())
         pixel_ap = average_precision(self.masks.numpy().ravel(), maps.numpy().ravel())
         return float(image_auroc + pixel_ap)
 
     def after_epoch(self, prompt: torch.nn.Module) -> None:
-        self.scores.append(self.score(prompt))
-        if self.scores[-1] > self.scores[self.best_index]:
-            self.best_index = len(self.scores) - 1
+        features = self.model.features(self.train_images, prompt, self.feature_batch_size)
+        features = features.reshape(-1, features.shape[-1])
+        self.scores.append(self.score(prompt, features))
+        if self.scores[-1] > self.scores[self.chosen_epoch]:
+            self.chosen_epoch = len(self.scores) - 1
             self.best_state = {k: v.detach().clone() for k, v in prompt.state_dict().items()}
-
-    @property
-    def chosen_epoch(self) -> int:
-        """0 = no prompt; k = the prompt after epoch k."""
-        return self.best_index
+            self.best_features = features  # the knowledge is chosen from these: no second pass over the images

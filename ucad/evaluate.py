@@ -2,27 +2,27 @@
 
     python -m ucad.evaluate [--cpu] MODEL dataset [-d CATEGORY ...] mvtec DATA_PATH
 
-Each category's test set is scored as in the last phase of a run, through the same evaluator: routed by keys
-among all the model's tasks (task_agnostic) and with its task given (oracle), with the model's thresholds. It
-writes the run's result files (results_per_task.csv, results_mean.csv, scores_per_image.csv, ...) to
-`evaluation_N` beside the model's `models/` folder, or to --output_path.
+Each category's test set is scored as in the last phase of a run (task_agnostic and oracle, with the model's
+thresholds); the run's result files go to `evaluation_N` beside the model's `models/` folder, or to --output_path.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from ucad.cli import config_parameters
-from ucad.config import DataConfig, LearningConfig, check_bounds, to_dict
-from ucad.datasets import list_tasks
+from ucad.cli import config_parameters, one_line_errors, shared_options
+from ucad.config import DataConfig, LearningConfig, RunConfig, check_bounds, to_dict
+from ucad.datasets import list_tasks, nfc
 from ucad.device import select_device
-from ucad.errors import UcadError
-from ucad.evaluation import VARIANTS, ContinualEvaluator
+from ucad.errors import RunInterrupted, UcadError
+from ucad.evaluation import ContinualEvaluator
 from ucad.experiment import echo, load_test_set, save_final_outputs
-from ucad.model import KNOWLEDGE, UcadModel
-from ucad.results import final_table, new_run_dir, threshold_table, write_json, write_run_results
+from ucad.model import KNOWLEDGE
+from ucad.model_file import load_model
+from ucad.predict import prepare_output_folder
+from ucad.results import final_tables, write_json, write_run_results
+from ucad.run_folder import new_run_dir
 from ucad.timing import PhaseTimer
 
 DATA_FIELDS = ("name", "data_path", "categories", "num_workers")  # the rest of `dataset` concerns learning
@@ -33,49 +33,46 @@ def evaluate_model(model_path: Path, data: DataConfig, device, output_path: Path
                    maps: bool = False) -> Path:
     """Scores the data set's test images with the saved model; returns the folder the results went to."""
     check_bounds(data)
-    model = UcadModel.load(model_path, device)
+    folder = Path(model_path).resolve().parent
+    base = folder.parent if folder.name == "models" else folder
+    # an unwritable destination is one line before the model is read, not a traceback after the evaluation
+    if output_path:
+        prepare_output_folder(Path(output_path), "--output_path")
+    elif base.is_dir():  # else the model file is missing, which load_model says
+        prepare_output_folder(base, "the folder beside the model (choose another with --output_path)")
+    model = load_model(model_path, device)
     task_names = [t.name for t in model.tasks]
+    learned = [nfc(name) for name in task_names]  # a name typed on one system, stored on another
     categories = list(data.categories) or task_names
-    unknown = [c for c in categories if c not in task_names]
+    unknown = [c for c in categories if nfc(c) not in learned]
     if unknown:
         raise UcadError(f"-d {unknown[0]}: not a task of this model, which learned {', '.join(task_names)}; "
                         "only test sets of learned tasks can be evaluated")
-    tasks = list_tasks(data.name, data.data_path, categories)
-    phase = len(model.tasks) - 1
-    timer = PhaseTimer()
-    evaluator = ContinualEvaluator(model, timer, batch_size)
-    for task in tasks:
-        evaluator.add_test_set(load_test_set(task_names.index(task.category), task, model.config.geometry,
-                                             data.num_workers))
-    variants = VARIANTS if model.config.mode == "ucad" else ("task_agnostic", "oracle")
-    records = evaluator.evaluate_phase(phase, variants)
-    image_rows = evaluator.image_rows(phase, variants)
-    folder = Path(model_path).resolve().parent
-    base = folder.parent if folder.name == "models" else folder
+    phase, timer = len(model.tasks) - 1, PhaseTimer()
+    evaluator = ContinualEvaluator(model, timer, batch_size, fpr_limit=RunConfig.fpr_limit)
+    for task in list_tasks(data.name, data.data_path, categories):
+        index = learned.index(nfc(task.category))
+        evaluator.add_test_set(load_test_set(index, task, model.config.geometry, data.num_workers))
+    records = evaluator.evaluate_phase(phase)
     out = Path(output_path) if output_path else new_run_dir(base, "", "evaluation")
     out.mkdir(parents=True, exist_ok=True)
-    write_run_results(out, records, image_rows, task_names, {"timings": timer.as_dict()})
+    write_run_results(out, records, evaluator.image_rows(phase), task_names, {"timings": timer.as_dict()})
     write_json(out / "config.json", {"model_path": str(model_path), "data": to_dict(data), "device": str(device),
                                      "model_run_configuration": model.run_configuration})
-    echo(final_table(records, task_names, model.config.mode))
     thresholds = {t.name: t.thresholds.get(KNOWLEDGE) for t in model.tasks}
-    if any(thresholds.values()):
-        echo("\n" + threshold_table(records, thresholds))
+    echo(final_tables(records, task_names, model.config.mode, thresholds))
     save_final_outputs(evaluator, out, phase, pictures, maps)
     echo(f"results: {out}")
     return out
 
 
-@click.group(chain=True)
+@click.group(chain=True, invoke_without_command=True)
 @click.argument("model_path", type=click.Path())
-@click.option("--gpu", type=int, default=[0], multiple=True, show_default=True, help="GPU index; CPU fallback when none.")
-@click.option("--cpu", is_flag=True, help="Run on the CPU.")
+@shared_options("gpu", "cpu")
 @click.option("--output_path", type=click.Path(file_okay=False), default=None,
               help="Where the result files go (default: evaluation_N beside the model's models/ folder).")
-@click.option("--batch_size", type=int, default=LearningConfig.feature_batch_size, show_default=True,
-              help="Images per batch when extracting features.")
-@click.option("--save_segmentation_images", is_flag=True, help="Write image | ground truth | anomaly map pictures.")
-@click.option("--save_anomaly_maps", is_flag=True, help="Write each test image's anomaly map as .npy.")
+@shared_options("feature_batch_size", "save_segmentation_images", "save_anomaly_maps",
+                renamed={"feature_batch_size": "--batch_size"})
 def main(**kwargs):
     """Evaluate a saved UCAD model (--save_patchcore_model) on a labelled data set."""
 
@@ -88,16 +85,19 @@ def dataset_command(**kwargs):
 
 
 @main.result_callback()
-def run(datasets, model_path, gpu, cpu, output_path, batch_size, save_segmentation_images, save_anomaly_maps):
-    try:
+def run(datasets, model_path, gpu, cpu, output_path, feature_batch_size, save_segmentation_images,
+        save_anomaly_maps):
+    with one_line_errors():
         if len(datasets) != 1:
-            raise UcadError("give the 'dataset NAME DATA_PATH' sub-command once (e.g. ... dataset mvtec /data/mvtec)")
+            raise UcadError(f"give the labelled data after the model, once: {model_path} dataset NAME DATA_PATH "
+                            "(e.g. ... dataset mvtec /data/mvtec)")
         device = select_device(gpu, cpu, warn=echo)
-        evaluate_model(Path(model_path), DataConfig(**datasets[0]), device, output_path, batch_size,
-                       save_segmentation_images, save_anomaly_maps)
-    except UcadError as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(2)
+        try:
+            evaluate_model(Path(model_path), DataConfig(**datasets[0]), device, output_path, feature_batch_size,
+                           save_segmentation_images, save_anomaly_maps)
+        except KeyboardInterrupt:
+            raise RunInterrupted("interrupted; the result files are written once every test set is scored: run the "
+                                 "same command again") from None
 
 
 if __name__ == "__main__":

@@ -24,14 +24,10 @@ def select_keys(features: torch.Tensor, size: int, sampler: str, seed: int) -> t
     if size >= n:
         return features.float().clone()
     if sampler == "random":
-        generator = torch.Generator().manual_seed(seed)
-        return features[torch.randperm(n, generator=generator)[:size].to(features.device)].float()
-    if sampler == "kmeans":
-        return _kmeans_centroids(features, size, seed)
-    return CoresetSampler(sampler, seed=seed).subsample(features, size).float()
-
-
-def _kmeans_centroids(features: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+        chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
+        return features[chosen.to(features.device)].float()
+    if sampler != "kmeans":
+        return CoresetSampler(sampler, seed=seed).subsample(features, size).float()
     try:
         import faiss
     except ImportError:
@@ -44,12 +40,3 @@ def _kmeans_centroids(features: torch.Tensor, size: int, seed: int) -> torch.Ten
                           max_points_per_centroid=max(256, data.shape[0] // size + 1))
     kmeans.train(data)
     return torch.from_numpy(kmeans.centroids.copy()).to(features.device)
-
-
-def routing_margin(distances_per_task: torch.Tensor) -> torch.Tensor:
-    """(N, T) key distances -> (N,) relative margin (second best - best) / best: how clearly an image was routed.
-    With a single task there is no rival: +inf."""
-    if distances_per_task.shape[1] < 2:
-        return torch.full((distances_per_task.shape[0],), float("inf"))
-    best_two = torch.topk(distances_per_task, 2, dim=1, largest=False).values
-    return (best_two[:, 1] - best_two[:, 0]) / best_two[:, 0].clamp_min(1e-12)

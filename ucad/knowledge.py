@@ -15,6 +15,7 @@ import torch
 from ucad.errors import UcadError
 
 KNOWLEDGE_STORAGES = ("fp32", "fp16", "pq")
+VECTOR_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 PQ_BITS = 8  # 256 centroids per sub-space: one byte per code
 PQ_SUBVECTOR_DIM = 8  # 1024-d features -> 128 codes (bytes) per vector
 PQ_TRAINING_POINTS = 65536
@@ -33,9 +34,6 @@ class PackedKnowledge:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.vectors, self.codes, self.codebook) if t is not None)
 
-    def __len__(self) -> int:
-        return (self.vectors if self.vectors is not None else self.codes).shape[0]
-
     def decode(self) -> torch.Tensor:
         """(N, D) float32 on the device the packed tensors are on."""
         if self.storage != "pq":
@@ -45,8 +43,7 @@ class PackedKnowledge:
         return sub_vectors.reshape(self.codes.shape[0], -1)
 
     def state(self) -> dict:
-        return {k: v for k, v in {"storage": self.storage, "vectors": self.vectors, "codes": self.codes,
-                                  "codebook": self.codebook}.items() if v is not None}
+        return {k: v for k, v in vars(self).items() if v is not None}
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device | str = "cpu") -> "PackedKnowledge":
@@ -60,10 +57,8 @@ def pack_knowledge(selected: torch.Tensor, storage: str, training: torch.Tensor 
     codebook is learned from (default: `selected`)."""
     if storage not in KNOWLEDGE_STORAGES:
         raise UcadError(f"--knowledge_storage '{storage}': choose one of {', '.join(KNOWLEDGE_STORAGES)}")
-    if storage == "fp32":
-        return PackedKnowledge("fp32", vectors=selected.float())
-    if storage == "fp16":
-        return PackedKnowledge("fp16", vectors=selected.half())
+    if storage in VECTOR_DTYPES:
+        return PackedKnowledge(storage, vectors=selected.to(VECTOR_DTYPES[storage]))
     return _product_quantise(selected, selected if training is None else training, seed)
 
 
@@ -91,24 +86,15 @@ def _product_quantise(selected: torch.Tensor, training: torch.Tensor, seed: int)
     codebook = faiss.vector_to_array(quantiser.centroids).reshape(subspaces, 2 ** PQ_BITS, PQ_SUBVECTOR_DIM)
     codebook = torch.from_numpy(codebook).half()  # stored in fp16: the codebook is part of the task's bytes
     # encode against the fp16 codebook that is stored, so decoding reproduces exactly what was chosen
-    codes = _nearest_codes(selected.detach().float().cpu(), codebook.float())
-    device = selected.device
-    return PackedKnowledge("pq", codes=codes.to(device), codebook=codebook.to(device))
-
-
-def _nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """(N, D) vectors, (M, K, d) codebook -> (N, M) uint8 index of each sub-vector's nearest centroid."""
-    m, _, d = codebook.shape
-    sub_vectors = vectors.reshape(vectors.shape[0], m, d).transpose(0, 1)  # (M, N, d)
-    distances = torch.cdist(sub_vectors, codebook)  # (M, N, K)
-    return distances.argmin(dim=2).transpose(0, 1).to(torch.uint8).contiguous()
+    sub_vectors = selected.detach().float().cpu().reshape(len(selected), subspaces, PQ_SUBVECTOR_DIM).transpose(0, 1)
+    nearest = torch.cdist(sub_vectors, codebook.float()).argmin(dim=2)  # (M, N): each sub-vector's centroid
+    codes = nearest.T.to(torch.uint8).contiguous()
+    return PackedKnowledge("pq", codes=codes.to(selected.device), codebook=codebook.to(selected.device))
 
 
 def vectors_in_budget(storage: str, budget_bytes: int, dim: int) -> int:
     """How many knowledge vectors of `dim` fit in `budget_bytes` with this storage (codebook included)."""
-    if storage == "fp32":
-        return budget_bytes // (4 * dim)
-    if storage == "fp16":
-        return budget_bytes // (2 * dim)
+    if storage in VECTOR_DTYPES:
+        return budget_bytes // (VECTOR_DTYPES[storage].itemsize * dim)
     codebook = (dim // PQ_SUBVECTOR_DIM) * 2 ** PQ_BITS * PQ_SUBVECTOR_DIM * 2
     return max(0, (budget_bytes - codebook) // (dim // PQ_SUBVECTOR_DIM))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
 LABEL_SAMPLING = {"centre": "nearest-exact", "corner": "nearest"}
 
 
@@ -19,14 +18,12 @@ def labels_to_grid(label_maps: torch.Tensor, grid: tuple[int, int], sampling: st
 
 def structure_contrastive_loss(features: torch.Tensor, labels: torch.Tensor,
                                temperature: float = 0.5) -> torch.Tensor:
-    """features (B, P, D), labels (B, P): per image, the mean over pairs i != j of labelled patches of
-    -s_ij for same-region pairs and exp(s_ij) for different-region pairs, s = cosine / temperature; then the
-    mean over images.
+    """features (B, P, D), labels (B, P): per image, the mean over pairs i != j of labelled patches of -s_ij for
+    same-region pairs and exp(s_ij) for different-region pairs (s = cosine / temperature), then the mean over images.
 
-    Label 0 means "in no region" (what Segment Anything left uncovered): such a patch takes part in no pair,
-    neither as same nor as different, or an all-zero map would train the prompt on one fake region. An image
-    whose patches fall in fewer than 2 regions has nothing to contrast and contributes nothing; a batch of only
-    such images gives 0 (with a graph, so backward still works)."""
+    Label 0 is "in no region" (left uncovered by Segment Anything): its patches take part in no pair, or an all-zero
+    map would train the prompt on one fake region. An image with fewer than 2 regions contributes nothing; a batch
+    of only such images gives 0 (with a graph, so backward still works)."""
     normed = F.normalize(features.float(), dim=-1)
     similarity = normed @ normed.transpose(1, 2) / temperature
     same = labels[:, :, None] == labels[:, None, :]
@@ -35,7 +32,8 @@ def structure_contrastive_loss(features: torch.Tensor, labels: torch.Tensor,
     off_diagonal = ~torch.eye(features.shape[1], dtype=torch.bool, device=features.device)
     counted = labelled[:, :, None] & labelled[:, None, :] & off_diagonal
     per_image = torch.where(counted, per_pair, 0.0).sum((1, 2)) / counted.sum((1, 2)).clamp(min=1)
-    contributing = _regions_per_image(labels) >= 2
+    # two regions or more: some labelled patch differs from the image's largest label
+    contributing = (labelled & (labels != labels.max(dim=1, keepdim=True).values)).any(dim=1)
     if not bool(contributing.any()):
         return features.sum() * 0.0
     return per_image[contributing].mean()
@@ -47,10 +45,3 @@ def anchor_penalty(prompted: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor
     0.01 whatever the backbone's feature scale. Added to SCL with weight --prompt_anchor (ours, not released)."""
     frozen = frozen.float()
     return ((prompted - frozen) ** 2).sum(-1).mean() / (frozen ** 2).sum(-1).mean().clamp_min(1e-12)
-
-
-def _regions_per_image(labels: torch.Tensor) -> torch.Tensor:
-    """(B, P) -> (B,) the number of distinct labels above 0 in each row."""
-    ordered = labels.sort(dim=1).values
-    starts = (ordered[:, 1:] != ordered[:, :-1]) & (ordered[:, 1:] > 0)
-    return starts.sum(1) + (ordered[:, 0] > 0).long()

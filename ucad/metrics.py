@@ -1,16 +1,13 @@
 """Anomaly-detection metrics and continual-learning summaries.
 
-Every curve metric sorts the scores once (descending) and reads everything from cumulative
-sums taken at the last index of each run of tied scores, so a threshold never splits a tie.
-This reproduces sklearn's ``roc_auc_score`` / ``average_precision_score`` and the official
-MVTec AD AUPRO code, while staying fast on millions of pixels.
+Every curve metric sorts the scores once (descending) and reads cumulative sums at the last index of each run of
+tied scores, so a threshold never splits a tie: this reproduces sklearn's ``roc_auc_score`` /
+``average_precision_score`` and the official MVTec AD AUPRO code, while staying fast on millions of pixels.
 
-When one test set is scored many times, :class:`PixelGroundTruth` precomputes everything that
-depends on the masks only (labels, AUPRO region weights) as torch tensors on a device, and
-:func:`pixel_metrics_torch` then computes the four pixel metrics there (a GPU sort of millions of
-scores takes milliseconds), with the same tie handling and the same numbers as the numpy path.
+Image metrics run in numpy. Pixel metrics run in torch on the device that holds the test set (a GPU sort of
+millions of scores takes milliseconds), from a :class:`PixelGroundTruth` built once per test set, since one set is
+scored many times. The AUPRO limit has no default here: it is the run's setting ``fpr_limit``.
 """
-
 from __future__ import annotations
 
 import math
@@ -19,25 +16,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = [
-    "roc_auc",
-    "average_precision",
-    "f1_max",
-    "precision_recall_f1",
-    "auroc_and_ap",
-    "binary_metrics",
-    "aupro",
-    "compute_task_metrics",
-    "PixelGroundTruth",
-    "pixel_metrics_torch",
-    "final_average",
-    "forgetting_measure",
-]
-
+IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1max")
+PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")
 _NAN = float("nan")
-
-
-# ----------------------------------------------------------------------------- sorting core
 
 
 def _as_scores(scores) -> np.ndarray:
@@ -54,8 +35,7 @@ def _sort_desc(scores: np.ndarray):
     # Order inside a tie does not matter: only cumulative sums at tie ends are read.
     order = np.argsort(scores)[::-1]
     s_sorted = scores[order]
-    ends = np.flatnonzero(s_sorted[1:] != s_sorted[:-1])
-    ends = np.append(ends, s_sorted.size - 1)
+    ends = np.append(np.flatnonzero(s_sorted[1:] != s_sorted[:-1]), s_sorted.size - 1)
     return order, ends
 
 
@@ -94,25 +74,28 @@ def binary_metrics(labels, scores):
     return _binary_from_sorted(y[order], ends)
 
 
-def auroc_and_ap(labels, scores):
-    """(roc_auc, average_precision) from a single sort."""
-    auroc, ap, _ = binary_metrics(labels, scores)
-    return auroc, ap
+def one_class_note(normal_images: int, anomalous_images: int, defect_pixels: int | None = None) -> str:
+    """Why metrics of a test set are left empty (nan), or '' when every one can be computed: the curve metrics
+    need normal and anomalous examples, and an F1 needs anomalous ones. Without `defect_pixels`, every anomalous
+    image is taken to have defect pixels in its mask."""
+    if anomalous_images == 0:
+        return ("its test set has no anomalous image, so no image or pixel metric can be computed (they need normal "
+                "and anomalous test images)")
+    notes = []
+    if normal_images == 0:
+        notes.append("its test set has no normal image, so image AUROC, AP and F1-max cannot be computed (they need "
+                     "normal and anomalous test images)")
+    if defect_pixels == 0:
+        notes.append("its masks hold no defect pixel, so no pixel metric can be computed")
+    return "; ".join(notes)
 
 
 def roc_auc(labels, scores) -> float:
-    """Area under the ROC curve, equal to sklearn's roc_auc_score (ties included)."""
     return binary_metrics(labels, scores)[0]
 
 
 def average_precision(labels, scores) -> float:
-    """Step-wise average precision, equal to sklearn's average_precision_score."""
     return binary_metrics(labels, scores)[1]
-
-
-def f1_max(labels, scores) -> float:
-    """Best F1 over all distinct score thresholds."""
-    return binary_metrics(labels, scores)[2]
 
 
 def precision_recall_f1(labels, predicted) -> tuple[float, float, float]:
@@ -130,68 +113,51 @@ def precision_recall_f1(labels, predicted) -> tuple[float, float, float]:
     true_positives = int((labels & predicted).sum())
     flagged = int(predicted.sum())
     precision = true_positives / flagged if flagged else 0.0
-    recall = true_positives / positives
-    f1 = 2.0 * true_positives / (flagged + positives)
-    return precision, recall, f1
+    return precision, true_positives / positives, 2.0 * true_positives / (flagged + positives)
 
 
-# ----------------------------------------------------------------------------- AUPRO
+def _stack_shape(shape) -> tuple:
+    """The (N, H, W) shape of an (H, W), (N, H, W) or (N, 1, H, W) stack."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) == 2:
+        return (1,) + shape
+    if len(shape) == 4 and shape[1] == 1:
+        return (shape[0],) + shape[2:]
+    return shape
 
 
 def _as_stack(a, name: str) -> np.ndarray:
     a = np.asarray(a)
-    if a.ndim == 2:
-        a = a[None]
-    elif a.ndim == 4 and a.shape[1] == 1:
-        a = a[:, 0]
-    if a.ndim != 3:
+    shape = _stack_shape(a.shape)
+    if len(shape) != 3:
         raise ValueError(f"{name} must have shape (N, H, W), got {a.shape}")
-    return a
+    return a.reshape(shape)
 
 
 def _binary_masks(masks) -> np.ndarray:
+    if isinstance(masks, torch.Tensor):
+        masks = masks.detach().cpu()
+        if masks.dtype not in (torch.bool, torch.uint8):
+            masks = masks.float()  # also covers bfloat16, which numpy lacks
+        masks = masks.numpy()
     # > 0.5 so that bool, {0, 1} and {0, 255} masks all mean the same thing.
     return _as_stack(masks, "masks") > 0.5
 
 
 def _pro_weights(gt: np.ndarray):
-    """Per-pixel (is_normal, pro_increment) and the region count for an (N, H, W) bool stack."""
+    """Per-pixel PRO increments (flat float64, or None without regions) and the region count of an
+    (N, H, W) bool stack: 1 / (area * region count) on each region's pixels, 0 on normal ones."""
     # 3x3 connectivity within each image, none across images: one label() call for the stack.
     structure = np.zeros((3, 3, 3), dtype=bool)
     structure[1] = True
     labeled, n_regions = ndimage.label(gt, structure=structure)
-    labeled = labeled.ravel()
     if n_regions == 0:
-        return labeled == 0, None, 0
+        return None, 0
+    labeled = labeled.ravel()
     area = np.bincount(labeled, minlength=n_regions + 1).astype(np.float64)
     inc = np.zeros(n_regions + 1, dtype=np.float64)
     inc[1:] = 1.0 / (area[1:] * n_regions)
-    return labeled == 0, inc[labeled], n_regions
-
-
-def _trapezoid_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
-    """Trapezoid area of y(x) on [x[0], x_max], interpolating the curve exactly at x_max."""
-    area_all = 0.5 * (y[1:] + y[:-1]) * np.diff(x)
-    k = int(np.searchsorted(x, x_max, side="right"))  # points with x <= x_max
-    area = float(np.sum(area_all[: k - 1]))
-    if k < x.size and x[k - 1] < x_max:
-        x0, x1, y0, y1 = x[k - 1], x[k], y[k - 1], y[k]
-        y_at = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
-        area += float(0.5 * (y0 + y_at) * (x_max - x0))
-    return area
-
-
-def _aupro_from_sorted(order, ends, normal, pro_inc, fpr_limit: float) -> float:
-    n_normal = int(np.count_nonzero(normal))
-    if pro_inc is None or n_normal == 0:
-        return _NAN
-    fpr = np.cumsum(normal[order], dtype=np.int64)[ends] / float(n_normal)
-    pro = np.cumsum(pro_inc[order])[ends]
-    # Rounding can overshoot 1 by an ulp; the curve is a fraction.
-    np.clip(pro, 0.0, 1.0, out=pro)
-    fpr = np.concatenate(([0.0], fpr))
-    pro = np.concatenate(([0.0], pro))
-    return float(_trapezoid_to(fpr, pro, fpr_limit) / fpr_limit)
+    return inc[labeled], n_regions
 
 
 def _check_limit(fpr_limit: float) -> float:
@@ -201,123 +167,40 @@ def _check_limit(fpr_limit: float) -> float:
     return fpr_limit
 
 
-def aupro(masks, anomaly_maps, fpr_limit: float = 0.3) -> float:
-    """Normalised area under the per-region-overlap curve up to ``fpr_limit`` (MVTec AD).
+def compute_task_metrics(image_labels, image_scores, masks, anomaly_maps, fpr_limit: float,
+                         ground_truth: PixelGroundTruth | None = None) -> dict:
+    """Image and pixel metrics of one task; the pixel ones are nan without maps or without ground truth.
 
-    Regions are the 8-connected defect components of each mask; the result is 1.0 for a
-    perfect map and nan when there is no defect region (or no normal pixel).
-    """
-    fpr_limit = _check_limit(fpr_limit)
-    gt = _binary_masks(masks)
-    maps = _as_stack(anomaly_maps, "anomaly_maps")
-    if maps.shape != gt.shape:
-        raise ValueError(f"anomaly_maps {maps.shape} and masks {gt.shape} differ in shape")
-    normal, pro_inc, _ = _pro_weights(gt)
-    if pro_inc is None:
-        return _NAN
-    order, ends = _sort_desc(_as_scores(maps))
-    return _aupro_from_sorted(order, ends, normal, pro_inc, fpr_limit)
-
-
-# ----------------------------------------------------------------------------- per task
-
-
-def compute_task_metrics(image_labels, image_scores, masks=None, anomaly_maps=None,
-                         fpr_limit: float = 0.3,
-                         ground_truth: "PixelGroundTruth | None" = None) -> dict:
-    """Image and pixel metrics of one task; pixel ones are nan without masks and maps.
-
-    With ``ground_truth`` (a :class:`PixelGroundTruth` of this test set) the pixel metrics come
-    from :func:`pixel_metrics_torch` on its device, ``masks`` may then be omitted, and
-    ``anomaly_maps`` may be a torch tensor on any device (numpy works too).
-    """
-    i_auroc, i_ap, i_f1 = binary_metrics(image_labels, image_scores)
-    out = {
-        "image_auroc": i_auroc,
-        "image_ap": i_ap,
-        "image_f1max": i_f1,
-        "pixel_auroc": _NAN,
-        "pixel_ap": _NAN,
-        "pixel_f1max": _NAN,
-        "aupro": _NAN,
-    }
-    if ground_truth is not None:
-        if anomaly_maps is None:
-            return out
-        if masks is not None and _stack_shape(np.shape(masks)) != ground_truth.shape:
-            raise ValueError(f"masks {tuple(np.shape(masks))} do not match the ground truth "
-                             f"{ground_truth.shape}")
-        out.update(pixel_metrics_torch(ground_truth, anomaly_maps, fpr_limit))
+    The pixel ground truth is ``ground_truth`` (``masks`` may then be None) or else is built from ``masks`` on the
+    CPU. ``anomaly_maps`` may be numpy or a torch tensor on any device."""
+    out = dict(zip(IMAGE_KEYS, binary_metrics(image_labels, image_scores)))
+    out.update(dict.fromkeys(PIXEL_KEYS, _NAN))
+    if anomaly_maps is None or (ground_truth is None and masks is None):
         return out
-    if masks is None or anomaly_maps is None:
-        return out
-    fpr_limit = _check_limit(fpr_limit)
-    gt = _binary_masks(masks)
-    maps = _as_stack(anomaly_maps, "anomaly_maps")
-    if maps.shape != gt.shape:
-        raise ValueError(f"anomaly_maps {maps.shape} and masks {gt.shape} differ in shape")
-    # One sort of all pixels serves pixel AUROC, AP, F1 and AUPRO.
-    order, ends = _sort_desc(_as_scores(maps))
-    out["pixel_auroc"], out["pixel_ap"], out["pixel_f1max"] = _binary_from_sorted(
-        gt.ravel()[order], ends)
-    normal, pro_inc, _ = _pro_weights(gt)
-    out["aupro"] = _aupro_from_sorted(order, ends, normal, pro_inc, fpr_limit)
+    if ground_truth is None:
+        ground_truth = PixelGroundTruth(masks)
+    elif masks is not None and _stack_shape(np.shape(masks)) != ground_truth.shape:
+        raise ValueError(f"masks {tuple(np.shape(masks))} do not match the ground truth {ground_truth.shape}")
+    out.update(pixel_metrics_torch(ground_truth, anomaly_maps, fpr_limit))
     return out
 
 
-# ----------------------------------------------------------------------------- torch path
-
-
-def _stack_shape(shape) -> tuple:
-    """The (N, H, W) shape that ``_as_stack`` gives an array of this shape."""
-    shape = tuple(int(d) for d in shape)
-    if len(shape) == 2:
-        return (1,) + shape
-    if len(shape) == 4 and shape[1] == 1:
-        return (shape[0],) + shape[2:]
-    return shape
-
-
-def _masks_to_numpy(masks) -> np.ndarray:
-    if isinstance(masks, torch.Tensor):
-        m = masks.detach().cpu()
-        if m.dtype not in (torch.bool, torch.uint8):
-            m = m.float()  # also covers bfloat16, which numpy lacks
-        return m.numpy()
-    return np.asarray(masks)
-
-
 class PixelGroundTruth:
-    """Mask-only quantities of a test set for :func:`pixel_metrics_torch`, built once.
+    """What the pixel metrics of a test set need from its masks only, on ``device``.
 
-    ``masks`` is (N, H, W) (or (H, W), or (N, 1, H, W)), numpy or torch, bool / {0, 1} /
-    {0, 255}; pixels > 0.5 are defects. Attributes:
-
-    * ``shape``: the (N, H, W) shape maps must have;
-    * ``labels``: flattened bool defect labels, on ``device``;
-    * ``pro_increment``: flattened float64, 1 / (area_r * num_regions) on the pixels of region r
-      (8-connected component of one image's mask) and 0 on normal pixels; None without regions;
-    * ``num_regions``, ``num_defect`` and ``num_normal`` (= normal-pixel count): Python ints.
-    """
+    ``masks``: (N, H, W), (H, W) or (N, 1, H, W), numpy or torch; pixels > 0.5 are defects. ``labels`` holds the
+    flattened bool labels; ``pro_increment`` (float64, None without regions) is 1 / (area_r * num_regions) on the
+    pixels of region r (an 8-connected component of one image's mask) and 0 on normal pixels."""
 
     def __init__(self, masks, device="cpu"):
         self.device = torch.device(device)
-        gt = _binary_masks(_masks_to_numpy(masks))
+        gt = _binary_masks(masks)
         self.shape = tuple(gt.shape)
         self.num_defect = int(np.count_nonzero(gt))
         self.num_normal = int(gt.size) - self.num_defect
-        _, pro_inc, self.num_regions = _pro_weights(gt)
+        pro_increment, self.num_regions = _pro_weights(gt)
         self.labels = torch.from_numpy(np.ascontiguousarray(gt.ravel())).to(self.device)
-        self.pro_increment = (None if pro_inc is None
-                              else torch.from_numpy(pro_inc).to(self.device))
-
-    @property
-    def num_pixels(self) -> int:
-        return self.num_defect + self.num_normal
-
-    def __repr__(self) -> str:
-        return (f"PixelGroundTruth(shape={self.shape}, regions={self.num_regions}, "
-                f"defect={self.num_defect}, normal={self.num_normal}, device={self.device})")
+        self.pro_increment = None if pro_increment is None else torch.from_numpy(pro_increment).to(self.device)
 
 
 def _maps_to_tensor(anomaly_maps, device: torch.device) -> torch.Tensor:
@@ -338,28 +221,21 @@ def _maps_to_tensor(anomaly_maps, device: torch.device) -> torch.Tensor:
     return t
 
 
-def pixel_metrics_torch(ground_truth: PixelGroundTruth, anomaly_maps,
-                        fpr_limit: float = 0.3) -> dict:
-    """Pixel AUROC, AP, F1-max and AUPRO of ``anomaly_maps`` on the ground truth's device.
-
-    Gives the numbers of the numpy path (``compute_task_metrics``): one descending sort, sums
-    read at the last index of each run of tied scores, float64 / int64 accumulation. Maps may
-    be any real dtype (float16 / bfloat16 are widened exactly to float32) on any device, or
-    numpy. All four are nan when only one class of pixel is present.
-    """
+def pixel_metrics_torch(ground_truth: PixelGroundTruth, anomaly_maps, fpr_limit: float) -> dict:
+    """Pixel AUROC, AP, F1-max and AUPRO of ``anomaly_maps`` (numpy, or torch of any real dtype on any device),
+    computed on the ground truth's device with float64 / int64 accumulation; all nan when only one class of
+    pixel is present."""
     fpr_limit = _check_limit(fpr_limit)
     gt = ground_truth
-    dev = gt.device
-    maps = _maps_to_tensor(anomaly_maps, dev)
+    maps = _maps_to_tensor(anomaly_maps, gt.device)
     if _stack_shape(maps.shape) != gt.shape:
         raise ValueError(f"anomaly_maps {tuple(maps.shape)} and masks {gt.shape} differ in shape")
     scores = maps.reshape(-1)
     if scores.is_floating_point() and bool(torch.isnan(scores).any()):
         raise ValueError("scores contain NaN")
-    nan = {"pixel_auroc": _NAN, "pixel_ap": _NAN, "pixel_f1max": _NAN, "aupro": _NAN}
     n_pos, n_neg = gt.num_defect, gt.num_normal
     if n_pos == 0 or n_neg == 0:
-        return nan
+        return dict.fromkeys(PIXEL_KEYS, _NAN)
 
     # Order inside a tie does not matter: only cumulative sums at tie ends are read.
     s_sorted, order = torch.sort(scores, descending=True)
@@ -385,44 +261,40 @@ def pixel_metrics_torch(ground_truth: PixelGroundTruth, anomaly_maps,
     ap = torch.sum(dtp.to(torch.float64) * tps_f / k_f) / float(n_pos)
     f1max = 2.0 * torch.max(tps_f / (k_f + float(n_pos)))
     del tps_f, k_f, dtp, dfp, tps
-
-    # AUPRO: normal pixels are the negatives, so FPR = fps / n_neg; the curve starts at (0, 0)
-    # and has one point per threshold. Only the points up to the limit (and one beyond, to
-    # interpolate) are needed, so PRO is accumulated over that prefix of pixels only.
-    aupro_t = None
-    if gt.pro_increment is not None:
-        t = _max_count_within(fpr_limit, n_neg)
-        k = 1 + int(torch.searchsorted(fps, fps.new_full((1,), t), right=True).item())
-        n_pts = fps.numel() + 1
-        m = min(k, n_pts - 1)  # thresholds needed: ends[:m]
-        ends_m = ends[:m]
-        stop = int(ends_m[-1].item()) + 1
-        pro = torch.cumsum(gt.pro_increment.index_select(0, order[:stop]), 0).index_select(0, ends_m)
-        # Rounding can overshoot 1 by an ulp; the curve is a fraction.
-        pro = torch.cat((pro.new_zeros(1), pro)).clamp_(0.0, 1.0)
-        x = torch.cat((pro.new_zeros(1), fps[:m].to(torch.float64) / float(n_neg)))
-        area = torch.sum(0.5 * (pro[1:k] + pro[: k - 1]) * torch.diff(x[:k]))
-        if k < n_pts:  # interpolate the segment that crosses the limit
-            x0, x1, y0, y1 = x[k - 1], x[k], pro[k - 1], pro[k]
-            y_at = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
-            part = 0.5 * (y0 + y_at) * (fpr_limit - x0)
-            area = area + torch.where(x0 < fpr_limit, part, torch.zeros_like(part))
-        aupro_t = area / fpr_limit
-
     parts = [twice_area.to(torch.float64), ap, f1max]
-    if aupro_t is not None:
-        parts.append(aupro_t)
-    vals = torch.stack(parts).cpu().tolist()  # one device-to-host copy
-    return {
-        "pixel_auroc": vals[0] / (2.0 * n_pos * n_neg),
-        "pixel_ap": vals[1],
-        "pixel_f1max": vals[2],
-        "aupro": vals[3] if aupro_t is not None else _NAN,
-    }
+    if gt.pro_increment is not None:
+        parts.append(_aupro(gt.pro_increment, order, ends, fps, n_neg, fpr_limit))
+    twice_auroc, ap, f1max, *aupro = torch.stack(parts).cpu().tolist()  # one device-to-host copy
+    return {"pixel_auroc": twice_auroc / (2.0 * n_pos * n_neg), "pixel_ap": ap, "pixel_f1max": f1max,
+            "aupro": aupro[0] if aupro else _NAN}
+
+
+def _aupro(pro_increment, order, ends, fps, n_neg: int, fpr_limit: float) -> torch.Tensor:
+    """Normalised area under the PRO curve up to the FPR limit, a 0-d float64 tensor.
+
+    Normal pixels are the negatives, so FPR = fps / n_neg; the curve starts at (0, 0) and has one point per
+    threshold. Only the points up to the limit (and one beyond, to interpolate) are needed, so PRO is accumulated
+    over that prefix of pixels only."""
+    k = 1 + int(torch.searchsorted(fps, fps.new_full((1,), _max_count_within(fpr_limit, n_neg)), right=True).item())
+    n_points = fps.numel() + 1
+    m = min(k, n_points - 1)  # thresholds needed: ends[:m]
+    ends_m = ends[:m]
+    stop = int(ends_m[-1].item()) + 1
+    pro = torch.cumsum(pro_increment.index_select(0, order[:stop]), 0).index_select(0, ends_m)
+    # Rounding can overshoot 1 by an ulp; the curve is a fraction.
+    pro = torch.cat((pro.new_zeros(1), pro)).clamp_(0.0, 1.0)
+    x = torch.cat((pro.new_zeros(1), fps[:m].to(torch.float64) / float(n_neg)))
+    area = torch.sum(0.5 * (pro[1:k] + pro[: k - 1]) * torch.diff(x[:k]))
+    if k < n_points:  # interpolate the segment that crosses the limit
+        x0, x1, y0, y1 = x[k - 1], x[k], pro[k - 1], pro[k]
+        y_at = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
+        part = 0.5 * (y0 + y_at) * (fpr_limit - x0)
+        area = area + torch.where(x0 < fpr_limit, part, torch.zeros_like(part))
+    return area / fpr_limit
 
 
 def _max_count_within(fpr_limit: float, n_neg: int) -> int:
-    """Largest integer c with float64(c / n_neg) <= fpr_limit, as the numpy path rounds it."""
+    """Largest integer c with float64(c / n_neg) <= fpr_limit, rounded as float64(fps) / n_neg is."""
     # Python's int / int is correctly rounded like numpy's float64(c) / float64(n), and
     # rounding is monotone, so the counts within the limit are exactly 0..c.
     c = int(math.floor(fpr_limit * n_neg))
@@ -431,9 +303,6 @@ def _max_count_within(fpr_limit: float, n_neg: int) -> int:
     while c >= 0 and c / n_neg > fpr_limit:
         c -= 1
     return c
-
-
-# ----------------------------------------------------------------------------- continual
 
 
 def _as_matrix(R) -> np.ndarray:
@@ -452,8 +321,7 @@ def final_average(R) -> float:
 def forgetting_measure(R) -> float:
     """Mean over j < T-1 of (best R[l][j] for l in [j, T-2]) - R[T-1][j]; nan when T == 1."""
     R = _as_matrix(R)
-    T = R.shape[0]
-    if T == 1:
+    if R.shape[0] == 1:
         return _NAN
     # Only rows l in [j, T-2] count for task j, whatever the caller stored above the diagonal.
     prev = R[:-1, :-1]

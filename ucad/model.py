@@ -1,14 +1,14 @@
 """The UCAD model: a frozen backbone plus, per learned task, its keys, prompt, knowledge and thresholds.
 
-`UcadModel.score` is the one way images are scored (routing by keys, then the routed task's patch scores and
-anomaly maps); it, the continual evaluator and threshold calibration all rest on one per-task primitive,
-`score_patches`. The model file written by `save` is self-contained: the backbone's weights travel inside it
-(safetensors), so a machine without network or weight packages loads it with `torch.load(weights_only=True)`.
+`UcadModel.score` is the one place where images are routed by keys and scored under the chosen task. Everything
+that scores test images goes through it: `ucad.predict`, and the continual evaluator, which hands it a `ScoreCache`
+per test set so that what cannot change between phases (frozen features, key distances to a learned task, patch
+scores under a learned task) is computed once. Saving and loading live in `ucad.model_file`.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,19 +16,19 @@ from tqdm import tqdm
 
 from ucad.anomaly_map import anomaly_maps, image_scores
 from ucad.backbones import FeatureExtractor
-from ucad.config import ModelConfig, RunConfig, from_dict, to_dict
+from ucad.config import ModelConfig
 from ucad.device import OutOfMemoryRetry, autocast, autocast_dtype, keep_fp32_exact
 from ucad.errors import UcadError
 from ucad.knowledge import PackedKnowledge
 from ucad.nearest_neighbor import NearestNeighbourScorer
 from ucad.patch_features import PatchEmbedder
-from ucad.router import TaskKeyIndex, route
+from ucad.router import TaskKeyIndex, route, routing_scores
+from ucad.timing import PhaseTimer
 from ucad.thresholds import Threshold
 
-MODEL_FORMAT = "ucad-model"
-MODEL_FORMAT_VERSION = 2
 KNOWLEDGE = "knowledge"
 UNLIMITED = "knowledge_unlimited"
+BANKS = (KNOWLEDGE, UNLIMITED)  # the task's knowledge, and the larger-memory reference variant
 MAP_CHUNK = 64  # anomaly maps are upsampled this many at a time, to bound device memory
 
 
@@ -42,13 +42,14 @@ class TaskMemory:
     extra: dict = field(default_factory=dict)
     thresholds: dict[str, Threshold] = field(default_factory=dict)  # bank name -> its thresholds
     packed: PackedKnowledge | None = None  # how `knowledge` is stored (fp32 / fp16 / PQ codes); None = fp32
+    routing: dict[str, torch.Tensor] = field(default_factory=dict)  # what --routing keeps beside the keys
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this task keeps for routing and scoring (the unlimited variant is a reference, not counted)."""
         def size(tensors):
             return sum(t.numel() * t.element_size() for t in tensors if t is not None)
         knowledge = self.packed.nbytes if self.packed is not None else size([self.knowledge])
-        return {"keys": size([self.keys]), "prompt": size((self.prompt_state or {}).values()),
+        return {"keys": size([self.keys, *self.routing.values()]), "prompt": size((self.prompt_state or {}).values()),
                 "knowledge": knowledge}
 
 
@@ -60,11 +61,33 @@ class ScoredImages:
     key_distances: torch.Tensor  # (N, T) mean nearest-key distance to every task (routing compares these)
     patch_scores: torch.Tensor  # (N, P) each patch's distance to the routed task's knowledge
     image_scores: torch.Tensor  # (N,) the largest patch score
-    anomaly_maps: torch.Tensor  # (N, S, S) upsampled, smoothed patch scores
+    anomaly_maps: torch.Tensor | None  # (N, S, S) upsampled, smoothed patch scores; None when not asked for
+
+
+@dataclass
+class ScoreCache:
+    """What scoring one fixed set of images may reuse between calls of `UcadModel.score`: a learned task's keys,
+    prompt and knowledge never change, so neither do the images' distances to its keys nor their patch scores under
+    it. Patch scores of all `banks` are computed together, since they share the prompted features."""
+
+    banks: tuple[str, ...] = (KNOWLEDGE,)
+    timer: PhaseTimer | None = None  # charges feature extraction, routing and scoring to their phases
+    frozen: torch.Tensor | None = None  # (N, P, D) unprompted features on the model's device
+    key_distance: dict[int, torch.Tensor] = field(default_factory=dict)  # task -> (N,) on the CPU
+    # (task, bank) -> (N, P) on the CPU; rows of nan are not computed yet
+    patch_scores: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+    def phase(self, name: str, items: int):
+        return self.timer.phase(name, items) if self.timer is not None else contextlib.nullcontext()
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.frozen, *self.key_distance.values(), *self.patch_scores.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class UcadModel:
-    BANKS = (KNOWLEDGE, UNLIMITED)
+    BANKS = BANKS
 
     def __init__(self, config: ModelConfig, device: torch.device, precision: str = "fp32",
                  extractor: FeatureExtractor | None = None, scorer: NearestNeighbourScorer | None = None):
@@ -77,10 +100,7 @@ class UcadModel:
                                       config.target_embed_dimension)
         self.amp_dtype = autocast_dtype(device, precision)
         keep_fp32_exact(device)
-        # without a scorer from the run, the run's default nearest-neighbour settings (so a loaded model scores
-        # as the run that made it did)
-        self.scorer = scorer or NearestNeighbourScorer(config.anomaly_scorer_num_nn, RunConfig.nn_backend, device,
-                                                       RunConfig.faiss_on_gpu, RunConfig.faiss_num_workers,
+        self.scorer = scorer or NearestNeighbourScorer(config.anomaly_scorer_num_nn, device=device,
                                                        patch_distance=config.patch_distance)
         self.tasks: list[TaskMemory] = []
         self.run_configuration: dict = {}  # the configuration of the run that made a loaded model
@@ -94,8 +114,8 @@ class UcadModel:
         return self.grid[0] * self.grid[1]
 
     # ------------------------------------------------------------------ features
-    def new_prompt(self, task_index: int, seed: int) -> torch.nn.Module:
-        generator = torch.Generator().manual_seed(seed * 1000 + task_index)
+    def new_prompt(self, seed: int) -> torch.nn.Module:
+        generator = torch.Generator().manual_seed(seed)
         return self.extractor.new_prompt(self.config.prompt_length, generator).to(self.device)
 
     def prompt_for(self, task_index: int) -> torch.nn.Module | None:
@@ -114,17 +134,12 @@ class UcadModel:
         features, _ = self.embedder([m.float() for m in maps])
         return features
 
-    def scl_features(self, images_uint8: torch.Tensor, prompt: torch.nn.Module) -> tuple[torch.Tensor, tuple[int, int]]:
-        """What the structure-contrastive loss sees, as in the released code: the extractor's raw features of the
-        deepest extracted layer (ViT: that block's patch tokens, 768-d for ViT-B; CNN: that stage's map resized to
-        the patch grid), not the pooled PatchCore embedding. Returns (B, P, C) float32 and the grid."""
-        raw, grid, _ = self.training_features(images_uint8, prompt, "raw", embedded=False)
-        return raw, grid
-
     def training_features(self, images_uint8: torch.Tensor, prompt: torch.nn.Module, scl_features: str = "raw",
                           embedded: bool = False) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
         """One prompted forward for prompt training: (what SCL sees, its grid, and with `embedded` the (B, P, D)
-        embedding the memory stores, for --prompt_anchor). scl_features "embedded" makes SCL see that embedding."""
+        embedding the memory stores, for --prompt_anchor). With scl_features "raw", SCL sees what the released code
+        gives it: the extractor's raw features of the deepest extracted layer (ViT: that block's patch tokens; CNN:
+        that stage's map resized to the patch grid); "embedded" makes it see the stored embedding."""
         with autocast(self.device, self.amp_dtype):
             maps = self.extractor(images_uint8, prompt)
         maps = [m.float() for m in maps]
@@ -156,9 +171,9 @@ class UcadModel:
     def frozen_features(self, images_uint8: torch.Tensor, batch_size: int = 32,
                         description: str | None = None) -> torch.Tensor:
         """Unprompted features, as routing uses them. Routing only compares means of key distances, so fp16
-        halves what callers cache at no cost; in PatchCore mode these are also the features scored against the
-        memory bank and stay fp32."""
-        dtype = torch.float32 if self.config.mode == "patchcore" else torch.float16
+        halves what callers cache at no cost; where tasks learn no prompt these are also the features scored
+        against the knowledge, and stay fp32."""
+        dtype = torch.float16 if self.config.learns_prompts else torch.float32
         return self.features(images_uint8, None, batch_size, description, out_dtype=dtype)
 
     # ------------------------------------------------------------------ scoring
@@ -178,10 +193,10 @@ class UcadModel:
         """The scoring primitive: the images' features under `prompt` (None: the frozen backbone), each patch's
         distance to its nearest vectors of each knowledge bank given. Returns bank -> (N, P) float32 on the CPU.
 
-        `frozen`, the images' unprompted features as `frozen_features` gives them, saves recomputing them in
-        PatchCore mode, where they are the features that are scored (kept in fp32 there)."""
-        if self.config.mode == "patchcore" and frozen is not None:
-            features = frozen.to(self.device).float()
+        `frozen`, the images' unprompted features as `frozen_features` gives them, is scored as it is when there
+        is no prompt and it is kept at full precision, instead of computing the same features again."""
+        if prompt is None and frozen is not None and frozen.dtype == torch.float32:
+            features = frozen.to(self.device)
         else:
             features = self.features(images_uint8, prompt, batch_size)
         n, p, d = features.shape
@@ -206,139 +221,68 @@ class UcadModel:
 
     @torch.no_grad()
     def score(self, images_uint8: torch.Tensor, task: int | None = None, batch_size: int = 32,
-              description: str | None = None) -> ScoredImages:
-        """Score (N,3,S,S) uint8 images: each is routed to the task with the nearest keys (or, with `task`, scored
-        as that task) and scored against that task's knowledge."""
+              description: str | None = None, bank: str = KNOWLEDGE, tasks: int | None = None,
+              cache: ScoreCache | None = None, maps: bool = True) -> ScoredImages:
+        """Score (N,3,S,S) uint8 images: each is routed to the task with the nearest keys among the first `tasks`
+        (default: all) or, with `task`, scored as that task; then scored against that task's knowledge `bank`.
+
+        Without a cache the images are taken `batch_size` at a time (bounded memory, nothing kept). With one, the
+        images must be the ones the cache was made for, and everything it already holds is reused."""
         if not self.tasks:
             raise UcadError("the model holds no learned task: nothing to score against")
-        parts = []
-        key_index = self.key_index()
+        tasks = len(self.tasks) if tasks is None else tasks
+        if cache is not None:
+            return self._score(images_uint8, task, bank, tasks, cache, batch_size, maps)
         starts = range(0, images_uint8.shape[0], batch_size)
-        for start in tqdm(starts, desc=description, disable=description is None, unit="batch"):
-            batch = images_uint8[start:start + batch_size]
-            frozen = self.frozen_features(batch, batch_size)
-            distances = key_index.distances(frozen).cpu()
-            routes = route(distances) if task is None else torch.full((batch.shape[0],), task, dtype=torch.long)
-            patch_scores = torch.empty(batch.shape[0], self.patches)
-            for chosen in routes.unique().tolist():
-                members = routes == chosen
-                patch_scores[members] = self.score_patches(batch[members], chosen,
-                                                           frozen=frozen[members.to(frozen.device)],
-                                                           batch_size=batch_size)[KNOWLEDGE]
-            parts.append((routes, distances, patch_scores, self.anomaly_maps(patch_scores).cpu()))
-        routes, distances, patch_scores, maps = (torch.cat(column) for column in zip(*parts))
-        return ScoredImages(routes, distances, patch_scores, image_scores(patch_scores), maps)
+        parts = [self._score(images_uint8[start:start + batch_size], task, bank, tasks, ScoreCache(), batch_size, maps)
+                 for start in tqdm(starts, desc=description, disable=description is None, unit="batch")]
+        columns = [[getattr(part, name) for part in parts] for name in ScoredImages.__dataclass_fields__]
+        return ScoredImages(*(torch.cat(column) if column[0] is not None else None for column in columns))
 
-    # ------------------------------------------------------------------ persistence
-    def state(self, banks: tuple[str, ...] = BANKS) -> dict:
-        """The learned tasks as tensors and plain values (what checkpoints hold; loads with weights_only)."""
-        return {"format_version": MODEL_FORMAT_VERSION, "config": to_dict(self.config), "grid": list(self.grid),
-                "tasks": [_task_state(t, banks) for t in self.tasks]}
+    def _score(self, images_uint8: torch.Tensor, task: int | None, bank: str, tasks: int, cache: ScoreCache,
+               batch_size: int, maps: bool) -> ScoredImages:
+        distances = self._key_distances(images_uint8, tasks, cache, batch_size)
+        routes = route(distances) if task is None else torch.full((images_uint8.shape[0],), task, dtype=torch.long)
+        patch_scores = torch.empty(images_uint8.shape[0], self.patches)
+        for chosen in routes.unique().tolist():
+            members = routes == chosen
+            patch_scores[members] = self._patch_scores(images_uint8, chosen, bank, members, cache, batch_size)[members]
+        return ScoredImages(routes, distances, patch_scores, image_scores(patch_scores),
+                            self.anomaly_maps(patch_scores).cpu() if maps else None)
 
-    def load_tasks(self, state: dict) -> None:
-        self.tasks = []
-        for t in state["tasks"]:
-            packed = PackedKnowledge.from_state(t["knowledge_packed"], self.device) if t.get("knowledge_packed") \
-                else None
-            knowledge = packed.decode() if packed is not None else _to(t["knowledge"], self.device)
-            thresholds = {bank: Threshold.from_dict(v) for bank, v in (t.get("thresholds") or {}).items()}
-            self.tasks.append(TaskMemory(t["name"], _to(t["keys"], self.device), _to(t["prompt_state"], self.device),
-                                         knowledge, _to(t.get("knowledge_unlimited"), self.device),
-                                         t.get("extra", {}), thresholds, packed))
+    def _frozen(self, images_uint8: torch.Tensor, cache: ScoreCache, batch_size: int) -> torch.Tensor:
+        if cache.frozen is None:
+            with cache.phase("test_frozen_features", images_uint8.shape[0]):
+                cache.frozen = self.frozen_features(images_uint8, batch_size)
+        return cache.frozen
 
-    def save(self, path: Path, run_configuration: dict | None = None, full: bool = False) -> None:
-        """One self-contained file: backbone weights (safetensors), tasks, thresholds, configuration. Without
-        `full`, what scoring never uses stays out: the unlimited knowledge and the backbone beyond the deepest
-        extracted layer (classifier included)."""
-        from safetensors.torch import save as safetensors_bytes
+    def _key_distances(self, images_uint8: torch.Tensor, tasks: int, cache: ScoreCache,
+                       batch_size: int) -> torch.Tensor:
+        """(N, tasks) what routing compares (`ucad.router.routing_scores`) on the CPU; only tasks the cache has
+        not met are searched."""
+        missing = [k for k in range(tasks) if k not in cache.key_distance]
+        if missing:
+            frozen = self._frozen(images_uint8, cache, batch_size)
+            with cache.phase("routing", images_uint8.shape[0]):
+                distances = self.key_distances(frozen, missing)
+                for column, k in enumerate(missing):
+                    cache.key_distance[k] = routing_scores(distances[:, column], frozen, self.tasks[k].routing,
+                                                           self.config.routing).cpu()
+        return torch.stack([cache.key_distance[k] for k in range(tasks)], dim=1)
 
-        weights = (self.extractor.model.state_dict() if full
-                   else self.extractor.scoring_state_dict(self.config.imagesize))
-        weights = {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}
-        banks = self.BANKS if full else (KNOWLEDGE,)
-        state = {
-            **self.state(banks),
-            "format": MODEL_FORMAT,
-            "backbone": {"safetensors": safetensors_bytes(weights), "complete": full,
-                         "input_norm": self.extractor.input_norm, "mean": list(self.extractor.mean),
-                         "std": list(self.extractor.std), "source": self.extractor.weights_description},
-            "run_configuration": run_configuration or {},
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(path.suffix + ".tmp")
-        torch.save(state, temporary)
-        temporary.replace(path)  # never leave a half-written model behind a crash
-
-    @classmethod
-    def load(cls, path: Path, device: torch.device, weights: str | None = None, precision: str | None = None,
-             scorer: NearestNeighbourScorer | None = None) -> "UcadModel":
-        """A model written by `save`. The backbone is built without pretrained weights (no hub, no package) and
-        given the stored ones; `weights` (auto | hub | random | PATH) takes them from elsewhere instead. Without
-        `precision`, the arithmetic the model was trained with (its thresholds were computed with it)."""
-        path = Path(path)
-        if not path.is_file():
-            raise UcadError(f"model file '{path}' does not exist (it is written by --save_patchcore_model)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UcadError(f"cannot read model file '{path}' ({first}); models saved before format "
-                            f"{MODEL_FORMAT_VERSION} need the run again with --save_patchcore_model") from None
-        if (not isinstance(state, dict) or state.get("format") != MODEL_FORMAT
-                or state.get("format_version") != MODEL_FORMAT_VERSION):
-            raise UcadError(f"'{path}' is not a UCAD model file of format {MODEL_FORMAT_VERSION} (written by "
-                            "--save_patchcore_model); rerun the experiment to save one")
-        config = from_dict(ModelConfig, state["config"])
-        stored = state["backbone"]
-        if weights is None:
-            from safetensors.torch import load as safetensors_load
-
-            config.weights = "random"  # the architecture only: its weights come from the file
-            extractor = FeatureExtractor(config.backbone, config.layers, "random", config.imagesize,
-                                         stored["input_norm"])
-            extractor.mean, extractor.std = tuple(stored["mean"]), tuple(stored["std"])
-            try:
-                extractor.load_scoring_state_dict(safetensors_load(stored["safetensors"]), config.imagesize,
-                                                  f"model file '{path}'")
-            except RuntimeError as error:  # shapes that do not fit
-                raise UcadError(f"model file '{path}': its backbone weights do not fit {config.backbone} "
-                                f"({str(error).splitlines()[0]})") from None
-            extractor.weights_description = f"{stored['source']} (stored in {path.name})"
-        else:
-            config.weights = weights
-            extractor = None
-        if precision is None:
-            precision = state.get("run_configuration", {}).get("run", {}).get("precision", "fp32")
-        model = cls(config, device, precision, extractor, scorer)
-        if tuple(state["grid"]) != model.grid:
-            raise UcadError(f"model file '{path}': stored patch grid {tuple(state['grid'])} differs from the "
-                            f"rebuilt backbone's {model.grid}")
-        model.load_tasks(state)
-        model.run_configuration = state.get("run_configuration", {})
-        return model
-
-
-def _task_state(task: TaskMemory, banks: tuple[str, ...]) -> dict:
-    return {"name": task.name, "keys": _cpu(task.keys), "prompt_state": _cpu(task.prompt_state),
-            # packed knowledge is stored as packed (its bytes are the point); scoring uses its decoded vectors
-            "knowledge": None if task.packed is not None else _cpu(task.knowledge),
-            "knowledge_packed": _cpu(task.packed.state()) if task.packed is not None else None,
-            "knowledge_unlimited": _cpu(task.knowledge_unlimited) if UNLIMITED in banks else None,
-            "thresholds": {bank: t.as_dict() for bank, t in task.thresholds.items() if bank in banks},
-            "extra": task.extra}
-
-
-def _cpu(value):
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in value.items()}
-    return value.detach().cpu()
-
-
-def _to(value, device):
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        return {k: v.to(device) for k, v in value.items()}
-    return value.to(device)
+    def _patch_scores(self, images_uint8: torch.Tensor, task: int, bank: str, needed: torch.Tensor,
+                      cache: ScoreCache, batch_size: int) -> torch.Tensor:
+        """(N, P) patch scores under `task` and `bank`; rows of `needed` the cache lacks are computed."""
+        banks = tuple(dict.fromkeys((*cache.banks, bank)))
+        if (task, bank) not in cache.patch_scores:
+            for name in banks:
+                cache.patch_scores[(task, name)] = torch.full((images_uint8.shape[0], self.patches), float("nan"))
+        missing = needed & torch.isnan(cache.patch_scores[(task, bank)][:, 0])
+        if missing.any():
+            index = torch.nonzero(missing).flatten()
+            frozen = cache.frozen[index.to(cache.frozen.device)] if cache.frozen is not None else None
+            with cache.phase("scoring", len(index)):
+                scores = self.score_patches(images_uint8[index], task, banks, frozen, batch_size)
+            for name, values in scores.items():
+                cache.patch_scores[(task, name)][index] = values
+        return cache.patch_scores[(task, bank)]

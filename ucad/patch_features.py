@@ -9,8 +9,7 @@ import torch.nn.functional as F
 class PatchEmbedder:
     """list of (B, C_l, h_l, w_l) maps -> (B, H*W, target_dim) patch features on the largest grid."""
 
-    def __init__(self, patchsize: int = 3, pretrain_embed_dimension: int = 1024,
-                 target_embed_dimension: int = 1024):
+    def __init__(self, patchsize: int, pretrain_embed_dimension: int, target_embed_dimension: int):
         if patchsize < 1:
             raise ValueError("--patchsize must be at least 1")
         self.patchsize = patchsize
@@ -18,27 +17,21 @@ class PatchEmbedder:
         self.target_dim = target_embed_dimension
 
     def grid_of(self, map_size: tuple[int, int]) -> tuple[int, int]:
-        """Patch grid of a feature map of size (h, w): the map size for odd p, one less for even p (as PatchCore
-        computes it)."""
+        """Patch grid of an (h, w) feature map, as PatchCore computes it: the map size for odd p, one less for even."""
         padding = (self.patchsize - 1) // 2
         return tuple(s + 2 * padding - self.patchsize + 1 for s in map_size)
 
     def __call__(self, feature_maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
-        batch = feature_maps[0].shape[0]
-        padding = (self.patchsize - 1) // 2
-        patched = []
-        for fmap in feature_maps:
+        batch, padding = feature_maps[0].shape[0], (self.patchsize - 1) // 2
+        grids = [self.grid_of(fmap.shape[2:]) for fmap in feature_maps]
+        height, width = max(grid[0] for grid in grids), max(grid[1] for grid in grids)
+        per_layer = []
+        for fmap, grid in zip(feature_maps, grids):
             fmap = fmap.float()
             if self.patchsize > 1:
-                h, w = self.grid_of(fmap.shape[2:])
                 # every location gets its p x p neighbourhood, flattened channel-major as PatchCore does
-                fmap = F.unfold(fmap, self.patchsize, padding=padding).reshape(batch, -1, h, w)
-            patched.append(fmap)
-        height = max(m.shape[2] for m in patched)
-        width = max(m.shape[3] for m in patched)
-        per_layer = []
-        for fmap in patched:
-            if fmap.shape[2:] != (height, width):
+                fmap = F.unfold(fmap, self.patchsize, padding=padding).reshape(batch, -1, *grid)
+            if grid != (height, width):
                 fmap = F.interpolate(fmap, size=(height, width), mode="bilinear", align_corners=False)
             vectors = fmap.permute(0, 2, 3, 1).reshape(batch * height * width, 1, -1)
             per_layer.append(F.adaptive_avg_pool1d(vectors, self.pretrain_dim))

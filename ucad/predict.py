@@ -4,14 +4,16 @@
 
 Input and output only: the scoring is `UcadModel.score`, the path the run's own evaluation takes. Writes
 predictions.csv (image, routed task, key distances, image score, the routed task's threshold, is_anomalous,
-anomalous area) and per image: maps/<name>.npy (the anomaly map), masks/<name>.png (pixels above the routed
-task's pixel threshold, 0/255) and pictures/<name>.png (image | map overlay with colour bar | predicted mask).
-Maps and masks are at the model's input geometry (after its resize and crop).
+anomalous area, output name) and per image: maps/<name>.npy (the anomaly map), masks/<name>.png (pixels above the
+routed task's pixel threshold, 0/255) and pictures/<name>.png (image | map overlay with colour bar | predicted
+mask), where <name> is the image's path under IMAGE_FOLDER with '__' between folders. Maps and masks are at the
+model's input geometry (after its resize and crop).
 """
 from __future__ import annotations
 
-import csv
-import sys
+import os
+import tempfile
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -19,50 +21,84 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ucad.cli import one_line_errors, shared_options
 from ucad.datasets import IMAGE_SUFFIXES, Sample
 from ucad.device import select_device
-from ucad.errors import UcadError
+from ucad.errors import RunInterrupted, UcadError
 from ucad.images import load_images
 from ucad.model import KNOWLEDGE, UcadModel
+from ucad.model_file import load_model
+from ucad.results import write_csv
 from ucad.visualize import prediction_picture
 
 
-def find_images(folder: Path) -> list[Path]:
+def find_images(folder: Path, output: Path | None = None) -> list[Path]:
+    """The images under `folder`, recursively; nothing under `output` (an output folder inside the image folder
+    holds the pictures of an earlier run, which are no input)."""
     if not folder.is_dir():
         raise UcadError(f"image folder '{folder}' does not exist")
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
-                   and p.suffix.lower() in IMAGE_SUFFIXES)
+    skipped = Path(os.path.realpath(output)) if output is not None else None
+    found = [p for p in folder.rglob("*") if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+             and not (skipped and Path(os.path.realpath(p)).is_relative_to(skipped))]
+    dangling = next((p for p in found if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:
+        raise UcadError(f"image '{dangling}' is a symbolic link to '{os.readlink(dangling)}', which does not exist: "
+                        "fix or remove the link")
+    paths = sorted(p for p in found if p.is_file())
     if not paths:
-        raise UcadError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under '{folder}'")
+        raise UcadError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under '{folder}'"
+                        + (f" outside the output folder '{output}'" if skipped else ""))
     return paths
 
 
-def _output_name(path: Path, folder: Path) -> str:
-    return "__".join(path.relative_to(folder).with_suffix("").parts)
+def output_names(relative_paths: list[Path]) -> list[str]:
+    """The name each image's map, mask and picture are saved under: its path under the image folder without
+    suffix, '__' between folders; images that would share one ('a.png' and 'a.jpg') keep their suffix, and a
+    name still taken gets a number, so no output overwrites another."""
+    plain = ["__".join(path.with_suffix("").parts) for path in relative_paths]
+    shared = Counter(plain)
+    names = [name if shared[name] == 1 else "__".join(path.parts) for name, path in zip(plain, relative_paths)]
+    taken: Counter[str] = Counter()
+    unique = []
+    for name in names:
+        taken[name] += 1
+        unique.append(name if taken[name] == 1 else f"{name}__{taken[name]}")
+    return unique
+
+
+def prepare_output_folder(folder: Path, option: str) -> None:
+    """Make the output folder and write a file there, so that an unusable one is one line before any work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".ucad-write-test-", dir=folder)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise UcadError(f"{option} '{folder}' cannot be written ({error.strerror or error}); choose a folder you can "
+                        "write to") from None
 
 
 @click.command()
-@click.argument("model_path", type=click.Path())
-@click.argument("image_folder", type=click.Path())
-@click.argument("output_folder", type=click.Path(file_okay=False))
-@click.option("--gpu", type=int, default=[0], multiple=True, show_default=True, help="GPU index; CPU fallback when none.")
-@click.option("--cpu", is_flag=True, help="Run on the CPU.")
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.argument("image_folder", type=click.Path(path_type=Path))
+@click.argument("output_folder", type=click.Path(file_okay=False, path_type=Path))
+@shared_options("gpu", "cpu")
 @click.option("--weights", default=None,
               help="Take the backbone weights from here (auto | hub | random | PATH) instead of the model file.")
-@click.option("--batch_size", type=int, default=16, show_default=True, help="Images per batch.")
-@click.option("--num_workers", type=int, default=4, show_default=True, help="Threads decoding images.")
+@shared_options("feature_batch_size", "num_workers", renamed={"feature_batch_size": "--batch_size"})
 @click.option("--no_pictures", is_flag=True, help="Only write predictions.csv, the .npy maps and the masks.")
-def main(model_path, image_folder, output_folder, gpu, cpu, weights, batch_size, num_workers, no_pictures):
+def main(model_path, image_folder, output_folder, gpu, cpu, weights, feature_batch_size, num_workers, no_pictures):
     """Score every image under IMAGE_FOLDER (recursively) with a saved model."""
-    try:
-        device = select_device(gpu, cpu, warn=lambda m: click.echo(m, err=True))
-        folder = Path(image_folder)
-        paths = find_images(folder)
-        model = UcadModel.load(Path(model_path), device, weights)
-        _predict(model, folder, paths, Path(output_folder), batch_size, num_workers, not no_pictures)
-    except UcadError as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(2)
+    with one_line_errors():
+        try:
+            device = select_device(gpu, cpu, warn=lambda m: click.echo(m, err=True))
+            paths = find_images(image_folder, output_folder)
+            prepare_output_folder(output_folder, "OUTPUT_FOLDER")
+            model = load_model(model_path, device, weights)
+            _predict(model, image_folder, paths, output_folder, feature_batch_size, num_workers, not no_pictures)
+        except KeyboardInterrupt:
+            raise RunInterrupted("interrupted; predictions.csv is written once every image is scored: run the same "
+                                 "command again") from None
 
 
 def _predict(model: UcadModel, folder: Path, paths: list[Path], out: Path, batch_size: int, workers: int,
@@ -74,48 +110,44 @@ def _predict(model: UcadModel, folder: Path, paths: list[Path], out: Path, batch
                    "normal images were held out): is_anomalous and masks are left empty", err=True)
     for sub in ("maps", "masks", "pictures") if pictures else ("maps", "masks"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    geometry = model.config.geometry
     colour_range = None  # without thresholds: one colour scale for every picture, from the first batch
     rows = []
+    names_of = dict(zip(paths, output_names([path.relative_to(folder) for path in paths])))
     progress = tqdm(total=len(paths), desc="scoring", unit="img")
     for start in range(0, len(paths), batch_size):
         batch_paths = paths[start:start + batch_size]
-        images = load_images([Sample(p, None, False, "good") for p in batch_paths], geometry, workers, show=False)
+        samples = [Sample(p, None, False, "good") for p in batch_paths]
+        images = load_images(samples, model.config.geometry, workers, show=False)
         scored = model.score(images, batch_size=batch_size)
-        maps = scored.anomaly_maps.numpy()
+        maps, distances = scored.anomaly_maps.numpy(), scored.key_distances.tolist()
         if colour_range is None:
             colour_range = (float(np.percentile(maps, 1)), float(np.percentile(maps, 99.9)))
         for i, path in enumerate(batch_paths):
-            task = int(scored.routed_task[i])
-            threshold = thresholds[task]
-            score = float(scored.image_scores[i])
-            mask = maps[i] > threshold.pixel if threshold else None
-            name = _output_name(path, folder)
-            rows.append({"image": str(path.relative_to(folder)), "task": names[task],
-                         "key_distance": float(scored.key_distances[i, task]), "score": score,
-                         "image_threshold": threshold.image if threshold else "",
-                         "is_anomalous": int(score > threshold.image) if threshold else "",
-                         "anomalous_area": float(mask.mean()) if mask is not None else "",
-                         **{f"key_distance_{n}": float(scored.key_distances[i, k]) for k, n in enumerate(names)}})
+            task, score = int(scored.routed_task[i]), float(scored.image_scores[i])
+            threshold, relative, distance = thresholds[task], path.relative_to(folder), distances[i][task]
+            name = names_of[path]
             np.save(out / "maps" / f"{name}.npy", maps[i].astype(np.float32))
-            if mask is not None:
+            row = {"image": str(relative), "task": names[task], "key_distance": distance, "score": score,
+                   "image_threshold": "", "is_anomalous": "", "anomalous_area": "", "output_name": name}
+            mask, (low, high), verdict = None, colour_range, ": no threshold"
+            if threshold:
+                mask = maps[i] > threshold.pixel
                 Image.fromarray((mask * 255).astype(np.uint8)).save(out / "masks" / f"{name}.png")
+                row.update(image_threshold=threshold.image, is_anomalous=int(score > threshold.image),
+                           anomalous_area=float(mask.mean()))
+                # the colour bar runs from 0 to twice the routed task's pixel threshold, so the middle of the bar
+                # is where that task's "normal" ends
+                low, high = 0.0, 2.0 * threshold.pixel
+                verdict = f" vs threshold {threshold.image:.4g}: {'ANOMALOUS' if row['is_anomalous'] else 'normal'}"
+            rows.append({**row, **{f"key_distance_{n}": distances[i][k] for k, n in enumerate(names)}})
             if pictures:
-                # with thresholds the colour bar runs from 0 to twice the routed task's pixel threshold, so the
-                # middle of the bar is where that task's "normal" ends
-                low, high = (0.0, 2.0 * threshold.pixel) if threshold else colour_range
-                verdict = ("ANOMALOUS" if score > threshold.image else "normal") if threshold else "no threshold"
-                caption = (f"{path.relative_to(folder)}: routed to task '{names[task]}' (key distance "
-                           f"{float(scored.key_distances[i, task]):.4g}); score {score:.4g}"
-                           + (f" vs threshold {threshold.image:.4g}" if threshold else "") + f": {verdict}")
-                prediction_picture(images[i].numpy(), maps[i], mask, low, high,
-                                   threshold.pixel if threshold else None, caption, out / "pictures" / f"{name}.png")
+                caption = (f"{relative}: routed to task '{names[task]}' (key distance {distance:.4g}); "
+                           f"score {score:.4g}{verdict}")
+                prediction_picture(images[i].numpy(), maps[i], mask, low, high, threshold.pixel if threshold else None,
+                                   caption, out / "pictures" / f"{name}.png")
         progress.update(len(batch_paths))
     progress.close()
-    with open(out / "predictions.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "predictions.csv", rows)
     flagged = sum(r["is_anomalous"] == 1 for r in rows)
     click.echo(f"scored {len(paths)} images with {len(model.tasks)} task(s) on {model.device}"
                + (f"; {flagged} anomalous at the stored thresholds" if all(thresholds) else "")

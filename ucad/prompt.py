@@ -1,10 +1,8 @@
 """Task-specific prompts: the only parameters UCAD trains.
 
-ViT backbones get prefix prompts (DualPrompt's E-prompt): per transformer layer, `length` learnable
-key tokens and value tokens prepended to the attention's keys and values. CNN backbones, which have
-no attention to prefix, get a per-channel scale and shift at the input of every stage up to the
-deepest extracted one, starting as the identity.
-"""
+ViT backbones get prefix prompts (DualPrompt's E-prompt): per transformer layer, `length` learnable key tokens and
+value tokens prepended to the attention's keys and values. CNN backbones, which have no attention to prefix, get a
+per-channel scale and shift at the input of every stage up to the deepest extracted one, starting as the identity."""
 from __future__ import annotations
 
 import torch
@@ -20,11 +18,13 @@ class PrefixPrompt(nn.Module):
         super().__init__()
         if length < 1:
             raise ValueError("prompt length must be at least 1")
-        tokens = torch.rand(num_layers, 2, length, dim, generator=generator) * 2.0 - 1.0  # uniform(-1, 1)
-        self.tokens = nn.Parameter(tokens)
+        self.tokens = nn.Parameter(torch.rand(num_layers, 2, length, dim, generator=generator) * 2.0 - 1.0)
 
     def key_value(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tokens[layer, 0], self.tokens[layer, 1]
+
+    def is_identity(self) -> bool:
+        return False  # prefix tokens always take part in attention
 
 
 class ChannelPrompt(nn.Module):
@@ -37,7 +37,10 @@ class ChannelPrompt(nn.Module):
         self.scale = nn.ParameterList([nn.Parameter(torch.zeros(c)) for c in channels])
         self.shift = nn.ParameterList([nn.Parameter(torch.zeros(c)) for c in channels])
 
+    def is_identity(self) -> bool:
+        """True while the prompt leaves every feature as it is, bit for bit (x * 1 + 0)."""
+        return all(not p.any() for p in (*self.scale, *self.shift))
+
     def apply(self, stage: int, x: torch.Tensor) -> torch.Tensor:
-        scale = self.scale[stage].view(1, -1, 1, 1).to(x.dtype)
-        shift = self.shift[stage].view(1, -1, 1, 1).to(x.dtype)
+        scale, shift = (p[stage].view(1, -1, 1, 1).to(x.dtype) for p in (self.scale, self.shift))
         return x * (1.0 + scale) + shift

@@ -1,34 +1,85 @@
-"""Task-agnostic inference: each test image picks the stored task whose keys its frozen patch
-features are closest to (mean over patches of the distance to the nearest key).
+"""Task-agnostic inference: each test image picks the stored task whose keys its frozen patch features are closest
+to (mean over patches of the distance to the nearest key).
 
-`TaskKeyIndex` routes against every task at once: all keys in one matrix with the task each key belongs
-to, one matrix product per block of patches and a minimum within each task's segment of keys. It gives
-the numbers of the per-task loop (`key_distances` with a torch k=1 scorer, kept as the reference): the
-same ranking formula and the same exact recomputation of each winner's distance. With hundreds of tasks
-this replaces hundreds of small searches (and Python round trips) by one large product.
+`--routing` chooses what is compared across tasks. `mean` is that distance as it is (the released rule). Distances
+of different tasks are not on one scale, though: a task whose normal patches are spread wide attracts every image
+that is far from everything. `calibrated` divides each task's distance by the mean distance of that task's own
+normal images (held-out training images where there are, else its training images), stored with its keys.
+`gaussian` compares an image-level statistic instead: the diagonal Mahalanobis distance of the image's mean frozen
+feature to a Gaussian of the task's normal images, calibrated the same way; `calibrated_gaussian` averages the two
+calibrated scores. Each is a few numbers per task, fixed once the task is learned.
+
+`TaskKeyIndex` searches every task's keys at once: all keys in one matrix, one matrix product per block of patches
+(`nearest_neighbor.ranking`) and a minimum within each task's segment of keys, whose distance is then computed
+exactly (`nearest_neighbor.exact_distances`), as the knowledge scorer does. With hundreds of tasks this replaces
+hundreds of small searches by one large product.
 """
 from __future__ import annotations
 
 import torch
 
 from ucad.errors import UcadError
-from ucad.nearest_neighbor import PATCH_DISTANCES, NearestNeighbourScorer
+from ucad.nearest_neighbor import PATCH_DISTANCES, exact_distances, ranking
+
+ROUTINGS = ("mean", "calibrated", "gaussian", "calibrated_gaussian")
+# keeps the Gaussian's variances away from zero, relative to their mean (a constant feature would divide by zero)
+VARIANCE_FLOOR = 1e-6
 
 # elements of the largest temporary (patches x keys, or patches x tasks x dim) made per block: 128 MiB in fp32
 BLOCK_ELEMENTS = 1 << 25
 
 
-def key_distances(frozen_features: torch.Tensor, keys: torch.Tensor, nearest: NearestNeighbourScorer) -> torch.Tensor:
-    """(N, P, D) frozen features of N images, (K, D) keys of one task -> (N,) mean nearest-key distance.
-
-    `nearest` must be a k=1 scorer: a key set is matched by each patch's single closest key."""
-    n, p, d = frozen_features.shape
-    return nearest.distances(frozen_features.reshape(n * p, d), keys).reshape(n, p).mean(dim=1)
-
-
 def route(distances_per_task: torch.Tensor) -> torch.Tensor:
     """(N, T) key distances -> (N,) chosen task index per image."""
     return torch.argmin(distances_per_task, dim=1)
+
+
+def routing_statistics(frozen: torch.Tensor, keys: torch.Tensor, routing: str,
+                       patch_distance: str = "squared") -> dict[str, torch.Tensor]:
+    """What `routing` needs of a task beyond its keys, from (N, P, D) frozen features of its normal images."""
+    if routing not in ROUTINGS:
+        raise UcadError(f"--routing '{routing}': choose one of {', '.join(ROUTINGS)}")
+    statistics = {}
+    if routing in ("calibrated", "calibrated_gaussian"):
+        distances = TaskKeyIndex([keys], patch_distance, frozen.device).distances(frozen)[:, 0]
+        statistics["key_distance_scale"] = distances.mean().clamp_min(1e-12)
+    if routing in ("gaussian", "calibrated_gaussian"):
+        pooled = frozen.float().mean(dim=1)
+        mean, variance = pooled.mean(dim=0), pooled.var(dim=0, unbiased=False)
+        variance = variance + VARIANCE_FLOOR * variance.mean().clamp_min(1e-12)
+        statistics.update(image_mean=mean, image_variance=variance)
+        statistics["image_distance_scale"] = _mahalanobis(pooled, mean, variance).mean().clamp_min(1e-12)
+    return statistics
+
+
+def routing_scores(key_distances: torch.Tensor, frozen: torch.Tensor, statistics: dict[str, torch.Tensor],
+                   routing: str) -> torch.Tensor:
+    """(N,) what routing compares for one task: its mean nearest-key distances `key_distances`, or their calibrated
+    or image-level counterparts (lower = more likely this task). `frozen`: the images' (N, P, D) frozen features."""
+    if routing == "mean":
+        return key_distances
+    scores = []
+    if routing in ("calibrated", "calibrated_gaussian"):
+        scores.append(key_distances / statistics["key_distance_scale"].to(key_distances.device))
+    if routing in ("gaussian", "calibrated_gaussian"):
+        mean, variance = statistics["image_mean"].to(frozen.device), statistics["image_variance"].to(frozen.device)
+        image = _mahalanobis(frozen.float().mean(dim=1), mean, variance) / statistics["image_distance_scale"]
+        scores.append(image.to(key_distances.device))
+    return sum(scores) / len(scores)
+
+
+def _mahalanobis(pooled: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    """(N, D) image descriptors -> (N,) mean squared standardised distance to a diagonal Gaussian."""
+    return ((pooled - mean) ** 2 / variance).mean(dim=1)
+
+
+def routing_margin(distances_per_task: torch.Tensor) -> torch.Tensor:
+    """(N, T) key distances -> (N,) relative margin (second best - best) / best: how clearly an image was routed.
+    With a single task there is no rival: +inf."""
+    if distances_per_task.shape[1] < 2:
+        return torch.full((distances_per_task.shape[0],), float("inf"))
+    best_two = torch.topk(distances_per_task, 2, dim=1, largest=False).values
+    return (best_two[:, 1] - best_two[:, 0]) / best_two[:, 0].clamp_min(1e-12)
 
 
 class TaskKeyIndex:
@@ -59,11 +110,6 @@ class TaskKeyIndex:
         self.padded_rows = padded.to(device)
         self.uniform = len(set(sizes)) == 1  # the common case: a plain reshape finds each task's segment
 
-    @classmethod
-    def from_tasks(cls, tasks, patch_distance: str = "squared", device=None) -> "TaskKeyIndex":
-        """From UcadModel.tasks (anything with a .keys (K, D) tensor)."""
-        return cls([task.keys for task in tasks], patch_distance, device)
-
     @property
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size()
@@ -76,26 +122,18 @@ class TaskKeyIndex:
         parts = []
         for start in range(0, patches.shape[0], rows):
             chunk = patches[start:start + rows].to(self.keys.device, torch.float32)
-            # the ranking formula of NearestNeighbourScorer's torch path, against all tasks' keys at once
-            ranking = (chunk * chunk).sum(dim=1, keepdim=True) - 2.0 * chunk @ self.keys.T + self.keys_squared[None]
-            if self.uniform:
-                local = ranking.view(-1, tasks, largest).argmin(dim=2)
-            else:
-                losing = torch.full((ranking.shape[0], 1), float("inf"), device=ranking.device)
-                local = torch.cat([ranking, losing], dim=1)[:, self.padded_rows.flatten()].view(-1, tasks, largest)
-                local = local.argmin(dim=2)
+            ranked = ranking(chunk, self.keys, self.keys_squared)
+            if not self.uniform:
+                losing = torch.full((ranked.shape[0], 1), float("inf"), device=ranked.device)
+                ranked = torch.cat([ranked, losing], dim=1)[:, self.padded_rows.flatten()]
+            local = ranked.view(-1, tasks, largest).argmin(dim=2)
             winners = self.padded_rows.gather(1, local.T).T  # (Q, T) global key row of each task's nearest key
-            # exact distance of each winner, computed as the per-task search does (the expansion above cancels
-            # catastrophically for near-identical vectors)
-            # (in place on the gathered keys: k - q squares to the same bits as q - k, one temporary fewer)
-            difference = self.keys[winners].sub_(chunk[:, None, :])
-            exact = difference.mul_(difference).sum(dim=2) if self.squared else torch.linalg.vector_norm(difference, dim=2)
-            parts.append(exact)
+            parts.append(exact_distances(chunk, self.keys, winners, self.squared))
         return torch.cat(parts)
 
     def distances(self, frozen_features: torch.Tensor) -> torch.Tensor:
         """(N, P, D) frozen features of N images -> (N, T) mean nearest-key distance per task."""
         n, p, d = frozen_features.shape
         per_patch = self.patch_distances(frozen_features.reshape(n * p, d))
-        # the mean over each image's patches, reduced along a contiguous axis as the per-task loop reduces
+        # the mean over each image's patches, reduced along a contiguous axis
         return per_patch.view(n, p, self.task_count).transpose(1, 2).contiguous().mean(dim=2)

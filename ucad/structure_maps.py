@@ -1,27 +1,22 @@
 """Structure maps for structure-based contrastive learning (SCL): where they live and how they are stored.
 
 UCAD's contrastive loss needs, for every training image, a map that labels each pixel with the id of the region
-(Segment Anything automatic mask, or an offline superpixel segmentation) it belongs to.
+(Segment Anything automatic mask, or an offline superpixel segmentation) it belongs to. The convention, shared by
+``segment_anything_prep/make_structure_maps.py`` (which writes the maps) and the training code (which reads them):
 
-Convention (shared by ``segment_anything_prep/make_structure_maps.py``, which writes the maps, and the training
-code, which reads them):
-
-* Location: a tree parallel to the data set. The default root is ``DATA_PATH + "-sam-b"`` (the released code's
-  convention, see :func:`default_structure_root`); each map has the same path relative to that root as its image
-  has relative to ``DATA_PATH``, with the suffix replaced by ``.png`` (:func:`structure_map_path`).
-* Resolution: a map has the image's FULL original resolution (same width and height as the source image file as
-  PIL opens it, no EXIF rotation applied). Maps therefore do not depend on ``--resize`` / ``--imagesize``: the
-  training loader applies the same resize / crop to the map as to the image, with *nearest* sampling, and then
-  brings it to the patch grid (again nearest).
+* Location: a tree parallel to the data set, by default ``DATA_PATH + "-sam-b"`` (the released code's
+  convention); each map has the same path relative to that root as its image has relative to ``DATA_PATH``, with
+  the suffix replaced by ``.png``.
+* Resolution: the image's FULL original size, as PIL opens the file (no EXIF rotation). Maps therefore do not
+  depend on ``--resize`` / ``--imagesize``: the training loader resizes / crops a map as it does the image, with
+  *nearest* sampling, and then brings it to the patch grid (again nearest).
 * Encoding: 16-bit grayscale PNG (PIL mode ``"I;16"``, written from a ``uint16`` array). 0 = pixel in no region,
-  1..K = regions, numbered by decreasing area (1 = largest). Ids must fit in 16 bits (K <= 65535).
-* :func:`load_structure_map` returns an ``int32`` array of shape (H, W).
+  1..K = regions, numbered by decreasing area (1 = largest), K <= 65535. :func:`load_structure_map` returns an
+  ``int32`` array of shape (H, W).
 """
-
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -30,9 +25,14 @@ from PIL import Image
 
 from ucad.datasets import detect_layout, layouts_hint, list_tasks
 from ucad.errors import UcadError
+from ucad.run_folder import atomic_write
 
 MAX_LABEL = 65535
 STRUCTURE_SUFFIX = "-sam-b"
+# a map with at least this many distinct values, most of whose neighbouring pixels that differ do so by at most
+# SMALL_STEP, is a grey picture: region ids are numbered by area, so neighbouring regions rarely have close ids
+PHOTOGRAPH_VALUES = 100
+SMALL_STEP = 8
 
 MAKE_MAPS_HINT = (
     "make them with `python segment_anything_prep/make_structure_maps.py --data_path DATA "
@@ -41,41 +41,20 @@ MAKE_MAPS_HINT = (
 )
 
 
-
-# --------------------------------------------------------------------------------------------------------------
-# paths
-# --------------------------------------------------------------------------------------------------------------
-
-
 def default_structure_root(data_root) -> Path:
-    """The released code's convention: ``DATA_PATH`` + ``-sam-b`` (e.g. ``/data/mvtec`` -> ``/data/mvtec-sam-b``)."""
+    """``DATA_PATH`` + ``-sam-b`` (e.g. ``/data/mvtec`` -> ``/data/mvtec-sam-b``)."""
     return Path(str(data_root).rstrip("/").rstrip(os.sep) + STRUCTURE_SUFFIX)
-
-
-def _relative_to_root(image_path: Path, data_root: Path) -> Path:
-    image_path = Path(image_path)
-    data_root = Path(data_root)
-    candidates = [
-        (Path(os.path.abspath(image_path)), Path(os.path.abspath(data_root))),
-        (image_path.resolve(), data_root.resolve()),
-    ]
-    for img, root in candidates:
-        try:
-            return img.relative_to(root)
-        except ValueError:
-            continue
-    raise UcadError(f"image {image_path} is not inside the data path {data_root}; cannot place its structure map")
 
 
 def structure_map_path(image_path, data_root, structure_root) -> Path:
     """Path of the structure map of ``image_path``: same relative path under ``structure_root``, suffix ``.png``."""
-    rel = _relative_to_root(Path(image_path), Path(data_root))
-    return Path(structure_root) / rel.with_suffix(".png")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# reading / writing
-# --------------------------------------------------------------------------------------------------------------
+    image_path, data_root = Path(image_path), Path(data_root)
+    # the paths as given first, so that an image reached through a symbolic link keeps its place in the tree
+    for image, root in ((Path(os.path.abspath(image_path)), Path(os.path.abspath(data_root))),
+                        (image_path.resolve(), data_root.resolve())):
+        if image.is_relative_to(root):
+            return Path(structure_root) / image.relative_to(root).with_suffix(".png")
+    raise UcadError(f"image {image_path} is not inside the data path {data_root}; cannot place its structure map")
 
 
 def load_structure_map(path) -> np.ndarray:
@@ -94,10 +73,22 @@ def load_structure_map(path) -> np.ndarray:
         ) from None
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
         raise UcadError(
-            f"structure map {path} is not a single-channel integer label map (shape {arr.shape}, "
-            f"dtype {arr.dtype}); delete it and make it again with segment_anything_prep/make_structure_maps.py"
+            f"structure map {path} is not a single-channel integer label map (shape {arr.shape}, dtype {arr.dtype}, "
+            "a colour picture?): if dataset --structure_path names a folder of images, give it the tree of maps "
+            "that segment_anything_prep/make_structure_maps.py makes; else delete this map and make it again"
         )
     return arr.astype(np.int32, copy=False)
+
+
+def looks_like_a_photograph(labels: np.ndarray) -> bool:
+    """Whether a label map holds the grey levels of a picture rather than region ids: hundreds of distinct values
+    changing in small steps between neighbouring pixels."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.ndim != 2 or len(np.unique(labels)) < PHOTOGRAPH_VALUES:
+        return False
+    steps = np.concatenate((np.abs(np.diff(labels, axis=0)).ravel(), np.abs(np.diff(labels, axis=1)).ravel()))
+    steps = steps[steps > 0]
+    return steps.size > 0 and np.count_nonzero(steps <= SMALL_STEP) > steps.size / 2
 
 
 def save_structure_map(path, labels) -> Path:
@@ -106,43 +97,26 @@ def save_structure_map(path, labels) -> Path:
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"structure map must be 2-D (H, W), got shape {labels.shape}")
-    if labels.size and not np.issubdtype(labels.dtype, np.integer):
-        if not np.all(np.equal(np.mod(labels, 1), 0)):
-            raise ValueError("structure map must hold integer labels")
     if labels.size:
+        if not np.issubdtype(labels.dtype, np.integer) and np.any(np.mod(labels, 1)):
+            raise ValueError("structure map must hold integer labels")
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi > MAX_LABEL:
             raise ValueError(f"structure map labels must be in 0..{MAX_LABEL}, got {lo}..{hi}")
     img = Image.fromarray(np.ascontiguousarray(labels.astype(np.uint16)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    # write to a temporary file in the same folder, then rename: an interrupted run never leaves a broken map
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as temporary:  # an interrupted maker never leaves a broken map where training reads
+        img.save(temporary, format="PNG")
     return path
 
 
-# --------------------------------------------------------------------------------------------------------------
-# label maps
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _compact_in_order(painted: np.ndarray, n_ids: int) -> np.ndarray:
-    """Renumber the ids present in ``painted`` (0..n_ids) to 1..K keeping their order; 0 stays 0."""
-    present = np.zeros(n_ids + 1, dtype=bool)
-    present[np.unique(painted)] = True
-    present[0] = False
-    k = int(present.sum())
-    if k > MAX_LABEL:
-        raise ValueError(f"{k} regions do not fit a 16-bit structure map (at most {MAX_LABEL})")
-    lut = np.zeros(n_ids + 1, dtype=np.int32)
-    lut[present] = np.arange(1, k + 1, dtype=np.int32)
-    return lut[painted]
+def _number_in_order(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``labels`` with ``ids[i]`` -> i + 1 and every other value -> 0, as int32."""
+    if len(ids) > MAX_LABEL:
+        raise ValueError(f"{len(ids)} regions do not fit a 16-bit structure map (at most {MAX_LABEL})")
+    lut = np.zeros(int(labels.max()) + 1 if labels.size else 1, dtype=np.int32)
+    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    return lut[labels]
 
 
 def masks_to_label_map(masks, shape) -> np.ndarray:
@@ -156,20 +130,16 @@ def masks_to_label_map(masks, shape) -> np.ndarray:
     shape = tuple(int(s) for s in shape)
     if len(shape) != 2:
         raise ValueError(f"shape must be (H, W), got {shape}")
-    seg_list = []
-    for m in masks:
-        seg = m["segmentation"] if isinstance(m, dict) else m
-        seg = np.asarray(seg, dtype=bool)
-        if seg.shape != shape:
-            raise ValueError(f"mask of shape {seg.shape} does not match the map shape {shape}")
-        seg_list.append(seg)
-    areas = [int(s.sum()) for s in seg_list]
-    order = sorted(range(len(seg_list)), key=lambda i: -areas[i])  # stable: ties keep their input order
-    order = [i for i in order if areas[i] > 0]
+    segments = [np.asarray(m["segmentation"] if isinstance(m, dict) else m, dtype=bool) for m in masks]
+    for segment in segments:
+        if segment.shape != shape:
+            raise ValueError(f"mask of shape {segment.shape} does not match the map shape {shape}")
+    areas = [int(segment.sum()) for segment in segments]
+    order = sorted((i for i in range(len(segments)) if areas[i] > 0), key=lambda i: -areas[i])  # stable on ties
     painted = np.zeros(shape, dtype=np.int32)
     for rank, i in enumerate(order, start=1):
-        painted[seg_list[i]] = rank
-    return _compact_in_order(painted, len(order))
+        painted[segments[i]] = rank
+    return _number_in_order(painted, np.unique(painted[painted > 0]))
 
 
 def relabel_by_area(segments, background=None) -> np.ndarray:
@@ -181,16 +151,11 @@ def relabel_by_area(segments, background=None) -> np.ndarray:
     seg = seg.astype(np.int64, copy=False)
     if seg.size and seg.min() < 0:
         raise ValueError("segmentation ids must be non-negative")
-    counts = np.bincount(seg.ravel()) if seg.size else np.zeros(1, dtype=np.int64)
+    counts = np.bincount(seg.ravel())
     if background is not None and background < len(counts):
         counts[background] = 0
     ids = np.flatnonzero(counts)
-    ids = ids[np.argsort(-counts[ids], kind="stable")]
-    if len(ids) > MAX_LABEL:
-        raise ValueError(f"{len(ids)} regions do not fit a 16-bit structure map (at most {MAX_LABEL})")
-    lut = np.zeros(len(counts), dtype=np.int32)
-    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
-    return lut[seg]
+    return _number_in_order(seg, ids[np.argsort(-counts[ids], kind="stable")])
 
 
 def resize_labels_nearest(labels, shape) -> np.ndarray:
@@ -205,18 +170,13 @@ def resize_labels_nearest(labels, shape) -> np.ndarray:
     return labels[rows[:, None], cols[None, :]]
 
 
-# --------------------------------------------------------------------------------------------------------------
-# finding images
-# --------------------------------------------------------------------------------------------------------------
-
-
 def find_images(data_root, include_test: bool = False, categories: Iterable[str] | None = None) -> list[Path]:
     """Images of a data set that need structure maps (training images; with ``include_test`` the test ones too).
 
     The training run's own listing (``ucad.datasets``, the layout recognised from the folder), so the maker writes
     a map for exactly the images a run trains on: the same hidden-file rule, the same VisA split file, every image
-    held out by a later ``--train_val_split`` included. Extensions are matched case-insensitively; the result is
-    sorted. ``categories`` keeps only those categories. Nothing found -> UcadError."""
+    held out by a later ``--train_val_split`` included. The result is sorted. ``categories`` keeps only those
+    categories. Nothing found -> UcadError."""
     root = Path(data_root)
     if not root.is_dir():
         raise UcadError(f"data path {root} is not a folder; {layouts_hint()}")

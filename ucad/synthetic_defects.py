@@ -1,11 +1,7 @@
-"""Synthetic defects on held-out normal training images, so choices (the prompt's epoch) can be made on a
-validation set without ever touching the test set.
-
-Two kinds, each with the exact mask of the pixels it changed:
-- CutPaste: a rectangle of the image, colour-jittered, pasted elsewhere in the same image;
-- Perlin blend: a smooth random (Perlin-noise) blob where another texture (a shifted, colour-inverted copy of a
-  different image) shows through, blended at 50-90 % (as DRAEM's anomalies).
-"""
+"""Synthetic defects on held-out normal training images, so that choices (the prompt's epoch) are made on a
+validation set without touching the test set. Each comes with the exact mask of the pixels it changed: CutPaste
+(a colour-jittered rectangle pasted elsewhere in the image) or, as DRAEM's anomalies, a Perlin-noise blob where a
+shifted, colour-inverted copy of another image shows through at 50-90 %."""
 from __future__ import annotations
 
 import math
@@ -78,15 +74,10 @@ def make_validation_set(normal: torch.Tensor, seed: int) -> tuple[torch.Tensor, 
     image as it is, then one defective copy of each (CutPaste and Perlin blend alternating)."""
     rng = np.random.default_rng(seed)
     originals = normal.cpu().numpy()
-    defective, masks = [], []
-    for i, image in enumerate(originals):
-        if i % 2 == 0:
-            bad, mask = cutpaste(image, rng)
-        else:
-            bad, mask = perlin_blend(image, originals[(i + 1) % len(originals)], rng)
-        defective.append(bad)
-        masks.append(mask)
+    defective, masks = zip(*(cutpaste(image, rng) if i % 2 == 0 else
+                             perlin_blend(image, originals[(i + 1) % len(originals)], rng)
+                             for i, image in enumerate(originals)))
+    masks = np.stack(masks)
     images = torch.from_numpy(np.concatenate([originals, np.stack(defective)]))
-    all_masks = np.concatenate([np.zeros((len(originals),) + originals.shape[2:], bool), np.stack(masks)])
-    labels = np.concatenate([np.zeros(len(originals), int), np.ones(len(originals), int)])
-    return images, torch.from_numpy(all_masks.astype(np.uint8)), labels
+    all_masks = np.concatenate([np.zeros_like(masks), masks]).astype(np.uint8)
+    return images, torch.from_numpy(all_masks), np.repeat([0, 1], len(originals))

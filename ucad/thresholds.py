@@ -33,7 +33,7 @@ class Threshold:
 
 
 @torch.no_grad()
-def calibrate(model, task: int, normal_images: torch.Tensor, quantile: float, batch_size: int = 32,
+def calibrate(model, task: int, normal_images: torch.Tensor, quantile: float, batch_size: int,
               banks: tuple[str, ...] | None = None) -> dict[str, Threshold]:
     """Thresholds of `task` (for each of its knowledge banks) from (N,3,S,S) uint8 held-out normal images of it."""
     patch_scores = model.score_patches(normal_images, task, banks or model.BANKS, batch_size=batch_size)
@@ -59,14 +59,14 @@ def metrics_at_threshold(labels: np.ndarray, scores: torch.Tensor, maps: torch.T
     """Image and pixel precision / recall / F1 of the decisions 'score > threshold of the routed task'.
 
     maps (N,S,S) and pixel_labels (N*S*S,) bool on the same device; nan everywhere without thresholds."""
-    names = [f"{level}_{metric}_at_threshold" for level in ("image", "pixel")
-             for metric in ("f1", "precision", "recall")]
     if thresholds is None:
-        return dict.fromkeys(names, float("nan"))
-    image_threshold, pixel_threshold = thresholds
-    image = precision_recall_f1(labels, scores.cpu() > image_threshold)
-    flagged = maps > pixel_threshold.to(maps.device)[:, None, None]
-    pixel = precision_recall_f1(pixel_labels, flagged)
-    return {"image_f1_at_threshold": image[2], "image_precision_at_threshold": image[0],
-            "image_recall_at_threshold": image[1], "pixel_f1_at_threshold": pixel[2],
-            "pixel_precision_at_threshold": pixel[0], "pixel_recall_at_threshold": pixel[1]}
+        image = pixel = (float("nan"),) * 3
+    else:
+        image_threshold, pixel_threshold = thresholds
+        image = precision_recall_f1(labels, scores.cpu() > image_threshold)
+        pixel = precision_recall_f1(pixel_labels, maps > pixel_threshold.to(maps.device)[:, None, None])
+    values = {}
+    for level, (precision, recall, f1) in (("image", image), ("pixel", pixel)):
+        values.update({f"{level}_f1_at_threshold": f1, f"{level}_precision_at_threshold": precision,
+                       f"{level}_recall_at_threshold": recall})
+    return values

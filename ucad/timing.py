@@ -24,10 +24,11 @@ class PhaseTimer:
             self.seconds[name] += time.perf_counter() - start
             self.items[name] += items
 
-    def merge(self, other: "PhaseTimer") -> None:
-        for name, value in other.seconds.items():
-            self.seconds[name] += value
-            self.items[name] += other.items[name]
+    def load(self, timings: dict) -> None:
+        """Adds timings recorded by as_dict (a resumed run's checkpoint) to these."""
+        for name, timing in timings.items():
+            self.seconds[name] += timing["seconds"]
+            self.items[name] += timing["items"]
 
     def as_dict(self) -> dict:
         return {name: {"seconds": round(self.seconds[name], 3), "items": self.items[name],

@@ -7,28 +7,23 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def colorize(map_2d: np.ndarray, low: float, high: float) -> np.ndarray:
-    import matplotlib
-
-    scaled = np.clip((map_2d - low) / max(high - low, 1e-12), 0.0, 1.0)
-    return (matplotlib.colormaps["jet"](scaled)[..., :3] * 255).astype(np.uint8)
-
-
 def side_by_side(image: np.ndarray, mask: np.ndarray, anomaly_map: np.ndarray, low: float, high: float,
                  caption: str = "") -> Image.Image:
     """image (3,S,S) uint8, mask (S,S) {0,1}, map (S,S) float -> one RGB picture of three panels."""
+    import matplotlib
+
     rgb = image.transpose(1, 2, 0)
-    heat = colorize(anomaly_map, low, high)
+    scaled = np.clip((anomaly_map - low) / max(high - low, 1e-12), 0.0, 1.0)
+    heat = (matplotlib.colormaps["jet"](scaled)[..., :3] * 255).astype(np.uint8)
     overlay = (0.5 * rgb + 0.5 * heat).astype(np.uint8)
     truth = np.repeat((mask > 0)[..., None] * 255, 3, axis=2).astype(np.uint8)
-    panel = np.concatenate([rgb, truth, overlay], axis=1)
-    picture = Image.fromarray(panel)
+    picture = Image.fromarray(np.concatenate([rgb, truth, overlay], axis=1))
     if caption:
         ImageDraw.Draw(picture).text((4, 4), caption, fill=(255, 255, 0))
     return picture
 
 
-def save_segmentation_images(folder: Path, images, masks, maps, scores, names: list[str], captions: list[str]) -> int:
+def save_segmentation_images(folder: Path, images, masks, maps, scores, names: list[str], captions: list[str]):
     """The colour scale is shared by all images of a task, so normal images look calm next to defects."""
     folder.mkdir(parents=True, exist_ok=True)
     maps = np.asarray(maps, dtype=np.float32)
@@ -36,7 +31,6 @@ def save_segmentation_images(folder: Path, images, masks, maps, scores, names: l
     for i, name in enumerate(names):
         side_by_side(np.asarray(images[i]), np.asarray(masks[i]), maps[i], low, high,
                      f"{captions[i]} score {float(scores[i]):.3f}").save(folder / f"{name}.png")
-    return len(names)
 
 
 def prediction_picture(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None, low: float, high: float,
@@ -65,9 +59,7 @@ def prediction_picture(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndar
         axes[2].set_title("predicted mask (map > pixel threshold)", fontsize=9)
     else:
         axes[2].text(0.5, 0.5, "no pixel threshold\nin this model", ha="center", va="center", fontsize=9)
-    for axis in axes:
-        axis.set_xticks([])
-        axis.set_yticks([])
+    plt.setp(axes, xticks=[], yticks=[])
     figure.suptitle(caption, fontsize=8.5, wrap=True)
     figure.tight_layout()
     figure.savefig(path, dpi=90)

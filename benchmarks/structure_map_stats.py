@@ -7,7 +7,7 @@ Per task: training images, mean regions per image at the patch grid, the share o
 almost every pair is a "same region" pair, which pulls all patches of the image together), and the share of
 unlabelled patches (label 0, left out of every pair). Example:
 
-    python3 scripts/structure_map_stats.py --data /tmp/seq --structure_path /tmp/seq-sam-b -d weave \
+    python3 benchmarks/structure_map_stats.py --data /tmp/seq --structure_path /tmp/seq-sam-b -d weave \
         -d magnetic_tile --imagesize 224 --grid 28
 """
 from __future__ import annotations
@@ -44,11 +44,12 @@ def region_statistics(labels: torch.Tensor) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="data set root (MVTec layout)")
-    parser.add_argument("--structure_path", required=True)
-    parser.add_argument("-d", dest="categories", action="append", required=True)
-    parser.add_argument("--dataset", default="mvtec", choices=["mvtec", "visa"])
-    parser.add_argument("--imagesize", type=int, default=224)
-    parser.add_argument("--resize_mode", default="square", choices=["crop", "square"])
+    parser.add_argument("--structure_path", required=True, help="the structure maps' root (as dataset --structure_path)")
+    parser.add_argument("-d", dest="categories", action="append", required=True, help="task (repeat)")
+    parser.add_argument("--dataset", default="mvtec", choices=["mvtec", "visa"], help="layout of --data")
+    parser.add_argument("--imagesize", type=int, default=224, help="network input size (square)")
+    parser.add_argument("--resize_mode", default="square", choices=["crop", "square"],
+                        help="as run_ucad.py dataset --resize_mode")
     parser.add_argument("--grid", type=int, default=14, help="patch grid side (the run prints it: 'patch grid')")
     args = parser.parse_args()
     geometry = ImageGeometry(args.imagesize, args.imagesize, args.resize_mode)

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The ablation behind configs/ucad_plus.json: each candidate part alone against the released recipe, over seeds, on
+# one sequence of tasks; then one table (mean ± std over seeds) from scripts/summarize.py.
+#
+# Usage: bash benchmarks/recipe_ablation.sh DATA_PATH RESULTS_PATH -d TASK [-d TASK ...] [-- RUN OPTIONS...]
+#   DATA_PATH   an MVTec-layout folder with structure maps in DATA_PATH-sam-b
+#               (segment_anything_prep/make_structure_maps.py --method felzenszwalb makes them offline)
+#   RESULTS_PATH  runs go to RESULTS_PATH/ablation/VARIANT_seedS_0; the table to RESULTS_PATH/ablation.md
+#   RUN OPTIONS   global options given to every run after the recipe (e.g. --epochs_num 5 --cpu)
+# Environment: SEEDS (default "0 1 2"), VARIANTS (default: all below), BACKBONE_OPTIONS (default: the offline
+# EfficientNet-Lite0, stages 2 and 3, patch size 3), DATASET_OPTIONS (default: --resize_mode square,
+# --train_val_split 0.9, so that thresholds and --epoch_selection validation have held-out images), PYTHON.
+set -euo pipefail
+if [[ $# -lt 2 || $1 == -h || $1 == --help ]]; then sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+repository=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+data=$1 results=$2; shift 2
+tasks=() run_options=()
+while [[ $# -gt 0 && $1 != -- ]]; do tasks+=("$1"); shift; done
+[[ $# -gt 0 ]] && { shift; run_options=("$@"); }
+python=${PYTHON:-python3}
+seeds=${SEEDS:-0 1 2}
+backbone_options=${BACKBONE_OPTIONS:-"-b efficientnet_lite0 -le 2 -le 3 --patchsize 3"}
+dataset_options=${DATASET_OPTIONS:-"--resize_mode square --train_val_split 0.9"}
+
+declare -A variant=(
+  [released]=""
+  [pq2176]="--memory_size 2176 --knowledge_storage pq"
+  [fp16_392]="--memory_size 392 --knowledge_storage fp16"
+  [epoch_validation]="--epoch_selection validation"
+  [anchor100]="--prompt_anchor 100"
+  [no_scl]="--no_scl"
+)
+variants=${VARIANTS:-"released pq2176 fp16_392 epoch_validation anchor100 no_scl"}
+runs=()
+for name in $variants; do
+  for seed in $seeds; do
+    group=${name}_seed$seed
+    if [[ ! -f $results/ablation/${group}_0/results_per_task.csv ]]; then
+      # options of the ucad sub-command go after `ucad`, the rest are global
+      glob=() sub=()
+      set -- ${variant[$name]}
+      while [[ $# -gt 0 ]]; do
+        case $1 in
+          --memory_size) glob+=("$1" "$2"); shift 2 ;;
+          --no_scl) sub+=("$1"); shift ;;
+          *) sub+=("$1" "$2"); shift 2 ;;
+        esac
+      done
+      "$python" "$repository/run_ucad.py" --config "$repository/configs/ucad_released.json" --seed "$seed" \
+        --log_project ablation --log_group "$group" "${glob[@]}" "${run_options[@]}" "$results" \
+        ucad $backbone_options "${sub[@]}" dataset $dataset_options "${tasks[@]}" mvtec "$data"
+    fi
+    runs+=("$results/ablation/${group}_0")
+  done
+done
+"$python" "$repository/scripts/summarize.py" "${runs[@]}" --markdown "$results/ablation.md" --csv "$results/ablation.csv"

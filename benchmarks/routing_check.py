@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Routing stress test: how well each way of routing sends test images to their task, without training anything.
+
+Routing depends only on the frozen backbone, the keys and (for --routing other than mean) a few statistics of each
+task's normal images, so the frozen features of every task are extracted once and every combination of key sampler,
+routing rule, key storage and seed is compared on them: routing accuracy and mean relative margin per task (as the
+run reports them), the worst task, and bytes per task. As in a run with `dataset --train_val_split`, --holdout keeps a
+fraction of each task's training images out of the keys; calibrating rules measure them. Example (look-alike
+demo products):
+
+    python3 -m ucad.demo_data /tmp/look --image_size 224 --categories weave,pcb_chip,weave_b,pcb_chip_b
+    python3 benchmarks/routing_check.py --data /tmp/look -d weave -d pcb_chip -d weave_b -d pcb_chip_b \
+        --backbone efficientnet_lite0 -le 2 -le 3 --patchsize 3 --routings mean,calibrated --seeds 0,1,2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ucad.config import ModelConfig  # noqa: E402
+from ucad.datasets import list_tasks  # noqa: E402
+from ucad.device import select_device  # noqa: E402
+from ucad.images import ImageGeometry, load_images  # noqa: E402
+from ucad.keys import KEY_SAMPLERS, select_keys  # noqa: E402
+from ucad.model import UcadModel  # noqa: E402
+from ucad.router import ROUTINGS, TaskKeyIndex, route, routing_margin, routing_scores, \
+    routing_statistics  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="data set root (MVTec layout)")
+    parser.add_argument("-d", dest="categories", action="append", required=True, help="task, in order (repeat)")
+    parser.add_argument("--dataset", default="mvtec", choices=["mvtec", "visa"], help="layout of --data")
+    parser.add_argument("--backbone", default="vit_base_patch16_224", help="as run_ucad.py ucad -b")
+    parser.add_argument("-le", dest="layers", action="append", default=[],
+                        help="as run_ucad.py ucad -le (repeat; default: the backbone's)")
+    parser.add_argument("--weights", default="auto", help="as run_ucad.py ucad --weights")
+    parser.add_argument("--patchsize", type=int, default=1, help="as run_ucad.py ucad --patchsize")
+    parser.add_argument("--imagesize", type=int, default=224, help="network input size (square)")
+    parser.add_argument("--resize_mode", default="square", choices=["crop", "square"],
+                        help="as run_ucad.py dataset --resize_mode")
+    parser.add_argument("--key_size", type=int, default=196, help="keys per task")
+    parser.add_argument("--key_storage", default="fp32", choices=["fp32", "fp16"], help="as run_ucad.py --key_storage")
+    parser.add_argument("--samplers", default="kmeans",
+                        help=f"comma-separated key samplers to compare (of {', '.join(KEY_SAMPLERS)})")
+    parser.add_argument("--routings", default="mean",
+                        help=f"comma-separated routing rules to compare (of {', '.join(ROUTINGS)})")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (of the split and the key samplers)")
+    parser.add_argument("--holdout", type=float, default=0.1,
+                        help="fraction of each task's training images kept out of the keys (as dataset "
+                             "--train_val_split 1-HOLDOUT); 0 calibrates on the training images themselves")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is visible")
+    parser.add_argument("--json", help="write every result here")
+    args = parser.parse_args()
+
+    device = select_device([0], args.cpu, warn=print)
+    model = UcadModel(ModelConfig(backbone=args.backbone, layers=tuple(args.layers), weights=args.weights,
+                                  patchsize=args.patchsize, imagesize=args.imagesize, resize=args.imagesize,
+                                  resize_mode=args.resize_mode), device)
+    geometry = ImageGeometry(args.imagesize, args.imagesize, args.resize_mode)
+    tasks = list_tasks(args.dataset, args.data, args.categories)
+    names = [t.category for t in tasks]
+    started = time.perf_counter()
+    train, test = [], []
+    for task in tasks:
+        train.append(model.frozen_features(load_images(task.train, geometry, 4, show=False), 32,
+                                           f"[{task.category}] train").float())
+        test.append(model.frozen_features(load_images(task.test, geometry, 4, show=False), 32,
+                                          f"[{task.category}] test"))
+    print(f"frozen features of {len(tasks)} tasks in {time.perf_counter() - started:.1f} s "
+          f"({model.extractor.describe(prompts=False)})")
+
+    results = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for sampler in args.samplers.split(","):
+            learned = [_learn(features, sampler, seed * 1000 + i, args) for i, features in enumerate(train)]
+            for routing in args.routings.split(","):
+                statistics_per_task = [routing_statistics(normal, keys, routing) for keys, normal in learned]
+                index = TaskKeyIndex([keys for keys, _ in learned], device=device)
+                per_task = {}
+                for j, features in enumerate(test):
+                    distances = index.distances(features)
+                    scores = torch.stack([routing_scores(distances[:, k], features, statistics_per_task[k],
+                                                         routing) for k in range(len(learned))], dim=1)
+                    routes = route(scores).cpu()
+                    per_task[names[j]] = {"routing_accuracy": float((routes == j).float().mean()),
+                                          "routing_margin": float(routing_margin(scores).mean())}
+                key_bytes = learned[0][0].numel() * learned[0][0].element_size()
+                extra = sum(v.numel() * v.element_size() for v in statistics_per_task[0].values())
+                results.append({"seed": seed, "sampler": sampler, "routing": routing, "key_size": args.key_size,
+                                "key_storage": args.key_storage, "bytes_per_task": key_bytes + extra,
+                                "per_task": per_task})
+    _print_summary(results, names)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _learn(features, sampler: str, seed: int, args):
+    """(keys, frozen features of the normal images that calibrate the task) from (N, P, D) training features."""
+    n = features.shape[0]
+    held = int(round(n * args.holdout)) if args.holdout > 0 else 0
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    normal = features[order[:held]] if held else features
+    used = features[order[held:]] if held else features
+    keys = select_keys(used.reshape(-1, used.shape[-1]), args.key_size, sampler, seed=seed)
+    if args.key_storage == "fp16":
+        keys = keys.half()
+    return keys, normal
+
+
+def _print_summary(results: list[dict], names: list[str]) -> None:
+    """Per (sampler, routing): per task and mean over tasks, mean ± std over seeds; the worst task."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["sampler"], r["routing"]), []).append(r)
+    width = max(len(n) for n in names + ["mean", "worst"])
+    print(f"\n{len(next(iter(groups.values())))} seed(s); routing accuracy and mean margin, mean ± std over seeds")
+    print(f"{'sampler / routing':<32} | {'task':<{width}} | {'routing':>15} | {'margin':>15} | bytes/task")
+    for (sampler, routing), runs in groups.items():
+        label = f"{sampler} / {routing}"
+        for name in names + ["mean", "worst"]:
+            accuracies, margins = [], []
+            for run in runs:
+                rows = run["per_task"]
+                if name == "mean":
+                    accuracies.append(statistics.mean(r["routing_accuracy"] for r in rows.values()))
+                    margins.append(statistics.mean(r["routing_margin"] for r in rows.values()))
+                elif name == "worst":
+                    accuracies.append(min(r["routing_accuracy"] for r in rows.values()))
+                    margins.append(min(r["routing_margin"] for r in rows.values()))
+                else:
+                    accuracies.append(rows[name]["routing_accuracy"])
+                    margins.append(rows[name]["routing_margin"])
+            print(f"{label:<32} | {name:<{width}} | {_mean_std(accuracies):>15} | {_mean_std(margins):>15} | "
+                  f"{runs[0]['bytes_per_task']:,}")
+            label = ""
+
+
+def _mean_std(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

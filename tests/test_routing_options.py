@@ -1,0 +1,84 @@
+"""--routing and --key_storage: what each routing rule compares, on hand-made cases, and end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from test_cli import TINY, dataset, global_options, run
+from ucad.router import ROUTINGS, TaskKeyIndex, route, routing_scores, routing_statistics
+
+
+def two_tasks():
+    """A tight task A (keys at the origin, its normal patches at distance 1) and a wide task B (keys at (10, 0), its
+    normal patches spread 5 around them), each image 4 patches of 2-d features."""
+    keys_a, keys_b = torch.zeros(1, 2), torch.tensor([[10.0, 0.0]])
+    ring = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    normal_a = ring[None].repeat(3, 1, 1)
+    normal_b = keys_b + 5 * ring[None].repeat(3, 1, 1)
+    return keys_a, keys_b, normal_a, normal_b
+
+
+def scores_of(image, keys, normals, routing):
+    distances = TaskKeyIndex(keys).distances(image)
+    statistics = [routing_statistics(normal, k, routing) for k, normal in zip(keys, normals)]
+    return torch.stack([routing_scores(distances[:, t], image, statistics[t], routing) for t in range(len(keys))],
+                       dim=1)
+
+
+def test_calibration_routes_right_where_the_mean_distance_routes_wrong():
+    keys_a, keys_b, normal_a, normal_b = two_tasks()
+    # an image of the wide task B whose patches lie 5.5 from B's keys: 4.5 from A's, yet 4.5^2 is far outside A's
+    # normal distances (1) and 5.5^2 within B's (25)
+    image = torch.tensor([[[4.5, 0.0]] * 4])
+    assert route(scores_of(image, [keys_a, keys_b], [normal_a, normal_b], "mean")).item() == 0  # wrong: A
+    calibrated = scores_of(image, [keys_a, keys_b], [normal_a, normal_b], "calibrated")
+    assert route(calibrated).item() == 1  # right: B
+    torch.testing.assert_close(calibrated, torch.tensor([[4.5 ** 2 / 1.0, 5.5 ** 2 / 25.0]]))
+
+
+def test_mean_routing_is_the_plain_key_distance_and_keeps_nothing():
+    keys_a, keys_b, normal_a, normal_b = two_tasks()
+    assert routing_statistics(normal_a, keys_a, "mean") == {}
+    image = torch.randn(2, 4, 2)
+    torch.testing.assert_close(scores_of(image, [keys_a, keys_b], [normal_a, normal_b], "mean"),
+                               TaskKeyIndex([keys_a, keys_b]).distances(image))
+
+
+def test_gaussian_routing_compares_the_image_mean_feature_to_each_task():
+    g = torch.Generator().manual_seed(0)
+    normal_a = torch.randn(20, 6, 3, generator=g)  # image means near 0
+    normal_b = torch.randn(20, 6, 3, generator=g) + torch.tensor([3.0, 0.0, 0.0])
+    keys = [normal_a.reshape(-1, 3)[:4], normal_b.reshape(-1, 3)[:4]]
+    images = torch.stack([torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g) + torch.tensor([3.0, 0, 0])])
+    for routing in ("gaussian", "calibrated_gaussian"):
+        assert route(scores_of(images, keys, [normal_a, normal_b], routing)).tolist() == [0, 1]
+    statistics = routing_statistics(normal_a, keys[0], "gaussian")
+    assert set(statistics) == {"image_mean", "image_variance", "image_distance_scale"}
+    assert statistics["image_mean"].shape == (3,)
+
+
+def test_an_unknown_routing_names_the_option():
+    from ucad.errors import UcadError
+
+    with pytest.raises(UcadError, match="--routing"):
+        routing_statistics(torch.zeros(1, 2, 2), torch.zeros(1, 2), "vote")
+
+
+@pytest.mark.parametrize("routing", [r for r in ROUTINGS if r != "mean"])
+def test_a_run_with_each_routing_stores_its_statistics_in_the_model(routing, demo_root, tmp_path):
+    code, output = run(["--save_patchcore_model"] + global_options(tmp_path) + TINY
+                       + ["--routing", routing, "--key_storage", "fp16"]
+                       + dataset(demo_root, "weave", "washer")[:1] + ["--train_val_split", "0.75"]
+                       + dataset(demo_root, "weave", "washer")[1:])
+    assert code == 0, output
+    run_dir = tmp_path / "p" / "g_0"
+    from ucad.model_file import load_model
+
+    model = load_model(run_dir / "models" / "ucad_model.pt", torch.device("cpu"))
+    assert model.config.routing == routing and all(task.routing for task in model.tasks)
+    assert all(task.keys.dtype == torch.float16 for task in model.tasks)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    routing_bytes = sum(v.numel() * v.element_size() for v in model.tasks[0].routing.values())
+    assert summary["memory_bytes_per_task"]["weave"]["keys"] == 16 * 64 * 2 + routing_bytes
