@@ -2,7 +2,6 @@
 viewer shows, and one that cannot is one line naming the file and its mode."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

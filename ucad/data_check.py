@@ -2,7 +2,8 @@
 a run after the earlier tasks have trained; every problem is reported at once.
 
 Images and masks are only opened (header and size; PNG chunk checksums verified, a JPEG without its end marker
-decoded, to catch truncated downloads), which is fast; structure maps are decoded, as counting regions needs pixels."""
+decoded, to catch truncated downloads), which is fast; images of more than 8 bits are decoded to say how they are
+scaled, and structure maps, as counting regions needs pixels."""
 from __future__ import annotations
 
 import os

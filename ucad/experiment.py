@@ -20,7 +20,7 @@ from ucad import __version__
 from ucad.config import Configs, LearningConfig, ModelConfig, differing_options
 from ucad.coreset import CoresetSampler
 from ucad.data_check import check_data
-from ucad.datasets import TaskSamples, list_tasks
+from ucad.datasets import TaskSamples, list_tasks, output_name
 from ucad.device import select_device
 from ucad.errors import RunInterrupted, UcadError
 from ucad.evaluation import ContinualEvaluator, TestSet
@@ -371,7 +371,7 @@ def save_final_outputs(evaluator: ContinualEvaluator, run_dir: Path, phase: int,
     for test_set in evaluator.test_sets:
         scored = evaluator.task_agnostic_scoring(test_set, phase)
         anomaly_maps = scored.anomaly_maps.numpy()
-        names = [f"{Path(p).parent.name}_{Path(p).stem}" for p in test_set.paths]
+        names = [output_name(Path(p)) for p in test_set.paths]
         if pictures:
             captions = [f"{Path(p).parent.name} -> {task_names[int(r)]}"
                         for p, r in zip(test_set.paths, scored.routed_task)]

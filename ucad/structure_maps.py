@@ -84,7 +84,13 @@ def looks_like_a_photograph(labels: np.ndarray) -> bool:
     """Whether a label map holds the grey levels of a picture rather than region ids: hundreds of distinct values
     changing in small steps between neighbouring pixels."""
     labels = np.asarray(labels, dtype=np.int64)
-    if labels.ndim != 2 or len(np.unique(labels)) < PHOTOGRAPH_VALUES:
+    if labels.ndim != 2 or labels.size == 0:
+        return False
+    low, high = int(labels.min()), int(labels.max())
+    # counting is linear where the values span a 16-bit range (every map this program writes); a sort elsewhere
+    distinct = (np.count_nonzero(np.bincount((labels - low).ravel())) if high - low <= MAX_LABEL
+                else len(np.unique(labels)))
+    if distinct < PHOTOGRAPH_VALUES:
         return False
     steps = np.concatenate((np.abs(np.diff(labels, axis=0)).ravel(), np.abs(np.diff(labels, axis=1)).ravel()))
     steps = steps[steps > 0]
