@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ucad.metrics import _as_scores, _as_stack, _binary_from_sorted, _binary_masks, _check_limit, _pro_weights, \
-    _sort_desc
+from ucad.metrics import _as_scores, _binary_from_sorted, _binary_masks, _check_limit, _pro_weights, _sort_desc, \
+    _stack_shape
 
 
 def _trapezoid_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
@@ -36,11 +36,10 @@ def _aupro_from_sorted(order, ends, normal, pro_inc, fpr_limit: float) -> float:
 
 
 def _stacks(masks, anomaly_maps):
-    gt = _binary_masks(masks)
-    maps = _as_stack(anomaly_maps, "anomaly_maps")
-    if maps.shape != gt.shape:
+    gt, maps = _binary_masks(masks), np.asarray(anomaly_maps)
+    if _stack_shape(maps.shape) != gt.shape:
         raise ValueError(f"anomaly_maps {maps.shape} and masks {gt.shape} differ in shape")
-    return gt, maps
+    return gt, maps.reshape(gt.shape)
 
 
 def aupro(masks, anomaly_maps, fpr_limit: float) -> float:

@@ -153,7 +153,7 @@ def test_vit_prefix_prompt_equals_reference(variant, length):
         tokens = model.norm_pre(model._pos_embed(model.patch_embed(normalize(x, extractor.mean, extractor.std))))
         expected = []
         for index, block in enumerate(model.blocks):
-            tokens = reference_prefix_block(block, tokens, *prompt.key_value(index))
+            tokens = reference_prefix_block(block, tokens, *prompt.tokens[index])
             if index in (1, 3):
                 expected.append(to_map(tokens, model))
     for p, e, u in zip(prompted, expected, plain):

@@ -5,11 +5,19 @@ import pytest
 import torch
 
 from ucad.errors import UcadError
-from ucad.knowledge import PackedKnowledge, pack_knowledge, vectors_in_budget
+from ucad.knowledge import PQ_BITS, PQ_SUBVECTOR_DIM, VECTOR_DTYPES, PackedKnowledge, pack_knowledge
 
 pytest.importorskip("faiss")
 
 PAPER_BUDGET = 196 * 1024 * 4  # 784 KiB per task
+
+
+def vectors_in_budget(storage: str, budget_bytes: int, dim: int) -> int:
+    """How many knowledge vectors of `dim` fit in `budget_bytes` with this storage (codebook included)."""
+    if storage in VECTOR_DTYPES:
+        return budget_bytes // (VECTOR_DTYPES[storage].itemsize * dim)
+    codebook = (dim // PQ_SUBVECTOR_DIM) * 2 ** PQ_BITS * PQ_SUBVECTOR_DIM * 2
+    return max(0, (budget_bytes - codebook) // (dim // PQ_SUBVECTOR_DIM))
 
 
 def features(n=3000, dim=64, seed=0):

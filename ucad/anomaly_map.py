@@ -1,6 +1,7 @@
 """Patch scores -> pixel anomaly maps: bilinear upsampling to the image size, Gaussian smoothing."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,20 +29,15 @@ def _smooth_along(maps: torch.Tensor, weights: list[float], dim: int) -> torch.T
     the batch size), so a map computed alone by ucad.predict equals the one the run's evaluation computed."""
     radius = len(weights) // 2
     size = maps.shape[dim]
-    padded = maps.index_select(dim, _reflect_indices(size, radius, maps.device))
+    # scipy's 'reflect' (d c b a | a b c d | d c b a) repeats the edge sample, as numpy's 'symmetric' does and
+    # torch's 'reflect' padding does not; numpy's also pads by more than the row's length, as scipy does
+    index = np.pad(np.arange(size), radius, mode="symmetric")
+    padded = maps.index_select(dim, torch.from_numpy(index).to(maps.device))
     smoothed = torch.zeros_like(maps)
     for offset, weight in enumerate(weights):
         smoothed.add_(padded.narrow(dim, offset, size), alpha=weight)
     return smoothed
 
 
-def _reflect_indices(size: int, radius: int, device) -> torch.Tensor:
-    """Source indices of a row padded by `radius` in scipy's 'reflect' mode (d c b a | a b c d | d c b a),
-    which repeats the edge sample (torch's 'reflect' padding does not) and works for any radius."""
-    index = torch.arange(-radius, size + radius, device=device) % (2 * size)
-    return torch.where(index >= size, 2 * size - 1 - index, index)
-
-
 def image_scores(patch_scores: torch.Tensor) -> torch.Tensor:
-    """Image score = the largest patch score."""
     return patch_scores.max(dim=1).values

@@ -1,11 +1,10 @@
 """Feature maps from a frozen timm backbone, with or without a task prompt.
 
-ViTs are run block by block with our own prefix-prompted attention (on top of timm's modules, not a
-fork); CNNs are run with forward hooks. Both stop at the deepest extracted layer: UCAD reads block 5
-of 12, so the other 6 blocks are never computed.
-"""
+ViTs are run block by block with our own prefix-prompted attention (on top of timm's modules, not a fork); CNNs are
+run with forward hooks. Both stop at the deepest extracted layer: UCAD reads block 5 of 12, the rest never runs."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 
@@ -21,8 +20,7 @@ from ucad.weights import create_backbone
 
 DEFAULT_LAYERS_VIT = ["5"]
 DEFAULT_LAYERS_CNN = ["2", "3"]  # timm feature stages of stride 8 and 16 (layer2/layer3 of a ResNet)
-# auto = ImageNet mean/std for every backbone, as the released loaders do (even for ViT weights trained on
-# [-1, 1] inputs), except for weight sources known to need their own scaling (see ucad.weights)
+# auto: ImageNet mean/std for every backbone as released (even ViTs trained on [-1, 1]), unless ucad.weights says not
 INPUT_NORMS = ("auto", "imagenet", "backbone")
 
 
@@ -44,29 +42,20 @@ class FeatureExtractor(nn.Module):
         if self.is_vit and imagesize and tuple(self.model.patch_embed.img_size) != (imagesize, imagesize):
             # a ViT has a fixed input size: rebuild it for this one (timm resamples the position embedding)
             self.model, self.weights_description = create_backbone(backbone_name, weights=weights, img_size=imagesize)
-        if input_norm == "auto":
-            input_norm = getattr(self.model, "trained_input_norm", "imagenet")
-        self.input_norm = input_norm
-        cfg = getattr(self.model, "pretrained_cfg", {}) or {}
-        backbone_norm = (tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)))
-        self.mean, self.std = backbone_norm if input_norm == "backbone" else (IMAGENET_MEAN, IMAGENET_STD)
+        self.input_norm = getattr(self.model, "trained_input_norm", "imagenet") if input_norm == "auto" else input_norm
+        cfg = (getattr(self.model, "pretrained_cfg", None) or {}) if self.input_norm == "backbone" else {}
+        self.mean, self.std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
         layers = list(layers) or (DEFAULT_LAYERS_VIT if self.is_vit else DEFAULT_LAYERS_CNN)
-        if self.is_vit:
-            self._setup_vit(layers)
-        else:
-            self._setup_cnn(layers)
+        (self._setup_vit if self.is_vit else self._setup_cnn)(layers)
 
-    # ----------------------------------------------------------------- ViT
     def _setup_vit(self, layers: list[str]) -> None:
         depth = len(self.model.blocks)
         indices = set()
         for layer in layers:
             match = re.fullmatch(r"(?:blocks\.)?(\d+)", layer)
             if not match or int(match.group(1)) >= depth:
-                raise UcadError(
-                    f"-le/--layers_to_extract_from '{layer}' is not a block of this ViT: use an index 0..{depth - 1} "
-                    "or blocks.N (UCAD uses 5)"
-                )
+                raise UcadError(f"-le/--layers_to_extract_from '{layer}' is not a block of this ViT: use an index "
+                                f"0..{depth - 1} or blocks.N (UCAD uses 5)")
             indices.add(int(match.group(1)))
         self.block_indices = sorted(indices)
         self.prompt_layers = self.block_indices[-1] + 1
@@ -78,17 +67,16 @@ class FeatureExtractor(nn.Module):
         self.channels = [self.model.embed_dim] * len(self.block_indices)
 
     @staticmethod
-    def _attention(attn: nn.Module, x: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None):
+    def _attention(attn: nn.Module, x: torch.Tensor, prefix: torch.Tensor | None):
+        """timm's attention, with `prefix` (2, length, dim), the prompt's keys and values, before the tokens' own."""
         batch, tokens, _ = x.shape
         qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
         if prefix is not None:
-            def heads(p):
-                return p.to(x.dtype).reshape(1, -1, attn.num_heads, attn.head_dim).transpose(1, 2).expand(
-                    batch, -1, -1, -1)
-            k = torch.cat([heads(prefix[0]), k], dim=2)
-            v = torch.cat([heads(prefix[1]), v], dim=2)
+            prefix_k, prefix_v = (p.to(x.dtype).reshape(1, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
+                                  .expand(batch, -1, -1, -1) for p in prefix)
+            k, v = torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(batch, tokens, -1)
         out = getattr(attn, "norm", nn.Identity())(out)
@@ -102,7 +90,7 @@ class FeatureExtractor(nn.Module):
         x = model.norm_pre(model._pos_embed(model.patch_embed(x)))
         outputs = []
         for index, block in enumerate(model.blocks[:self.prompt_layers]):
-            prefix = prompt.key_value(index) if prompt is not None and index < prompt.tokens.shape[0] else None
+            prefix = prompt.tokens[index] if prompt is not None and index < prompt.tokens.shape[0] else None
             x = x + block.ls1(self._attention(block.attn, block.norm1(x), prefix))
             x = x + block.ls2(block.mlp(block.norm2(x)))
             if index in self.block_indices:
@@ -110,7 +98,6 @@ class FeatureExtractor(nn.Module):
                 outputs.append(patches.transpose(1, 2).reshape(x.shape[0], -1, *model.patch_embed.grid_size))
         return outputs
 
-    # ----------------------------------------------------------------- CNN
     def _setup_cnn(self, layers: list[str]) -> None:
         modules = dict(self.model.named_modules())
         stages = [entry["module"] for entry in getattr(self.model, "feature_info", [])]
@@ -124,8 +111,7 @@ class FeatureExtractor(nn.Module):
                 raise UcadError(f"-le/--layers_to_extract_from '{layer}' is not a module of this backbone; "
                                 f"its feature stages are {stages} (or give their index 0..{len(stages) - 1})")
             names.append(layer)
-        order = {name: i for i, name in enumerate(modules)}
-        self.layer_names = sorted(set(names), key=order.get)
+        self.layer_names = sorted(set(names), key=list(modules).index)  # in network order
         # the prompted stages: the deepest layer and its numbered predecessors (layer1..layer3, blocks.0..blocks.2)
         numbered = re.fullmatch(r"(.*\.|\D+)(\d+)", self.layer_names[-1])
         self.prompt_stage_names = [self.layer_names[-1]] if numbered is None else [
@@ -147,22 +133,16 @@ class FeatureExtractor(nn.Module):
 
     def _prompt_stage_input(self, stage_index: int, module: nn.Module, inputs: tuple) -> tuple | None:
         self._stage_channels[stage_index] = inputs[0].shape[1]
-        if self._active_prompt is None:
-            return None
-        return (self._active_prompt.apply(stage_index, inputs[0]),) + tuple(inputs[1:])
+        if self._active_prompt is not None:  # else None: the input passes unchanged
+            return (self._active_prompt.apply(stage_index, inputs[0]), *inputs[1:])
 
     def _cnn_features(self, x: torch.Tensor, prompt: ChannelPrompt | None) -> list[torch.Tensor]:
-        self._captured = {}
-        self._active_prompt = prompt
-        try:
+        self._captured, self._active_prompt = {}, prompt
+        with contextlib.suppress(_StopForward):
             self.model(x)
-        except _StopForward:
-            pass
-        finally:
-            self._active_prompt = None
+        self._active_prompt = None
         return [self._captured[name] for name in self.layer_names]
 
-    # ----------------------------------------------------------------- common
     def new_prompt(self, length: int, generator: torch.Generator | None = None) -> nn.Module:
         if self.is_vit:
             return PrefixPrompt(self.prompt_layers, length, self.model.embed_dim, generator=generator)
@@ -183,24 +163,19 @@ class FeatureExtractor(nn.Module):
         return self(torch.zeros(1, 3, imagesize, imagesize, dtype=torch.uint8, device=device))
 
     def scoring_state_dict(self, imagesize: int) -> dict[str, torch.Tensor]:
-        """The backbone's parameters and buffers that feature extraction runs through: those of every module a
-        forward pass calls (found by running one), plus the model's own (ViT position embedding, class token).
-        Blocks after the deepest extracted layer and the classifier are left out: they never run here."""
-        called: set[str] = set()
-        handles = [module.register_forward_pre_hook(lambda _module, _inputs, name=name: called.add(name))
-                   for name, module in self.model.named_modules()]
-        try:
+        """The backbone's parameters and buffers that feature extraction runs through (found by running it), plus the
+        model's own (ViT position embedding, class token): later blocks and the classifier never run here."""
+        called = {""}  # the model's own tensors
+        with contextlib.ExitStack() as hooks:
+            for name, module in self.model.named_modules():
+                hook = module.register_forward_pre_hook(lambda _module, _inputs, name=name: called.add(name))
+                hooks.callback(hook.remove)
             self.feature_maps_of_size(imagesize)
-        finally:
-            for handle in handles:
-                handle.remove()
-        called.add("")
         return {key: value for key, value in self.model.state_dict().items() if key.rpartition(".")[0] in called}
 
     def load_scoring_state_dict(self, state_dict: dict[str, torch.Tensor], imagesize: int, source: str) -> None:
         """Load what `scoring_state_dict` saved; every tensor feature extraction needs must be there."""
-        needed = set(self.scoring_state_dict(imagesize))
-        missing = sorted(needed - set(state_dict))
+        missing = sorted(set(self.scoring_state_dict(imagesize)) - set(state_dict))
         if missing:
             raise UcadError(f"{source}: the stored backbone lacks {len(missing)} tensor(s) feature extraction needs "
                             f"(e.g. {missing[0]}): the model file is damaged or from another backbone")

@@ -1,20 +1,20 @@
 """The chained command line: `run_ucad.py [global options] RESULTS_PATH ucad ... sampler ... dataset ...`.
 
 Option names and defaults follow the released UCAD/PatchCore command line so published commands run as written.
-Each option is a field of the typed configuration (ucad.config); `shared_options` gives ucad.predict and
-ucad.evaluate the run's own options for the settings they share with it.
-"""
+Each option is a field of the typed configuration (ucad.config)."""
 from __future__ import annotations
 
+import json
 import sys
 from contextlib import contextmanager
 from dataclasses import Field, fields
+from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
 from ucad import __version__
-from ucad.config import CONFIG_CLASSES, Configs, bounds_problem, cli_parameter, read_config_file
+from ucad.config import CONFIG_CLASSES, Configs, bounds_problem, cli_parameter
 from ucad.errors import RunInterrupted, UcadError
 
 COMMAND_ORDER = ("ucad", "sampler", "dataset")
@@ -23,6 +23,9 @@ HOME_CONFIG = {"main": "run", "ucad": "model", "sampler": "learning", "dataset":
 CLICK_TYPES = {"path": click.Path(), "folder": click.Path(file_okay=False)}
 # every configuration field by name (names are unique across the four configurations), with its configuration
 FIELDS = {f.name: (name, f) for name, cls in CONFIG_CLASSES.items() for f in fields(cls)}
+# what a run's config.json records beside the four configurations
+RUN_RECORD_KEYS = ("version", "task_order", "device", "backbone_description", "input_norm_used", "input_mean",
+                   "input_std", "patch_grid", "nn")
 
 
 def config_parameters(command: str, only: tuple[str, ...] | None = None):
@@ -34,29 +37,28 @@ def config_parameters(command: str, only: tuple[str, ...] | None = None):
 
 
 def shared_options(*names: str, renamed: dict[str, str] | None = None):
-    """A decorator adding, to a command beside the run (ucad.predict, ucad.evaluate), the run's options of the named
-    configuration fields, with the run's defaults and help; `renamed` maps a field to the option it is there (the
-    run's --feature_batch_size is their --batch_size). Values outside a field's limits are refused as click parses
-    them, since these commands build no Configs to check."""
+    """A decorator giving ucad.predict or ucad.evaluate the run's options of the named fields, with the run's defaults
+    and help; `renamed` maps a field to its option there (--feature_batch_size is their --batch_size). Values out of
+    a field's limits are refused as click parses them: these commands build no Configs to check."""
     return _adding([FIELDS[name][1] for name in names], renamed, check_bounds=True)
 
 
 def _adding(config_fields: list[Field], renamed: dict[str, str] | None = None, check_bounds: bool = False):
     def decorate(function):
         for config_field in reversed(config_fields):  # click lists the last decorator first
-            function = _add_parameter(function, config_field, (renamed or {}).get(config_field.name), check_bounds)
+            function = _click_parameter(config_field, (renamed or {}).get(config_field.name), check_bounds)(function)
         return function
     return decorate
 
 
-def _add_parameter(function, config_field: Field, renamed: str | None, check_bounds: bool):
+def _click_parameter(config_field: Field, renamed: str | None, check_bounds: bool):
     parameter = cli_parameter(config_field)
     keywords = dict(parameter.click)
     if "type" in keywords:
         choices = keywords["type"]
         keywords["type"] = click.Choice(choices) if isinstance(choices, tuple) else CLICK_TYPES.get(choices, choices)
     if not parameter.declarations:  # required once its sub-command is given (a left-out one keeps the default)
-        return click.argument(config_field.name, metavar=parameter.metavar, **keywords)(function)
+        return click.argument(config_field.name, metavar=parameter.metavar, **keywords)
     default = config_field.default
     if keywords.get("multiple") and not isinstance(default, tuple):
         default = (default,)  # -b: a multiple option in the released CLI, one value here
@@ -69,22 +71,16 @@ def _add_parameter(function, config_field: Field, renamed: str | None, check_bou
 
     return click.option(*([renamed] if renamed else parameter.declarations), config_field.name, default=default,
                         show_default=not keywords.get("is_flag") and not keywords.get("hidden"), help=parameter.help,
-                        callback=refuse_out_of_bounds if check_bounds else None, **keywords)(function)
+                        callback=refuse_out_of_bounds if check_bounds else None, **keywords)
 
 
-def build_configs(given: dict[str, dict], typed: dict[str, set[str]] | None = None,
-                  from_file: dict[str, dict] | None = None) -> Configs:
-    """The four configurations from the values each command received (command name -> {field name: value}). With
-    `from_file` (sections of a --config file), the file's values stand where the command line typed nothing:
-    only the fields in `typed` (command name -> names) come from the command line. Fields set nowhere keep their
-    defaults."""
+def build_configs(typed: dict, from_file: dict[str, dict] | None = None) -> Configs:
+    """The four configurations from the values typed on the command line ({field name: value}), else those of a
+    --config file (its sections), else the fields' defaults."""
     values = {name: dict((from_file or {}).get(name, {})) for name in CONFIG_CLASSES}
-    for command, received in given.items():
-        for name, value in received.items():
-            if from_file is not None and name not in (typed or {}).get(command, set()):
-                continue
-            config, parse = FIELDS[name][0], cli_parameter(FIELDS[name][1]).parse
-            values[config][name] = parse(value) if parse else value
+    for name, value in typed.items():
+        config, parse = FIELDS[name][0], cli_parameter(FIELDS[name][1]).parse
+        values[config][name] = parse(value) if parse else value
     if "name" not in values["data"] or "data_path" not in values["data"]:
         raise UcadError("the 'dataset NAME DATA_PATH' sub-command is missing (e.g. ... dataset mvtec /data/mvtec)")
     configs = Configs(**{name: cls(**values[name]) for name, cls in CONFIG_CLASSES.items()})
@@ -92,17 +88,34 @@ def build_configs(given: dict[str, dict], typed: dict[str, set[str]] | None = No
     return configs
 
 
-def typed_parameters(values: dict) -> set[str]:
-    """The names among `values` that the current command's command line (or environment) set."""
+def typed_values(values: dict) -> dict:
+    """The entries of `values` that the current command's command line (or environment) set: a default that click
+    filled in must not hide the value of a --config file."""
     context = click.get_current_context()
-    return {name for name in values
+    return {name: value for name, value in values.items()
             if context.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
 
 
 def read_recipe(path: str) -> dict[str, dict]:
-    """The sections of a --config file; keys that name no option are an error, or a note when another version of
-    ucad wrote the file."""
-    sections, unknown, version = read_config_file(path)
+    """{section: {field: value}} from a --config file in the layout of a run's config.json (a recipe may name a few
+    options only). A key that names no option is an error, or a note when another version of ucad wrote the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise UcadError(f"--config '{path}': cannot read it ({error.strerror or error})") from None
+    except json.JSONDecodeError as error:
+        raise UcadError(f"--config '{path}': not JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(data, dict):
+        raise UcadError(f"--config '{path}': expected a JSON object with the parts {', '.join(CONFIG_CLASSES)}")
+    sections, unknown = {}, []
+    for key, value in data.items():
+        if key in CONFIG_CLASSES and isinstance(value, dict):
+            names = {f.name for f in fields(CONFIG_CLASSES[key])}
+            unknown += [f"{key}.{name}" for name in value if name not in names]
+            sections[key] = {name: tuple(v) if isinstance(v, list) else v for name, v in value.items() if name in names}
+        elif key not in RUN_RECORD_KEYS:
+            unknown.append(key)
+    version = data.get("version")
     if unknown and version not in (None, __version__):
         click.echo(f"note: --config '{path}' was written by ucad {version}; not used: {', '.join(unknown)}", err=True)
     elif unknown:
@@ -138,7 +151,7 @@ def _sub_command(name: str, help: str) -> click.Command:
     @main.command(name, help=help)
     @config_parameters(name)
     def command(**kwargs):
-        return name, kwargs, typed_parameters(kwargs)
+        return name, typed_values(kwargs)
     return command
 
 
@@ -149,17 +162,17 @@ dataset_command = _sub_command("dataset", "Data: MVTec-layout folder or VisA, ta
 
 @main.result_callback()
 def run(methods, config_file, **global_options):
-    order = [name for name, _, _ in methods]
+    order = [name for name, _ in methods]
     with one_line_errors():
         if order != sorted(order, key=COMMAND_ORDER.index):
             raise UcadError(f"sub-commands must come in the order {', '.join(COMMAND_ORDER)} (got {', '.join(order)})")
         try:
-            # every value is checked before anything is loaded: a bad one is one line, not a traceback from deep
-            # inside torch (or a silent nonsense run)
+            # every value is checked before torch loads: a bad one is one line, not a deep traceback or a nonsense run
             from_file = read_recipe(config_file) if config_file else None
-            typed = {"main": typed_parameters(global_options), **{name: names for name, _, names in methods}}
-            configs = build_configs({"main": global_options, **{name: values for name, values, _ in methods}},
-                                    typed, from_file)
+            typed = typed_values(global_options)
+            for _, values in methods:
+                typed.update(values)
+            configs = build_configs(typed, from_file)
             from ucad.experiment import run_experiment  # heavy imports only once the command line is valid
 
             run_experiment(configs)

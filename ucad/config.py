@@ -1,15 +1,12 @@
 """The typed configuration of a run: the model, how each task is learned, the data, and how the run executes.
 
 Every default lives here and nowhere else. A field that the command line sets carries its sub-command, option and
-help in its metadata: `ucad.cli` builds the options from them, and `--resume` names a differing field by its option.
-"""
+help in its metadata: `ucad.cli` builds the options from them, and `--resume` names a differing field by its option."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-from pathlib import Path
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any, Callable
 
 from ucad.backbones import INPUT_NORMS
@@ -28,8 +25,6 @@ from ucad.training import SCL_FEATURES
 
 @dataclass(frozen=True)
 class CliParameter:
-    """How one configuration field appears on the command line."""
-
     command: str  # "main" (global options), "ucad", "sampler" or "dataset"
     declarations: tuple[str, ...]  # ("-b", "--backbone_names"); empty for a positional argument
     help: str = ""
@@ -53,16 +48,16 @@ class CliParameter:
 
 def option(default, command: str, *declarations: str, help: str, minimum=None, greater_than=None, maximum=None,
            less_than=None, parse=None, resume_may_differ: bool = False, **click_kwargs):
-    return field(default=default, metadata={"cli": CliParameter(command, declarations, help, None, click_kwargs,
-                                                                minimum, greater_than, maximum, less_than, parse,
-                                                                resume_may_differ)})
+    parameter = CliParameter(command, declarations, help, None, click_kwargs, minimum, greater_than, maximum,
+                             less_than, parse, resume_may_differ)
+    return field(default=default, metadata={"cli": parameter})
 
 
-def argument(command: str, metavar: str, default=dataclasses.MISSING, **click_kwargs):
+def argument(command: str, metavar: str, default=MISSING, **click_kwargs):
     return field(default=default, metadata={"cli": CliParameter(command, (), metavar=metavar, click=click_kwargs)})
 
 
-def cli_parameter(config_field: dataclasses.Field) -> CliParameter | None:
+def cli_parameter(config_field: Field) -> CliParameter | None:
     return config_field.metadata.get("cli")
 
 
@@ -76,8 +71,7 @@ def _one_backbone(names: tuple[str, ...]) -> str:
 class ModelConfig:
     """What the model is: backbone, patch features, scoring, input geometry. Stored in the model file."""
 
-    backbone: str = option("vit_base_patch16_224", "ucad", "-b", "--backbone_names", multiple=True,
-                           parse=_one_backbone,
+    backbone: str = option("vit_base_patch16_224", "ucad", "-b", "--backbone_names", multiple=True, parse=_one_backbone,
                            help="timm backbone actually used (ViT: prefix prompts; CNN e.g. wideresnet50, "
                                 "efficientnet_lite0: channel prompts).")
     layers: tuple[str, ...] = option((), "ucad", "-le", "--layers_to_extract_from", multiple=True,
@@ -104,8 +98,7 @@ class ModelConfig:
                               help="Layer merging: adaptive average pooling.")
     anomaly_scorer_num_nn: int = option(1, "ucad", "--anomaly_scorer_num_nn", minimum=1,
                                         help="k nearest knowledge vectors averaged for a patch score.")
-    patchsize: int = option(3, "ucad", "--patchsize", minimum=1,
-                            help="Neighbourhood (p x p) aggregated into each patch feature.")
+    patchsize: int = option(3, "ucad", "--patchsize", minimum=1, help="p x p neighbourhood aggregated per patch.")
     patchscore: str = option("max", "ucad", "--patchscore", type=("max",), hidden=True,
                              help="Image score from patch scores: their maximum.")
     patchoverlap: float = option(0.0, "ucad", "--patchoverlap", minimum=0, less_than=1, hidden=True,
@@ -113,16 +106,14 @@ class ModelConfig:
     patchsize_aggregate: tuple[int, ...] = option((), "ucad", "--patchsize_aggregate", multiple=True, type=int,
                                                   minimum=1, hidden=True, help="Ignored, as in PatchCore.")
     patch_distance: str = option("squared", "ucad", "--patch_distance", type=PATCH_DISTANCES,
-                                 help="Patch score and key distance: squared L2 (as the released faiss IndexFlatL2) "
-                                      "or euclidean.")
+                                 help="Patch and key distance: squared L2 (the released IndexFlatL2) or euclidean.")
     routing: str = option("mean", "ucad", "--routing", type=ROUTINGS,
                           help="What routing compares across tasks: mean (as released) = mean nearest-key distance; "
                                "calibrated = that distance over its mean on the task's own normal images; gaussian = "
                                "an image-level diagonal Gaussian of frozen features, calibrated alike; "
                                "calibrated_gaussian = the mean of the two.")
     prompt_length: int = option(1, "ucad", "--prompt_length", minimum=1, help="Prefix key/value tokens per layer.")
-    smoothing_sigma: float = option(4.0, "ucad", "--smoothing_sigma", minimum=0,
-                                    help="Gaussian sigma of the anomaly map.")
+    smoothing_sigma: float = option(4.0, "ucad", "--smoothing_sigma", minimum=0, help="Gaussian sigma of anomaly maps.")
     resize: int = option(224, "dataset", "--resize", minimum=16, help="Shorter image side before the centre crop.")
     imagesize: int = option(224, "dataset", "--imagesize", minimum=16, help="Network input size (square).")
     resize_mode: str = option("crop", "dataset", "--resize_mode", type=("crop", "square"),
@@ -145,8 +136,7 @@ class LearningConfig:
 
     seed: int = option(0, "main", "--seed", minimum=0, less_than=2 ** 32,
                        help="Seed of every random choice (prompts, coresets, shuffles, splits).")
-    memory_size: int = option(196, "main", "--memory_size", minimum=1,
-                              help="Knowledge vectors kept per task (coreset size).")
+    memory_size: int = option(196, "main", "--memory_size", minimum=1, help="Knowledge vectors per task (the coreset).")
     epochs_num: int = option(25, "main", "--epochs_num", minimum=0,
                              help="Prompt training epochs per task (fixed; never chosen on test data).")
     key_size: int = option(196, "main", "--key_size", minimum=1, help="Key vectors per task used to route test images.")
@@ -162,9 +152,8 @@ class LearningConfig:
                                        "none) on held-out normal images with synthetic defects, never the test set "
                                        "(needs dataset --train_val_split < 1).")
     knowledge_storage: str = option("fp32", "ucad", "--knowledge_storage", type=KNOWLEDGE_STORAGES,
-                                    help="How knowledge is stored: fp32 (as released), fp16 or pq (product "
-                                         "quantisation); with --memory_size 392 (fp16) or 2176 (pq) a task keeps "
-                                         "the paper's 784 KiB.")
+                                    help="Knowledge storage: fp32 (as released), fp16 or pq (product quantisation); "
+                                         "--memory_size 392 (fp16) or 2176 (pq) keeps the paper's 784 KiB per task.")
     basic_size: int = option(1960, "main", "--basic_size", minimum=0,
                              help="Knowledge size of the 'unlimited' variant reported beside (0 = off).")
     threshold_quantile: float = option(0.99, "main", "--threshold_quantile", greater_than=0.0, maximum=1.0,
@@ -172,16 +161,14 @@ class LearningConfig:
                                             "held-out normal training images (dataset --train_val_split).")
     sampler: str = argument("sampler", "NAME", default="approx_greedy_coreset", type=SAMPLER_NAMES)
     sampler_percentage: float = option(0.1, "sampler", "-p", "--percentage", greater_than=0, maximum=1,
-                                       help="Fraction kept in patchcore mode; ucad mode uses the fixed "
-                                            "--key_size/--memory_size.")
+                                       help="Fraction kept in patchcore mode (ucad mode: --key_size/--memory_size).")
     train_prompt: bool = option(True, "ucad", "--no_scl", is_flag=True, flag_value=False,
                                 help="Train without structure maps: prompts stay at their initialisation.")
     scl_features: str = option("raw", "ucad", "--scl_features", type=SCL_FEATURES,
                                help="What SCL sees: raw extractor tokens at the patch grid (as released) or the "
                                     "pooled PatchCore embedding.")
     label_sampling: str = option("centre", "ucad", "--label_sampling", type=tuple(sorted(LABEL_SAMPLING)),
-                                 help="Region id of a patch: at its centre pixel (as released) or its top-left "
-                                      "pixel.")
+                                 help="Region id of a patch: at its centre pixel (as released) or its top-left pixel.")
     prompt_anchor: float = option(0.0, "ucad", "--prompt_anchor", minimum=0.0,
                                   help="Weight of a term that keeps the prompted embedding of normal training images "
                                        "near the frozen one (relative squared drift); 0 = off, as released.")
@@ -189,8 +176,7 @@ class LearningConfig:
     feature_batch_size: int = option(32, "ucad", "--feature_batch_size", minimum=1, resume_may_differ=True,
                                      help="Images per batch when extracting features.")
     batch_size: int = option(8, "dataset", "--batch_size", minimum=1, help="Prompt-training batch size.")
-    augment: bool = option(False, "dataset", "--augment", is_flag=True,
-                           help="Random flips of training images during prompt training.")
+    augment: bool = option(False, "dataset", "--augment", is_flag=True, help="Random image flips in prompt training.")
     grad_clip: float = 1.0
     temperature: float = 0.5
 
@@ -242,9 +228,8 @@ class RunConfig:
     resume: bool = option(False, "main", "--resume", is_flag=True,
                           help="Continue the last run of this log group after its last finished task.")
     precision: str = option("fp32", "main", "--precision", type=("auto", "fp32", "bf16", "fp16"),
-                            help="Arithmetic of the backbone: fp32 (as released; a GPU gives the CPU's numbers), "
-                                 "bf16 / fp16 autocast (the metrics move slightly, see the README), or auto = bf16 "
-                                 "on a GPU that has it.")
+                            help="Backbone arithmetic: fp32 (as released; a GPU gives the CPU's numbers), bf16 / fp16 "
+                                 "autocast (metrics move slightly, see the README), or auto = bf16 if the GPU has it.")
     reference_evaluation: bool = option(False, "main", "--reference_evaluation", is_flag=True, hidden=True,
                                         help="Recompute every test feature and score in every phase (slow reference "
                                              "for checking the caches).")
@@ -280,36 +265,8 @@ class Configs:
                             "keep some aside with `dataset --train_val_split 0.9`")
 
 
-# what a run's config.json records beside the four configurations
-RUN_RECORD_KEYS = ("version", "task_order", "device", "backbone_description", "input_norm_used", "input_mean",
-                   "input_std", "patch_grid", "nn")
-
-
-def read_config_file(path: str) -> tuple[dict[str, dict], list[str], str | None]:
-    """The configuration sections of a JSON file in the layout of a run's config.json (any part of it: a recipe
-    may name a few options only): ({section: {field: value}}, the keys that name no option, the version of ucad
-    that wrote it, if it says)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as error:
-        raise UcadError(f"--config '{path}': cannot read it ({error.strerror or error})") from None
-    except json.JSONDecodeError as error:
-        raise UcadError(f"--config '{path}': not JSON ({error.msg} at line {error.lineno})") from None
-    if not isinstance(data, dict):
-        raise UcadError(f"--config '{path}': expected a JSON object with the parts {', '.join(CONFIG_CLASSES)}")
-    sections, unknown = {}, []
-    for key, value in data.items():
-        if key in CONFIG_CLASSES and isinstance(value, dict):
-            names = {f.name for f in fields(CONFIG_CLASSES[key])}
-            unknown += [f"{key}.{name}" for name in value if name not in names]
-            sections[key] = {name: tuple(v) if isinstance(v, list) else v for name, v in value.items() if name in names}
-        elif key not in RUN_RECORD_KEYS:
-            unknown.append(key)
-    return sections, unknown, data.get("version")
-
-
 def to_dict(config) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(config)))
+    return json.loads(json.dumps(asdict(config)))
 
 
 def from_dict(cls, values: dict):

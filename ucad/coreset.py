@@ -14,17 +14,15 @@ SAMPLER_NAMES = ("identity", "greedy_coreset", "approx_greedy_coreset")
 class CoresetSampler:
     """Selects rows of a feature matrix, either a fraction `percentage` or a fixed `size`."""
 
-    def __init__(self, name: str = "approx_greedy_coreset", percentage: float = 0.1, seed: int = 0,
-                 projection_dim: int = 128, starting_points: int = 10):
+    projection_dim = 128  # of the approximate variant's random projection, as PatchCore
+    starting_points = 10  # random starts of the approximate variant, as PatchCore
+
+    def __init__(self, name: str = "approx_greedy_coreset", percentage: float = 0.1, seed: int = 0):
         if name not in SAMPLER_NAMES:
             raise UcadError(f"unknown sampler '{name}': choose one of {', '.join(SAMPLER_NAMES)}")
         if not 0.0 < percentage <= 1.0:
             raise UcadError(f"sampler -p/--percentage must be in (0, 1], got {percentage}")
-        self.name = name
-        self.percentage = percentage
-        self.seed = seed
-        self.projection_dim = projection_dim
-        self.starting_points = starting_points
+        self.name, self.percentage, self.seed = name, percentage, seed
 
     def select(self, features: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """Indices of the selected rows; `size` overrides the percentage (UCAD's fixed memory sizes)."""

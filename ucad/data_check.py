@@ -7,7 +7,7 @@ scaled, and structure maps, as counting regions needs pixels."""
 from __future__ import annotations
 
 import os
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -55,34 +55,6 @@ def _size_text(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]}"
 
 
-def _open_header(path: Path, kind: str) -> tuple[tuple[int, int] | None, str | None, str | None]:
-    """(width, height) as the file declares it, or the reason it is unusable; and for an image of more than 8
-    bits, how it is scaled to 8 (decoded for that: such images are rare)."""
-    try:
-        if path.is_symlink() and not path.exists():
-            return None, f"is a symbolic link to '{os.readlink(path)}', which does not exist: fix or remove the link", \
-                None
-        if path.stat().st_size == 0:
-            return None, "is empty (0 bytes)", None
-        rule = None
-        with Image.open(path) as image:
-            size = image.size
-            if kind == "image" and image.mode not in EIGHT_BIT_MODES:
-                image.load()
-                rule = scaling(image)
-            elif image.format == "PNG":
-                image.verify()  # chunk checksums: finds a truncated or damaged PNG without decoding it
-            elif image.format == "JPEG" and not _ends_like_a_jpeg(path):
-                image.load()  # no end marker: decode to tell a truncated file from one with trailing bytes
-        return size, None, rule.rule if rule else None
-    except FileNotFoundError:
-        return None, "does not exist", None
-    except UcadError as error:  # a mode that cannot be shown as RGB
-        return None, str(error), None
-    except Exception as error:  # PIL raises many types for damaged files
-        return None, f"cannot be read ({type(error).__name__}: {error})", None
-
-
 def _ends_like_a_jpeg(path: Path) -> bool:
     with open(path, "rb") as handle:
         handle.seek(max(0, path.stat().st_size - 64))
@@ -90,28 +62,38 @@ def _ends_like_a_jpeg(path: Path) -> bool:
 
 
 def _probe(file: _File) -> _File:
-    if file.kind != "structure map":
-        size, problem, rule = _open_header(file.path, file.kind)
-        return replace(file, size=size, problem=problem, scaling=rule)
-    if not file.path.is_file():
-        return replace(file, missing=True)
+    if file.kind == "structure map":
+        if not file.path.is_file():
+            return replace(file, missing=True)
+        try:
+            labels = load_structure_map(file.path)
+        except UcadError as error:
+            return replace(file, problem=str(error))
+        counts = np.bincount(labels.ravel().clip(min=0))
+        return replace(file, size=(labels.shape[1], labels.shape[0]), regions=int(np.count_nonzero(counts[1:])),
+                       photograph=looks_like_a_photograph(labels))
     try:
-        labels = load_structure_map(file.path)
-    except UcadError as error:
+        if file.path.is_symlink() and not file.path.exists():
+            return replace(file, problem=f"is a symbolic link to '{os.readlink(file.path)}', which does not exist: "
+                                         "fix or remove the link")
+        if file.path.stat().st_size == 0:
+            return replace(file, problem="is empty (0 bytes)")
+        with Image.open(file.path) as image:
+            opened = replace(file, size=image.size)
+            if file.kind == "image" and image.mode not in EIGHT_BIT_MODES:
+                image.load()  # such images are rare: decoded to say how they are scaled
+                return replace(opened, scaling=scaling(image).rule)
+            if image.format == "PNG":
+                image.verify()  # chunk checksums: finds a truncated or damaged PNG without decoding it
+            elif image.format == "JPEG" and not _ends_like_a_jpeg(file.path):
+                image.load()  # no end marker: decode to tell a truncated file from one with trailing bytes
+            return opened
+    except FileNotFoundError:
+        return replace(file, problem="does not exist")
+    except UcadError as error:  # a mode that cannot be shown as RGB
         return replace(file, problem=str(error))
-    counts = np.bincount(labels.ravel().clip(min=0))
-    return replace(file, size=(labels.shape[1], labels.shape[0]), regions=int(np.count_nonzero(counts[1:])),
-                   photograph=looks_like_a_photograph(labels))
-
-
-def _check_structure_root(tasks: list[TaskSamples], structure_root: Path) -> None:
-    """Structure maps are a tree of their own: the data folder given as that tree would use every grey image as
-    a map of region ids."""
-    for task in tasks:
-        if Path(structure_root).resolve() == Path(task.root).resolve():
-            raise UcadError(f"dataset --structure_path '{structure_root}' is the data folder itself: structure maps "
-                            "are a separate tree of region maps (default DATA_PATH-sam-b); give that tree, or "
-                            f"{MAKE_MAPS_HINT}")
+    except Exception as error:  # PIL raises many types for damaged files
+        return replace(file, problem=f"cannot be read ({type(error).__name__}: {error})")
 
 
 def _files(tasks: list[TaskSamples], structure_root: Path | None, skip_training_of: int) -> list[_File]:
@@ -136,30 +118,25 @@ def _files(tasks: list[TaskSamples], structure_root: Path | None, skip_training_
 def check_data(tasks: list[TaskSamples], structure_root: Path | None, workers: int, show: bool = True,
                skip_training_of: int = 0) -> list[str]:
     """Open every image, mask and structure map of every task; raise one UcadError listing every problem, or
-    return the notes and warnings to print (at most one of each kind per task).
-
-    The first `skip_training_of` tasks have finished already (--resume): their training images are not read. A mask
-    or structure map of another size than its image is resized if it is a scaled copy, else an error. Structure maps
-    with fewer than 2 regions take no part in SCL; a task in which every map is like that is an error. A test set
-    with one class only is a warning naming the metrics it leaves empty."""
-    if structure_root is not None:
-        _check_structure_root(tasks, structure_root)
+    return the notes and warnings to print (at most one of each kind per task). The first `skip_training_of` tasks
+    have finished already (--resume): their training images are not read."""
+    # the data folder given as the tree of maps would use every grey image as a map of region ids
+    if structure_root is not None and any(Path(structure_root).resolve() == Path(t.root).resolve() for t in tasks):
+        raise UcadError(f"dataset --structure_path '{structure_root}' is the data folder itself: structure maps "
+                        "are a separate tree of region maps (default DATA_PATH-sam-b); give that tree, or "
+                        f"{MAKE_MAPS_HINT}")
     files = parallel_map(_probe, _files(tasks, structure_root, skip_training_of), workers, show,
                          desc="checking data", unit="file")
     image_sizes = {f.path: f.size for f in files if f.kind == "image" and f.size is not None}
     problems: list[str] = []
-    missing_maps = [f.path for f in files if f.missing]
     scaled: dict[tuple[int, str], list[_File]] = defaultdict(list)
-    few_regions: dict[int, list[_File]] = defaultdict(list)
-    photographs: dict[int, list[_File]] = defaultdict(list)
     wide: dict[tuple[int, str], list[_File]] = defaultdict(list)
-    maps_per_task: Counter[int] = Counter()
+    maps: dict[int, list[_File]] = defaultdict(list)  # the structure maps read, per task
     for file in files:
-        if file.missing:
-            continue
         if file.problem is not None:
             problems.append(file.problem if file.kind == "structure map" else
                             f"{file.kind} '{file.path}' {file.problem}")
+        if file.problem is not None or file.missing:
             continue
         image_size = image_sizes.get(file.image)  # None for an image itself, or one that cannot be read
         relation = "same" if image_size is None else relation_of_sizes(image_size, file.size)
@@ -174,44 +151,41 @@ def check_data(tasks: list[TaskSamples], structure_root: Path | None, workers: i
         if file.scaling is not None:
             wide[file.task, file.scaling].append(file)
         if file.kind == "structure map":
-            maps_per_task[file.task] += 1
-            if file.photograph:
-                photographs[file.task].append(file)
-            elif file.regions < MIN_REGIONS:
-                few_regions[file.task].append(file)
+            maps[file.task].append(file)
 
+    missing_maps = [f.path for f in files if f.missing]
     if missing_maps:
         problems.append(f"{len(missing_maps)} structure map(s) missing under '{structure_root}', e.g. "
                         f"'{missing_maps[0]}'; {MAKE_MAPS_HINT}")
-    for index, found in photographs.items():
-        problems.append(f"task '{tasks[index].category}': {len(found)} of {maps_per_task[index]} structure maps look "
-                        "like grey pictures, not region maps (hundreds of values changing in small steps), e.g. "
-                        f"'{found[0].path}': --structure_path must name the tree of maps that "
-                        "segment_anything_prep/make_structure_maps.py makes, not a folder of images")
-    messages = []
-    for (index, rule), found in wide.items():
-        messages.append(f"note: task '{tasks[index].category}': {len(found)} image(s) are {rule}, e.g. "
-                        f"'{found[0].path}'")
+    for index, found in maps.items():
+        photographs = [f for f in found if f.photograph]
+        if photographs:
+            problems.append(f"task '{tasks[index].category}': {len(photographs)} of {len(found)} structure maps look "
+                            "like grey pictures, not region maps (hundreds of values changing in small steps), e.g. "
+                            f"'{photographs[0].path}': --structure_path must name the tree of maps that "
+                            "segment_anything_prep/make_structure_maps.py makes, not a folder of images")
+    messages = [f"note: task '{tasks[index].category}': {len(found)} image(s) are {rule}, e.g. '{found[0].path}'"
+                for (index, rule), found in wide.items()]
     for task in tasks:
         anomalous = sum(sample.is_anomalous for sample in task.test)
         note = one_class_note(len(task.test) - anomalous, anomalous)
         if note:
             messages.append(f"warning: task '{task.category}': {note}; they are left empty in the results")
     for (index, kind), found in scaled.items():
-        example = found[0]
         messages.append(f"note: task '{tasks[index].category}': {len(found)} {kind}(s) are a scaled copy of their "
-                        f"image's size, e.g. '{example.path}' {_size_text(example.size)} for "
-                        f"{_size_text(image_sizes[example.image])}; they are resized to the image")
-    for index, found in few_regions.items():
-        category, total = tasks[index].category, maps_per_task[index]
-        if len(found) == total:
-            problems.append(f"task '{category}': every structure map ({total}) has fewer than {MIN_REGIONS} regions "
-                            f"(label 0 = no region), e.g. '{found[0].path}', so SCL has nothing to learn from: "
+                        f"image's size, e.g. '{found[0].path}' {_size_text(found[0].size)} for "
+                        f"{_size_text(image_sizes[found[0].image])}; they are resized to the image")
+    for index, found in maps.items():
+        few = [f for f in found if not f.photograph and f.regions < MIN_REGIONS]
+        category = tasks[index].category
+        if few and len(few) == len(found):
+            problems.append(f"task '{category}': every structure map ({len(found)}) has fewer than {MIN_REGIONS} "
+                            f"regions (label 0 = no region), e.g. '{few[0].path}', so SCL has nothing to learn from: "
                             "remake the maps (e.g. with --method felzenszwalb) or train with the option --no_scl of "
                             "the ucad sub-command")
-        else:
-            messages.append(f"warning: task '{category}': {len(found)} of {total} structure maps have fewer than "
-                            f"{MIN_REGIONS} regions (label 0 = no region), e.g. '{found[0].path}'; those images "
+        elif few:
+            messages.append(f"warning: task '{category}': {len(few)} of {len(found)} structure maps have fewer than "
+                            f"{MIN_REGIONS} regions (label 0 = no region), e.g. '{few[0].path}'; those images "
                             "take no part in prompt training (SCL)")
     if problems:
         listed = problems[:MAX_LISTED_PROBLEMS]

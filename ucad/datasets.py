@@ -2,7 +2,7 @@
 
 Listing is separate from decoding (`ucad.images`), so a bad path or a misspelt category fails in a second, before
 any model is built. The training run and the structure-map maker both list through here, so they agree on which
-files are data; each layout is one `register_layout` call."""
+files are data."""
 from __future__ import annotations
 
 import csv
@@ -67,9 +67,7 @@ def _images_in(folder: Path) -> list[Path]:
 def _refuse_loose_entries(folder: Path, meant: str) -> None:
     """An image lying in train/ or test/ itself belongs to no class, and a dangling link may be a whole defect
     folder: each is an error naming it, never dropped."""
-    for entry in sorted(folder.iterdir()):
-        if is_hidden(entry):
-            continue
+    for entry in sorted(p for p in folder.iterdir() if not is_hidden(p)):
         if entry.is_symlink() and not entry.exists():
             raise UcadError(f"'{entry}' is a symbolic link to '{os.readlink(entry)}', which does not exist: fix or "
                             "remove the link")
@@ -88,7 +86,7 @@ def output_name(image_path: Path) -> str:
     return f"{image_path.parent.name}_{image_path.stem}"
 
 
-def _check_names(task: "TaskSamples") -> None:
+def _check_names(task: TaskSamples) -> None:
     """Two images of a task sharing a name without suffix ('000.png', '000.tif') would share one structure map,
     and two test images sharing an output name one picture: each is an error naming both files."""
     seen: dict[Path, Path] = {}
@@ -107,21 +105,15 @@ def _check_names(task: "TaskSamples") -> None:
 
 
 def _check_root(root: Path, option: str) -> None:
-    if not root.is_dir():
-        problem = "is not a folder" if root.exists() else "does not exist"
-        twin = _stored_spelling(root)
-        if twin is not None:
-            problem += (f"; '{twin}' differs from it only in how accented letters are encoded (Unicode "
-                        "normalisation): type the path as stored there, e.g. by completing it with the Tab key")
-        raise UcadError(f"data path '{root}' {problem}: pass the folder holding the categories as {option}")
-
-
-def _stored_spelling(path: Path) -> Path | None:
-    """The existing sibling of a missing `path` whose name differs from it only by Unicode normalisation."""
-    parent = path.parent
-    if path.exists() or not parent.is_dir():
-        return None
-    return next((p for p in parent.iterdir() if p.name != path.name and nfc(p.name) == nfc(path.name)), None)
+    if root.is_dir():
+        return
+    problem = "is not a folder" if root.exists() else "does not exist"
+    siblings = [] if root.exists() or not root.parent.is_dir() else root.parent.iterdir()
+    twin = next((p for p in siblings if p.name != root.name and nfc(p.name) == nfc(root.name)), None)
+    if twin is not None:
+        problem += (f"; '{twin}' differs from it only in how accented letters are encoded (Unicode "
+                    "normalisation): type the path as stored there, e.g. by completing it with the Tab key")
+    raise UcadError(f"data path '{root}' {problem}: pass the folder holding the categories as {option}")
 
 
 def _category_as_stored(category: str, found: list[str]) -> str:
@@ -149,25 +141,20 @@ def mvtec_categories(root: Path) -> list[str]:
                   if not is_hidden(p) and (p / "train").is_dir() and (p / "test").is_dir())
 
 
-def is_mvtec_layout(root: Path) -> bool:
-    return bool(mvtec_categories(root)) or (root / "train").is_dir()
-
-
 def list_mvtec_task(root: Path, category: str, need_masks: bool = True) -> TaskSamples:
-    """One category in the MVTec AD layout; `category` "." means root itself is the category. Without
-    `need_masks` (the structure-map maker) a defect image's missing mask is no error (its mask_path is None)."""
-    category = _category_as_stored(category, mvtec_categories(root)) if root.is_dir() else category
+    """One category in the MVTec AD layout; `category` "." means root itself is the category."""
+    found = mvtec_categories(root) if root.is_dir() else []
+    category = _category_as_stored(category, found)
     folder = root if category == "." else root / category
     if category != "." and not (folder / "train").is_dir():
-        raise _unknown_category(category, mvtec_categories(root), root, "MVTec AD")
-    train_dir = folder / "train" / "good"
+        raise _unknown_category(category, found, root, "MVTec AD")
+    train_dir, test_dir = folder / "train" / "good", folder / "test"
     _refuse_loose_entries(folder / "train", "train/good/")
     if not train_dir.is_dir():
         raise UcadError(f"training folder '{train_dir}' is missing: a category needs train/good/ with normal images")
     train = [Sample(p, None, False, "good") for p in _images_in(train_dir)]
     if not train:
         raise UcadError(f"training folder '{train_dir}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    test_dir = folder / "test"
     if not test_dir.is_dir():
         raise UcadError(f"test folder '{test_dir}' is missing: a category needs test/good/ and test/<defect>/")
     _refuse_loose_entries(test_dir, "test/good/ (normal) or test/<defect type>/")
@@ -175,17 +162,17 @@ def list_mvtec_task(root: Path, category: str, need_masks: bool = True) -> TaskS
     for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not is_hidden(p)):
         defect = defect_dir.name
         for image in _images_in(defect_dir):
-            # an image in a sub-folder (a batch) has its mask in the same sub-folder of ground_truth/<defect>/
-            mask_folder = folder / "ground_truth" / defect / image.parent.relative_to(defect_dir)
-            mask = None if defect == "good" else mask_folder / f"{image.stem}_mask.png"
-            if mask is not None and not mask.is_file():
+            mask = None
+            if defect != "good":
+                # a mask lies in the same sub-folder (batch) of ground_truth/<defect>/ as its image in test/<defect>/;
                 # VisA converted by its official script (spot-diff prepare_data.py) names masks <name>.png
-                same_name = mask.with_name(f"{image.stem}.png")
-                if need_masks and not same_name.is_file():
-                    raise UcadError(f"defect image '{image}' has no mask: expected '{mask}' (or '{same_name}'). "
+                mask_folder = folder / "ground_truth" / defect / image.parent.relative_to(defect_dir)
+                names = (mask_folder / f"{image.stem}_mask.png", mask_folder / f"{image.stem}.png")
+                mask = next((name for name in names if name.is_file()), None)
+                if mask is None and need_masks:
+                    raise UcadError(f"defect image '{image}' has no mask: expected '{names[0]}' (or '{names[1]}'). "
                                     f"Every image in test/{defect}/ needs ground_truth/{defect}/<name>_mask.png, "
                                     "in the same sub-folder as the image")
-                mask = same_name if same_name.is_file() else None
             test.append(Sample(image, mask, defect != "good", defect))
     if not test:
         raise UcadError(f"test folder '{test_dir}' holds no images")
@@ -216,13 +203,11 @@ def read_visa_split(split_file: Path, required=VISA_COLUMNS) -> list[VisaRow]:
             raise UcadError(f"split file '{split_file}' line {line} has {fields} fields instead of {len(header)} "
                             "(a truncated or damaged file?): restore it from the VisA download")
         values = {c: (row.get(c) or "").strip() for c in VISA_COLUMNS}
-        values["split"], values["label"] = values["split"].lower(), values["label"].lower()
-        if values["split"] not in ("train", "test"):
-            raise UcadError(f"split file '{split_file}' line {line}: split '{row['split']}' is neither train nor "
-                            f"test ({values['image']}); fix that row")
-        if "label" in required and values["label"] not in ("normal", "anomaly"):
-            raise UcadError(f"split file '{split_file}' line {line}: label '{row['label']}' is neither normal nor "
-                            f"anomaly ({values['image']}); fix that row")
+        for column, allowed in (("split", ("train", "test")), ("label", ("normal", "anomaly"))):
+            values[column] = values[column].lower()
+            if column in required and values[column] not in allowed:
+                raise UcadError(f"split file '{split_file}' line {line}: {column} '{row[column]}' is neither "
+                                f"{allowed[0]} nor {allowed[1]} ({values['image']}); fix that row")
         earlier = first_line.setdefault(nfc(values["image"]), line)
         if earlier != line:
             raise UcadError(f"split file '{split_file}' line {line} repeats the image {values['image']} of line "
@@ -256,17 +241,18 @@ def is_visa_layout(root: Path) -> bool:
 
 def list_visa_task(root: Path, category: str, need_masks: bool = True) -> TaskSamples:
     """VisA as distributed (split_csv/1cls.csv) or converted to the MVTec layout. Without `need_masks` the label
-    and mask columns may be absent and a missing mask is no error."""
+    and mask columns may be absent."""
     split_file = root / VISA_SPLIT_FILE
     if not split_file.is_file():
         if mvtec_categories(root):
             return list_mvtec_task(root, category, need_masks)
         raise _no_visa_split_file(root)
     all_rows = read_visa_split(split_file, VISA_COLUMNS if need_masks else ("object", "split", "image"))
-    category = _category_as_stored(category, sorted({row.object for row in all_rows}))
+    found = sorted({row.object for row in all_rows})
+    category = _category_as_stored(category, found)
     rows = [row for row in all_rows if row.object == category]
     if not rows:
-        raise _unknown_category(category, sorted({row.object for row in all_rows}), root, "VisA")
+        raise _unknown_category(category, found, root, "VisA")
     train, test = [], []
     for row in rows:
         image = root / row.image
@@ -302,7 +288,7 @@ def register_layout(layout: DataLayout) -> None:
 register_layout(DataLayout(
     "mvtec", "the MVTec layout (ROOT/<category>/train/good/*.png, ROOT/<category>/test/<type>/*.png) or a single "
              "category folder (ROOT/train/good/*, ROOT/test/<type>/*)",
-    is_mvtec_layout, mvtec_categories, list_mvtec_task))
+    lambda root: bool(mvtec_categories(root)) or (root / "train").is_dir(), mvtec_categories, list_mvtec_task))
 register_layout(DataLayout(
     "visa", "VisA as distributed (ROOT/<category>/Data/Images/{Normal,Anomaly}/*.JPG with ROOT/split_csv/1cls.csv) "
             "or converted to the MVTec layout",
@@ -326,10 +312,12 @@ def detect_layout(root: str | Path) -> str:
 def list_tasks(name: str, root: str | Path, categories: list[str], train_val_split: float = 1.0,
                seed: int = 0, need_masks: bool = True) -> list[TaskSamples]:
     """All tasks of a run, in the order given, every category checked before anything trains. Without `need_masks`
-    (the structure-map maker) a test image's missing mask is no error."""
+    (the structure-map maker) a defect image's missing mask is no error: its mask_path is None."""
     root = Path(root)
     if name not in LAYOUTS:
         raise UcadError(f"unknown data layout '{name}': choose one of {', '.join(LAYOUTS)}")
+    if not 0.0 < train_val_split <= 1.0:
+        raise UcadError(f"--train_val_split must be in (0, 1], got {train_val_split}")
     layout = LAYOUTS[name]
     _check_root(root, f"DATA_PATH of 'dataset {name}'")
     single_category = (root / "train").is_dir()  # "." lists the root itself as the one category
@@ -343,9 +331,6 @@ def list_tasks(name: str, root: str | Path, categories: list[str], train_val_spl
     tasks = [layout.list_task(root, category, need_masks) for category in categories]
     for task in tasks:
         _check_names(task)
-    if not 0.0 < train_val_split <= 1.0:
-        raise UcadError(f"--train_val_split must be in (0, 1], got {train_val_split}")
-    for task in tasks:
         # a seeded subset, not the first files, so the split does not depend on file naming
         order = list(range(len(task.train)))
         random.Random(seed).shuffle(order)

@@ -30,11 +30,9 @@ def select_device(gpus: tuple[int, ...] | list[int], force_cpu: bool = False, wa
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """None means full fp32. 'auto' is bf16 on GPUs that support it, fp32 on the CPU."""
-    if precision != "auto":
-        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    if device.type == "cuda":
+    if precision == "auto" and device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
+    return {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def keep_fp32_exact(device: torch.device) -> None:
@@ -50,10 +48,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 class OutOfMemoryRetry:
-    """Batches of at most `batch_size` items: `retry.run(step)` returns step(size), which processes the next at most
-    `size` items. A batch that runs out of GPU memory is retried once with half the size, for this and every later
-    batch, with one line saying so; a second GPU out-of-memory error, or running out of host memory, ends the run
-    with a UcadError naming `option`, the setting that decides the batch size."""
+    """`run(step)` returns step(size), which processes the next at most `size` items. A batch that runs out of GPU
+    memory is retried once with half the size, for this and every later batch, with one line saying so; a second
+    GPU out-of-memory error, or running out of host memory, ends the run with a UcadError naming `option`."""
 
     def __init__(self, batch_size: int, what: str, option: str, warn=None):
         self.batch_size = self.requested = batch_size
@@ -71,13 +68,11 @@ class OutOfMemoryRetry:
             # here, outside the except block, the failed batch's tensors (held by the traceback) are free again
             halved_before = self.batch_size < self.requested
             if kind != "gpu" or halved_before or self.batch_size == 1:
-                where = "GPU" if kind == "gpu" else "host (CPU)"
-                raise UcadError(f"out of {where} memory in {self.what} with batches of {self.batch_size} "
-                                f"({self.option} {self.requested}): rerun with a smaller {self.option} (add --resume "
-                                "to keep the finished tasks)")
+                raise UcadError(f"out of {'GPU' if kind == 'gpu' else 'host (CPU)'} memory in {self.what} with batches "
+                                f"of {self.batch_size} ({self.option} {self.requested}): rerun with a smaller "
+                                f"{self.option} (add --resume to keep the finished tasks)")
             self.batch_size //= 2
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # a no-op unless CUDA is in use
             self.warn(f"note: out of GPU memory in {self.what} with batches of {self.requested} ({self.option} "
                       f"{self.requested}); retrying with batches of {self.batch_size}")
 

@@ -3,8 +3,7 @@
     python -m ucad.evaluate [--cpu] MODEL dataset [-d CATEGORY ...] mvtec DATA_PATH
 
 Each category's test set is scored as in the last phase of a run (task_agnostic and oracle, with the model's
-thresholds); the run's result files go to `evaluation_N` beside the model's `models/` folder, or to --output_path.
-"""
+thresholds); the run's result files go to `evaluation_N` beside the model's `models/` folder, or to --output_path."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import click
 
 from ucad.cli import config_parameters, one_line_errors, shared_options
-from ucad.config import DataConfig, LearningConfig, RunConfig, check_bounds, to_dict
+from ucad.config import DataConfig, RunConfig, check_bounds, to_dict
 from ucad.datasets import list_tasks, nfc
 from ucad.device import select_device
 from ucad.errors import RunInterrupted, UcadError
@@ -28,9 +27,8 @@ from ucad.timing import PhaseTimer
 DATA_FIELDS = ("name", "data_path", "categories", "num_workers")  # the rest of `dataset` concerns learning
 
 
-def evaluate_model(model_path: Path, data: DataConfig, device, output_path: Path | None = None,
-                   batch_size: int = LearningConfig.feature_batch_size, pictures: bool = False,
-                   maps: bool = False) -> Path:
+def evaluate_model(model_path: Path, data: DataConfig, device, output_path: Path | None, batch_size: int,
+                   pictures: bool, maps: bool) -> Path:
     """Scores the data set's test images with the saved model; returns the folder the results went to."""
     check_bounds(data)
     folder = Path(model_path).resolve().parent
@@ -54,8 +52,7 @@ def evaluate_model(model_path: Path, data: DataConfig, device, output_path: Path
         index = learned.index(nfc(task.category))
         evaluator.add_test_set(load_test_set(index, task, model.config.geometry, data.num_workers))
     records = evaluator.evaluate_phase(phase)
-    out = Path(output_path) if output_path else new_run_dir(base, "", "evaluation")
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(output_path) if output_path else new_run_dir(base, "", "evaluation")  # --output_path was made above
     write_run_results(out, records, evaluator.image_rows(phase), task_names, {"timings": timer.as_dict()})
     write_json(out / "config.json", {"model_path": str(model_path), "data": to_dict(data), "device": str(device),
                                      "model_run_configuration": model.run_configuration})

@@ -85,18 +85,9 @@ class Scaling:
         return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def _declared_depth(image: Image.Image) -> int | None:
-    """Bits per sample as a TIFF declares them (12-bit cameras); a 32-bit TIFF declares its container, not the
-    bits its values use, so 32 is no declaration."""
-    declared = (getattr(image, "tag_v2", None) or {}).get(258)  # TIFF's BitsPerSample
-    if isinstance(declared, (tuple, list)):
-        declared = declared[0] if declared else None
-    return declared if isinstance(declared, int) and 8 < declared < 32 else None
-
-
 def bit_depth(image: Image.Image) -> int:
-    """Bits per sample: as a TIFF declares them, 16 for the 16-bit modes (PNG has no depth between 8 and 16), and
-    for a mode I picture without a declared depth the bits its largest value needs, at least 16."""
+    """Bits per sample: as a TIFF declares them (12-bit cameras), 16 for the 16-bit modes (PNG has no depth between
+    8 and 16), and for a mode I picture without a declared depth the bits its largest value needs, at least 16."""
     declared = _declared_depth(image)
     if declared is not None:
         return declared
@@ -105,11 +96,18 @@ def bit_depth(image: Image.Image) -> int:
     return 16 if image.mode in WIDE_INTEGER_MODES else 8
 
 
+def _declared_depth(image: Image.Image) -> int | None:
+    """A 32-bit TIFF declares its container, not the bits its values use, so 32 is no declaration."""
+    declared = (getattr(image, "tag_v2", None) or {}).get(258)  # TIFF's BitsPerSample, one per channel
+    if isinstance(declared, (tuple, list)):
+        declared = declared[0] if declared else None
+    return declared if isinstance(declared, int) and 8 < declared < 32 else None
+
+
 def scaling(image: Image.Image) -> Scaling | None:
-    """The range that becomes 0..255 for a picture of more than 8 bits (None for 8-bit modes). Integer pictures
-    are scaled by their bit depth, so a dark picture stays dark; one whose depth is not stored by the bits its
-    values reach; float pictures by [0, 1] when they lie there, else by their own range. Anything else is a
-    UcadError naming the mode (the caller adds the file)."""
+    """The range that becomes 0..255 for a picture of more than 8 bits, None for 8-bit modes. Integer pictures are
+    scaled by their bit depth, so that a dark picture stays dark; float pictures by [0, 1] when they lie there.
+    Anything else is a UcadError naming the mode (the caller adds the file)."""
     if image.mode in EIGHT_BIT_MODES:
         return None
     if image.mode not in WIDE_INTEGER_MODES and image.mode != "F":
@@ -135,9 +133,8 @@ def scaling(image: Image.Image) -> Scaling | None:
 
 
 def to_8_bit(image: Image.Image) -> Image.Image:
-    """A picture of more than 8 bits scaled to 8 bits as a viewer shows it (see `scaling`): PIL's convert("RGB")
-    clips at 255, which turns almost every 16-bit picture white and every float picture black; 8-bit pictures
-    are returned as they are."""
+    """A picture as a viewer shows it: PIL's convert("RGB") clips at 255, which turns almost every 16-bit picture
+    white and every float picture black."""
     rule = scaling(image)
     return image if rule is None else Image.fromarray(rule.apply(np.asarray(image)))
 
@@ -171,8 +168,7 @@ def load_mask(path: Path | None, geometry: ImageGeometry) -> np.ndarray:
 
 def load_label_map(array: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
     """A full-resolution region-label map at the input geometry; float32 holds every 16-bit region id exactly."""
-    resized = geometry.apply(torch.from_numpy(array.astype(np.float32)), nearest=True)
-    return resized.numpy().astype(np.int32)
+    return geometry.apply(torch.from_numpy(array.astype(np.float32)), nearest=True).numpy().astype(np.int32)
 
 
 def parallel_map(function, items: list, workers: int, show: bool, **progress) -> list:
@@ -197,6 +193,4 @@ def load_masks(samples: list[Sample], geometry: ImageGeometry, workers: int) -> 
 
 def normalize(images_uint8: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """uint8 (B,3,H,W) on any device -> float normalised with the backbone's mean and std."""
-    mean_t = torch.tensor(mean, device=images_uint8.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=images_uint8.device).view(1, 3, 1, 1)
-    return (images_uint8.float() / 255.0 - mean_t) / std_t
+    return TF.normalize(images_uint8.float() / 255.0, list(mean), list(std))

@@ -3,8 +3,7 @@ float32 = 784 KiB per task; fp16 stores twice as many vectors in those bytes, pr
 
 Scoring always runs on the decoded float32 vectors, so a nearest-neighbour distance to PQ-coded knowledge is the
 asymmetric distance faiss's IndexPQ computes (exact query, reconstructed memory). Decoding needs torch only, so a
-saved model scores on a machine without faiss.
-"""
+saved model scores on a machine without faiss."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,8 +46,7 @@ class PackedKnowledge:
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device | str = "cpu") -> "PackedKnowledge":
-        return cls(state["storage"], *(state[k].to(device) if k in state else None
-                                       for k in ("vectors", "codes", "codebook")))
+        return cls(**{key: value.to(device) if torch.is_tensor(value) else value for key, value in state.items()})
 
 
 def pack_knowledge(selected: torch.Tensor, storage: str, training: torch.Tensor | None = None,
@@ -59,10 +57,6 @@ def pack_knowledge(selected: torch.Tensor, storage: str, training: torch.Tensor 
         raise UcadError(f"--knowledge_storage '{storage}': choose one of {', '.join(KNOWLEDGE_STORAGES)}")
     if storage in VECTOR_DTYPES:
         return PackedKnowledge(storage, vectors=selected.to(VECTOR_DTYPES[storage]))
-    return _product_quantise(selected, selected if training is None else training, seed)
-
-
-def _product_quantise(selected: torch.Tensor, training: torch.Tensor, seed: int) -> PackedKnowledge:
     try:
         import faiss
     except ImportError:
@@ -71,18 +65,17 @@ def _product_quantise(selected: torch.Tensor, training: torch.Tensor, seed: int)
     if dim % PQ_SUBVECTOR_DIM:
         raise UcadError(f"--knowledge_storage pq needs a feature size divisible by {PQ_SUBVECTOR_DIM}, got {dim} "
                         "(--target_embed_dimension)")
+    training = selected if training is None else training
     if training.shape[0] < 2 ** PQ_BITS:
         raise UcadError(f"--knowledge_storage pq learns {2 ** PQ_BITS} centroids per sub-space from the task's patch "
                         f"features, but this task has only {training.shape[0]}: use fp16 or fp32 for so small a task")
-    generator = torch.Generator().manual_seed(seed)
     if training.shape[0] > PQ_TRAINING_POINTS:
-        training = training[torch.randperm(training.shape[0], generator=generator)[:PQ_TRAINING_POINTS]
-                            .to(training.device)]
-    train_np = np.ascontiguousarray(training.detach().float().cpu().numpy())
+        chosen = torch.randperm(training.shape[0], generator=torch.Generator().manual_seed(seed))[:PQ_TRAINING_POINTS]
+        training = training[chosen.to(training.device)]
     subspaces = dim // PQ_SUBVECTOR_DIM
     quantiser = faiss.ProductQuantizer(dim, subspaces, PQ_BITS)
     quantiser.cp.seed = seed
-    quantiser.train(train_np)
+    quantiser.train(np.ascontiguousarray(training.detach().float().cpu().numpy()))
     codebook = faiss.vector_to_array(quantiser.centroids).reshape(subspaces, 2 ** PQ_BITS, PQ_SUBVECTOR_DIM)
     codebook = torch.from_numpy(codebook).half()  # stored in fp16: the codebook is part of the task's bytes
     # encode against the fp16 codebook that is stored, so decoding reproduces exactly what was chosen
@@ -90,11 +83,3 @@ def _product_quantise(selected: torch.Tensor, training: torch.Tensor, seed: int)
     nearest = torch.cdist(sub_vectors, codebook.float()).argmin(dim=2)  # (M, N): each sub-vector's centroid
     codes = nearest.T.to(torch.uint8).contiguous()
     return PackedKnowledge("pq", codes=codes.to(selected.device), codebook=codebook.to(selected.device))
-
-
-def vectors_in_budget(storage: str, budget_bytes: int, dim: int) -> int:
-    """How many knowledge vectors of `dim` fit in `budget_bytes` with this storage (codebook included)."""
-    if storage in VECTOR_DTYPES:
-        return budget_bytes // (VECTOR_DTYPES[storage].itemsize * dim)
-    codebook = (dim // PQ_SUBVECTOR_DIM) * 2 ** PQ_BITS * PQ_SUBVECTOR_DIM * 2
-    return max(0, (budget_bytes - codebook) // (dim // PQ_SUBVECTOR_DIM))

@@ -1,13 +1,9 @@
 """Anomaly-detection metrics and continual-learning summaries.
 
 Every curve metric sorts the scores once (descending) and reads cumulative sums at the last index of each run of
-tied scores, so a threshold never splits a tie: this reproduces sklearn's ``roc_auc_score`` /
-``average_precision_score`` and the official MVTec AD AUPRO code, while staying fast on millions of pixels.
-
-Image metrics run in numpy. Pixel metrics run in torch on the device that holds the test set (a GPU sort of
-millions of scores takes milliseconds), from a :class:`PixelGroundTruth` built once per test set, since one set is
-scored many times. The AUPRO limit has no default here: it is the run's setting ``fpr_limit``.
-"""
+tied scores, so a threshold never splits a tie: this reproduces sklearn's roc_auc_score / average_precision_score
+and the official MVTec AD AUPRO code, while staying fast on millions of pixels. Image metrics run in numpy; pixel
+metrics in torch on the test set's device, from a PixelGroundTruth built once per test set (scored many times)."""
 from __future__ import annotations
 
 import math
@@ -46,17 +42,12 @@ def _binary_from_sorted(y_sorted: np.ndarray, ends: np.ndarray):
     n_pos, n_neg = int(tps[-1]), int(fps[-1])
     if n_pos == 0 or n_neg == 0:
         return _NAN, _NAN, _NAN
-
-    # Trapezoid ROC area on integer counts (exact up to the final division); starts at (0, 0).
-    tp = np.concatenate(([0], tps)).astype(np.float64)
-    fp = np.concatenate(([0], fps)).astype(np.float64)
-    auroc = float(np.sum(np.diff(fp) * (tp[1:] + tp[:-1])) / (2.0 * n_pos * n_neg))
-
+    # The ROC curve starts at (0, 0); its trapezoids on integer counts are exact up to the final division.
+    auroc = float(np.trapezoid(np.append(0, tps), np.append(0, fps)) / (n_pos * n_neg))
     # sklearn's AP: sum over distinct thresholds of (recall step) * precision, no interpolation.
     precision = tps / (ends + 1.0)
     recall = tps / float(n_pos)
-    ap = float(np.sum(np.diff(np.concatenate(([0.0], recall))) * precision))
-
+    ap = float(np.sum(np.diff(recall, prepend=0.0) * precision))
     denom = precision + recall
     f1 = np.divide(2.0 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
     return auroc, ap, float(f1.max())
@@ -75,9 +66,8 @@ def binary_metrics(labels, scores):
 
 
 def one_class_note(normal_images: int, anomalous_images: int, defect_pixels: int | None = None) -> str:
-    """Why metrics of a test set are left empty (nan), or '' when every one can be computed: the curve metrics
-    need normal and anomalous examples, and an F1 needs anomalous ones. Without `defect_pixels`, every anomalous
-    image is taken to have defect pixels in its mask."""
+    """Why metrics of a test set are left empty (nan), or '' when every one can be computed. Without
+    `defect_pixels`, every anomalous image is taken to have defect pixels in its mask."""
     if anomalous_images == 0:
         return ("its test set has no anomalous image, so no image or pixel metric can be computed (they need normal "
                 "and anomalous test images)")
@@ -99,10 +89,8 @@ def average_precision(labels, scores) -> float:
 
 
 def precision_recall_f1(labels, predicted) -> tuple[float, float, float]:
-    """Precision, recall and F1 of binary decisions (numpy or torch, any shape, any device).
-
-    A decision rule that flags nothing has precision 0 (sklearn's zero_division=0); all three are nan when no
-    positive exists, since recall is then undefined."""
+    """Precision, recall and F1 of binary decisions (numpy or torch, any shape, any device). Flagging nothing has
+    precision 0 (sklearn's zero_division=0); all three are nan without positives, since recall is then undefined."""
     labels = torch.as_tensor(labels).reshape(-1) != 0
     predicted = torch.as_tensor(predicted, device=labels.device).reshape(-1) != 0
     if labels.shape != predicted.shape:
@@ -126,22 +114,15 @@ def _stack_shape(shape) -> tuple:
     return shape
 
 
-def _as_stack(a, name: str) -> np.ndarray:
-    a = np.asarray(a)
-    shape = _stack_shape(a.shape)
-    if len(shape) != 3:
-        raise ValueError(f"{name} must have shape (N, H, W), got {a.shape}")
-    return a.reshape(shape)
-
-
 def _binary_masks(masks) -> np.ndarray:
+    """The (N, H, W) bool stack of defect pixels: > 0.5, so that bool, {0, 1} and {0, 255} masks agree."""
     if isinstance(masks, torch.Tensor):
-        masks = masks.detach().cpu()
-        if masks.dtype not in (torch.bool, torch.uint8):
-            masks = masks.float()  # also covers bfloat16, which numpy lacks
-        masks = masks.numpy()
-    # > 0.5 so that bool, {0, 1} and {0, 255} masks all mean the same thing.
-    return _as_stack(masks, "masks") > 0.5
+        masks = masks.detach().cpu().float()  # also for bfloat16, which numpy lacks
+    masks = np.asarray(masks)
+    shape = _stack_shape(masks.shape)
+    if len(shape) != 3:
+        raise ValueError(f"masks must have shape (N, H, W), got {masks.shape}")
+    return masks.reshape(shape) > 0.5
 
 
 def _pro_weights(gt: np.ndarray):
@@ -154,10 +135,8 @@ def _pro_weights(gt: np.ndarray):
     if n_regions == 0:
         return None, 0
     labeled = labeled.ravel()
-    area = np.bincount(labeled, minlength=n_regions + 1).astype(np.float64)
-    inc = np.zeros(n_regions + 1, dtype=np.float64)
-    inc[1:] = 1.0 / (area[1:] * n_regions)
-    return inc[labeled], n_regions
+    increment = np.concatenate(([0.0], 1.0 / (np.bincount(labeled)[1:] * float(n_regions))))
+    return increment[labeled], n_regions
 
 
 def _check_limit(fpr_limit: float) -> float:
@@ -169,10 +148,8 @@ def _check_limit(fpr_limit: float) -> float:
 
 def compute_task_metrics(image_labels, image_scores, masks, anomaly_maps, fpr_limit: float,
                          ground_truth: PixelGroundTruth | None = None) -> dict:
-    """Image and pixel metrics of one task; the pixel ones are nan without maps or without ground truth.
-
-    The pixel ground truth is ``ground_truth`` (``masks`` may then be None) or else is built from ``masks`` on the
-    CPU. ``anomaly_maps`` may be numpy or a torch tensor on any device."""
+    """Image and pixel metrics of one task; the pixel ones are nan without maps or without ground truth, which is
+    `ground_truth` (`masks` may then be None) or else is built from `masks` on the CPU."""
     out = dict(zip(IMAGE_KEYS, binary_metrics(image_labels, image_scores)))
     out.update(dict.fromkeys(PIXEL_KEYS, _NAN))
     if anomaly_maps is None or (ground_truth is None and masks is None):
@@ -186,11 +163,8 @@ def compute_task_metrics(image_labels, image_scores, masks, anomaly_maps, fpr_li
 
 
 class PixelGroundTruth:
-    """What the pixel metrics of a test set need from its masks only, on ``device``.
-
-    ``masks``: (N, H, W), (H, W) or (N, 1, H, W), numpy or torch; pixels > 0.5 are defects. ``labels`` holds the
-    flattened bool labels; ``pro_increment`` (float64, None without regions) is 1 / (area_r * num_regions) on the
-    pixels of region r (an 8-connected component of one image's mask) and 0 on normal pixels."""
+    """What the pixel metrics of a test set need from its (N, H, W), (H, W) or (N, 1, H, W) masks, on `device`:
+    the flattened bool `labels` and the `pro_increment` of the 8-connected defect regions of each image."""
 
     def __init__(self, masks, device="cpu"):
         self.device = torch.device(device)
@@ -199,32 +173,24 @@ class PixelGroundTruth:
         self.num_defect = int(np.count_nonzero(gt))
         self.num_normal = int(gt.size) - self.num_defect
         pro_increment, self.num_regions = _pro_weights(gt)
-        self.labels = torch.from_numpy(np.ascontiguousarray(gt.ravel())).to(self.device)
-        self.pro_increment = None if pro_increment is None else torch.from_numpy(pro_increment).to(self.device)
+        self.labels = torch.as_tensor(gt.ravel(), device=self.device)
+        self.pro_increment = None if pro_increment is None else torch.as_tensor(pro_increment, device=self.device)
 
 
 def _maps_to_tensor(anomaly_maps, device: torch.device) -> torch.Tensor:
-    if isinstance(anomaly_maps, torch.Tensor):
-        t = anomaly_maps.detach()
-    else:
-        a = np.asarray(anomaly_maps)
-        if a.dtype.kind not in "fiub":
-            raise ValueError(f"scores must be numeric, got dtype {a.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(a))
-    t = t.to(device)
-    if t.is_complex():
-        raise ValueError(f"scores must be real, got dtype {t.dtype}")
-    if t.dtype in (torch.float16, torch.bfloat16):
-        t = t.float()  # exact, so ties are the same as in half precision
-    elif t.dtype == torch.bool:
-        t = t.to(torch.uint8)
-    return t
+    if not isinstance(anomaly_maps, torch.Tensor):
+        anomaly_maps = np.ascontiguousarray(anomaly_maps)  # torch takes no negative strides
+    maps = torch.as_tensor(anomaly_maps, device=device).detach()
+    if maps.is_complex():
+        raise ValueError(f"scores must be real, got dtype {maps.dtype}")
+    if maps.dtype in (torch.float16, torch.bfloat16):
+        return maps.float()  # exact, so ties are the same as in half precision
+    return maps.to(torch.uint8) if maps.dtype == torch.bool else maps
 
 
 def pixel_metrics_torch(ground_truth: PixelGroundTruth, anomaly_maps, fpr_limit: float) -> dict:
-    """Pixel AUROC, AP, F1-max and AUPRO of ``anomaly_maps`` (numpy, or torch of any real dtype on any device),
-    computed on the ground truth's device with float64 / int64 accumulation; all nan when only one class of
-    pixel is present."""
+    """Pixel AUROC, AP, F1-max and AUPRO of `anomaly_maps` (numpy, or torch of any real dtype on any device) on the
+    ground truth's device, accumulated in float64 / int64; all nan when only one class of pixel is present."""
     fpr_limit = _check_limit(fpr_limit)
     gt = ground_truth
     maps = _maps_to_tensor(anomaly_maps, gt.device)
@@ -239,28 +205,22 @@ def pixel_metrics_torch(ground_truth: PixelGroundTruth, anomaly_maps, fpr_limit:
 
     # Order inside a tie does not matter: only cumulative sums at tie ends are read.
     s_sorted, order = torch.sort(scores, descending=True)
-    ends = torch.nonzero(s_sorted[1:] != s_sorted[:-1]).squeeze(1)
-    del s_sorted
-    ends = torch.cat((ends, ends.new_full((1,), scores.numel() - 1)))
-    zero = ends.new_zeros(1)
-
-    # Counts at each distinct threshold (int64, exact): predicted positives, TP, FP and steps.
+    ends = torch.unique_consecutive(s_sorted, return_counts=True)[1].cumsum(0) - 1
+    del s_sorted  # millions of scores: freed before the cumulative sums
+    # Counts at each distinct threshold (int64, exact): predicted positives k, TP, FP and their steps.
     k_pred = ends + 1
     # index_select: the same gather as [idx], several times faster on CPU.
     tps = torch.cumsum(gt.labels.index_select(0, order), 0, dtype=torch.int64).index_select(0, ends)
     fps = k_pred - tps
-    dtp = torch.diff(tps, prepend=zero)
-    dfp = torch.diff(fps, prepend=zero)
+    dtp = torch.diff(tps, prepend=tps.new_zeros(1))
     # ROC trapezoids from (0, 0): dfp * (tp_prev + tp) = dfp * (2 tp - dtp), summed exactly.
-    twice_area = torch.sum(dfp * (2 * tps - dtp))
-
-    # sklearn's AP: sum of (recall step) * precision = sum(dtp * tp / k) / n_pos.
-    # F1 = 2 p r / (p + r) = 2 tp / (k + n_pos).
+    twice_area = torch.sum(torch.diff(fps, prepend=fps.new_zeros(1)) * (2 * tps - dtp))
+    # sklearn's AP: sum of (recall step) * precision = sum(dtp * tp / k) / n_pos; F1 = 2 tp / (k + n_pos).
     tps_f = tps.to(torch.float64)
     k_f = k_pred.to(torch.float64)
     ap = torch.sum(dtp.to(torch.float64) * tps_f / k_f) / float(n_pos)
     f1max = 2.0 * torch.max(tps_f / (k_f + float(n_pos)))
-    del tps_f, k_f, dtp, dfp, tps
+    del tps_f, k_f, dtp, tps  # freed before the AUPRO's own buffers of the same size
     parts = [twice_area.to(torch.float64), ap, f1max]
     if gt.pro_increment is not None:
         parts.append(_aupro(gt.pro_increment, order, ends, fps, n_neg, fpr_limit))
@@ -270,39 +230,22 @@ def pixel_metrics_torch(ground_truth: PixelGroundTruth, anomaly_maps, fpr_limit:
 
 
 def _aupro(pro_increment, order, ends, fps, n_neg: int, fpr_limit: float) -> torch.Tensor:
-    """Normalised area under the PRO curve up to the FPR limit, a 0-d float64 tensor.
-
-    Normal pixels are the negatives, so FPR = fps / n_neg; the curve starts at (0, 0) and has one point per
-    threshold. Only the points up to the limit (and one beyond, to interpolate) are needed, so PRO is accumulated
-    over that prefix of pixels only."""
-    k = 1 + int(torch.searchsorted(fps, fps.new_full((1,), _max_count_within(fpr_limit, n_neg)), right=True).item())
-    n_points = fps.numel() + 1
-    m = min(k, n_points - 1)  # thresholds needed: ends[:m]
-    ends_m = ends[:m]
-    stop = int(ends_m[-1].item()) + 1
-    pro = torch.cumsum(pro_increment.index_select(0, order[:stop]), 0).index_select(0, ends_m)
-    # Rounding can overshoot 1 by an ulp; the curve is a fraction.
-    pro = torch.cat((pro.new_zeros(1), pro)).clamp_(0.0, 1.0)
-    x = torch.cat((pro.new_zeros(1), fps[:m].to(torch.float64) / float(n_neg)))
+    """Normalised area under the PRO curve up to the FPR limit, a 0-d float64 tensor. Normal pixels are the
+    negatives (FPR = fps / n_neg); the curve starts at (0, 0), one point per threshold. Only the points up to the
+    limit (and one beyond, to interpolate) are needed, so PRO is accumulated over that prefix of pixels only."""
+    fpr = fps.to(torch.float64) / float(n_neg)
+    k = 1 + int(torch.searchsorted(fpr, fpr_limit, right=True))  # curve points within the limit, (0, 0) included
+    ends_m = ends[:min(k, fpr.numel())]  # the thresholds needed
+    pro = torch.cumsum(pro_increment.index_select(0, order[:int(ends_m[-1]) + 1]), 0).index_select(0, ends_m)
+    pro = torch.cat((pro.new_zeros(1), pro)).clamp_(0.0, 1.0)  # rounding can overshoot 1 by an ulp
+    x = torch.cat((fpr.new_zeros(1), fpr[:ends_m.numel()]))
     area = torch.sum(0.5 * (pro[1:k] + pro[: k - 1]) * torch.diff(x[:k]))
-    if k < n_points:  # interpolate the segment that crosses the limit
+    if k <= fpr.numel():  # interpolate the segment that crosses the limit
         x0, x1, y0, y1 = x[k - 1], x[k], pro[k - 1], pro[k]
         y_at = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
         part = 0.5 * (y0 + y_at) * (fpr_limit - x0)
         area = area + torch.where(x0 < fpr_limit, part, torch.zeros_like(part))
     return area / fpr_limit
-
-
-def _max_count_within(fpr_limit: float, n_neg: int) -> int:
-    """Largest integer c with float64(c / n_neg) <= fpr_limit, rounded as float64(fps) / n_neg is."""
-    # Python's int / int is correctly rounded like numpy's float64(c) / float64(n), and
-    # rounding is monotone, so the counts within the limit are exactly 0..c.
-    c = int(math.floor(fpr_limit * n_neg))
-    while (c + 1) / n_neg <= fpr_limit:
-        c += 1
-    while c >= 0 and c / n_neg > fpr_limit:
-        c -= 1
-    return c
 
 
 def _as_matrix(R) -> np.ndarray:
@@ -312,10 +255,13 @@ def _as_matrix(R) -> np.ndarray:
     return R
 
 
+def _mean_of_known(values: np.ndarray) -> float:
+    return float(np.nanmean(values)) if np.isfinite(values).any() else _NAN
+
+
 def final_average(R) -> float:
     """Mean over tasks of the last row of the accuracy matrix (nan entries ignored)."""
-    last = _as_matrix(R)[-1]
-    return float(np.nanmean(last)) if np.isfinite(last).any() else _NAN
+    return _mean_of_known(_as_matrix(R)[-1])
 
 
 def forgetting_measure(R) -> float:
@@ -323,10 +269,6 @@ def forgetting_measure(R) -> float:
     R = _as_matrix(R)
     if R.shape[0] == 1:
         return _NAN
-    # Only rows l in [j, T-2] count for task j, whatever the caller stored above the diagonal.
-    prev = R[:-1, :-1]
-    seen = np.tril(np.ones(prev.shape, dtype=bool)) & ~np.isnan(prev)
-    best = np.max(np.where(seen, prev, -np.inf), axis=0)
-    best[~seen.any(axis=0)] = np.nan
-    drop = best - R[-1, :-1]
-    return float(np.nanmean(drop)) if np.isfinite(drop).any() else _NAN
+    # Only rows l in [j, T-2] count for task j, whatever the caller stored above the diagonal; fmax skips nan.
+    earlier = np.where(np.tril(np.ones((R.shape[0] - 1,) * 2, dtype=bool)), R[:-1, :-1], np.nan)
+    return _mean_of_known(np.fmax.reduce(earlier, axis=0) - R[-1, :-1])

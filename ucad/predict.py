@@ -1,17 +1,14 @@
-"""Score new images with a saved UCAD model, without knowing which product (task) they show.
+"""Score new images with a saved UCAD model, without knowing which product (task) they show:
 
     python -m ucad.predict results/.../models/ucad_model.pt IMAGE_FOLDER OUTPUT_FOLDER [--cpu | --gpu N]
 
 Input and output only: the scoring is `UcadModel.score`, the path the run's own evaluation takes. Writes
-predictions.csv (image, routed task, key distances, image score, the routed task's threshold, is_anomalous,
-anomalous area, output name) and per image: maps/<name>.npy (the anomaly map), masks/<name>.png (pixels above the
-routed task's pixel threshold, 0/255) and pictures/<name>.png (image | map overlay with colour bar | predicted
-mask), where <name> is the image's path under IMAGE_FOLDER with '__' between folders. Maps and masks are at the
-model's input geometry (after its resize and crop).
-"""
+predictions.csv (image, routed task, key distances, score, the routed task's threshold, is_anomalous, anomalous
+area, output name) and per image maps/<name>.npy, masks/<name>.png (pixels above the routed task's pixel threshold,
+0/255) and pictures/<name>.png, where <name> is the image's path under IMAGE_FOLDER with '__' between folders.
+Maps and masks are at the model's input geometry (after its resize and crop)."""
 from __future__ import annotations
 
-import os
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -32,29 +29,28 @@ from ucad.results import write_csv
 from ucad.visualize import prediction_picture
 
 
-def find_images(folder: Path, output: Path | None = None) -> list[Path]:
+def find_images(folder: Path, output: Path) -> list[Path]:
     """The images under `folder`, recursively; nothing under `output` (an output folder inside the image folder
     holds the pictures of an earlier run, which are no input)."""
     if not folder.is_dir():
         raise UcadError(f"image folder '{folder}' does not exist")
-    skipped = Path(os.path.realpath(output)) if output is not None else None
+    skipped = output.resolve()
     found = [p for p in folder.rglob("*") if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-             and not (skipped and Path(os.path.realpath(p)).is_relative_to(skipped))]
+             and not p.resolve().is_relative_to(skipped)]
     dangling = next((p for p in found if p.is_symlink() and not p.exists()), None)
     if dangling is not None:
-        raise UcadError(f"image '{dangling}' is a symbolic link to '{os.readlink(dangling)}', which does not exist: "
+        raise UcadError(f"image '{dangling}' is a symbolic link to '{dangling.readlink()}', which does not exist: "
                         "fix or remove the link")
     paths = sorted(p for p in found if p.is_file())
     if not paths:
-        raise UcadError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under '{folder}'"
-                        + (f" outside the output folder '{output}'" if skipped else ""))
+        raise UcadError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under '{folder}' outside the output "
+                        f"folder '{output}'")
     return paths
 
 
 def output_names(relative_paths: list[Path]) -> list[str]:
-    """The name each image's map, mask and picture are saved under: its path under the image folder without
-    suffix, '__' between folders; images that would share one ('a.png' and 'a.jpg') keep their suffix, and a
-    name still taken gets a number, so no output overwrites another."""
+    """The name each image's outputs are saved under: its path under the image folder without suffix, '__' between
+    folders; images that would share one ('a.png', 'a.jpg') keep their suffix, a name still taken gets a number."""
     plain = ["__".join(path.with_suffix("").parts) for path in relative_paths]
     shared = Counter(plain)
     names = [name if shared[name] == 1 else "__".join(path.parts) for name, path in zip(plain, relative_paths)]
@@ -70,9 +66,7 @@ def prepare_output_folder(folder: Path, option: str) -> None:
     """Make the output folder and write a file there, so that an unusable one is one line before any work."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=".ucad-write-test-", dir=folder)
-        os.close(handle)
-        os.remove(probe)
+        tempfile.TemporaryFile(prefix=".ucad-write-test-", dir=folder).close()
     except OSError as error:
         raise UcadError(f"{option} '{folder}' cannot be written ({error.strerror or error}); choose a folder you can "
                         "write to") from None
@@ -110,43 +104,39 @@ def _predict(model: UcadModel, folder: Path, paths: list[Path], out: Path, batch
                    "normal images were held out): is_anomalous and masks are left empty", err=True)
     for sub in ("maps", "masks", "pictures") if pictures else ("maps", "masks"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+    relative = [path.relative_to(folder) for path in paths]
+    outputs = output_names(relative)
     colour_range = None  # without thresholds: one colour scale for every picture, from the first batch
     rows = []
-    names_of = dict(zip(paths, output_names([path.relative_to(folder) for path in paths])))
-    progress = tqdm(total=len(paths), desc="scoring", unit="img")
-    for start in range(0, len(paths), batch_size):
-        batch_paths = paths[start:start + batch_size]
-        samples = [Sample(p, None, False, "good") for p in batch_paths]
-        images = load_images(samples, model.config.geometry, workers, show=False)
-        scored = model.score(images, batch_size=batch_size)
-        maps, distances = scored.anomaly_maps.numpy(), scored.key_distances.tolist()
-        if colour_range is None:
-            colour_range = (float(np.percentile(maps, 1)), float(np.percentile(maps, 99.9)))
-        for i, path in enumerate(batch_paths):
-            task, score = int(scored.routed_task[i]), float(scored.image_scores[i])
-            threshold, relative, distance = thresholds[task], path.relative_to(folder), distances[i][task]
-            name = names_of[path]
-            np.save(out / "maps" / f"{name}.npy", maps[i].astype(np.float32))
-            row = {"image": str(relative), "task": names[task], "key_distance": distance, "score": score,
-                   "image_threshold": "", "is_anomalous": "", "anomalous_area": "", "output_name": name}
-            mask, (low, high), verdict = None, colour_range, ": no threshold"
-            if threshold:
-                mask = maps[i] > threshold.pixel
-                Image.fromarray((mask * 255).astype(np.uint8)).save(out / "masks" / f"{name}.png")
-                row.update(image_threshold=threshold.image, is_anomalous=int(score > threshold.image),
-                           anomalous_area=float(mask.mean()))
-                # the colour bar runs from 0 to twice the routed task's pixel threshold, so the middle of the bar
-                # is where that task's "normal" ends
-                low, high = 0.0, 2.0 * threshold.pixel
-                verdict = f" vs threshold {threshold.image:.4g}: {'ANOMALOUS' if row['is_anomalous'] else 'normal'}"
-            rows.append({**row, **{f"key_distance_{n}": distances[i][k] for k, n in enumerate(names)}})
-            if pictures:
-                caption = (f"{relative}: routed to task '{names[task]}' (key distance {distance:.4g}); "
-                           f"score {score:.4g}{verdict}")
-                prediction_picture(images[i].numpy(), maps[i], mask, low, high, threshold.pixel if threshold else None,
-                                   caption, out / "pictures" / f"{name}.png")
-        progress.update(len(batch_paths))
-    progress.close()
+    with tqdm(total=len(paths), desc="scoring", unit="img") as progress:
+        for start in range(0, len(paths), batch_size):
+            batch = range(start, min(start + batch_size, len(paths)))
+            images = load_images([Sample(paths[j], None, False, "good") for j in batch], model.config.geometry,
+                                 workers, show=False)
+            scored = model.score(images, batch_size=batch_size)
+            maps, distances = scored.anomaly_maps.numpy(), scored.key_distances.tolist()
+            colour_range = colour_range or (float(np.percentile(maps, 1)), float(np.percentile(maps, 99.9)))
+            for i, j in enumerate(batch):
+                task, score, name = int(scored.routed_task[i]), float(scored.image_scores[i]), outputs[j]
+                threshold = thresholds[task]
+                np.save(out / "maps" / f"{name}.npy", maps[i].astype(np.float32))
+                row = {"image": str(relative[j]), "task": names[task], "key_distance": distances[i][task],
+                       "score": score, "image_threshold": "", "is_anomalous": "", "anomalous_area": "",
+                       "output_name": name}
+                mask, verdict = None, ": no threshold"
+                if threshold:
+                    mask = maps[i] > threshold.pixel
+                    Image.fromarray((mask * 255).astype(np.uint8)).save(out / "masks" / f"{name}.png")
+                    row.update(image_threshold=threshold.image, is_anomalous=int(score > threshold.image),
+                               anomalous_area=float(mask.mean()))
+                    verdict = f" vs threshold {threshold.image:.4g}: {'ANOMALOUS' if row['is_anomalous'] else 'normal'}"
+                rows.append({**row, **{f"key_distance_{n}": distances[i][k] for k, n in enumerate(names)}})
+                if pictures:
+                    caption = (f"{row['image']}: routed to task '{row['task']}' (key distance "
+                               f"{row['key_distance']:.4g}); score {score:.4g}{verdict}")
+                    prediction_picture(images[i].numpy(), maps[i], mask, threshold, colour_range, caption,
+                                       out / "pictures" / f"{name}.png")
+            progress.update(len(batch))
     write_csv(out / "predictions.csv", rows)
     flagged = sum(r["is_anomalous"] == 1 for r in rows)
     click.echo(f"scored {len(paths)} images with {len(model.tasks)} task(s) on {model.device}"

@@ -12,16 +12,9 @@ from torch import nn
 class PrefixPrompt(nn.Module):
     """tokens[layer, 0] are the prefix keys and tokens[layer, 1] the prefix values of that layer."""
 
-    kind = "prefix"
-
     def __init__(self, num_layers: int, length: int, dim: int, generator: torch.Generator | None = None):
         super().__init__()
-        if length < 1:
-            raise ValueError("prompt length must be at least 1")
         self.tokens = nn.Parameter(torch.rand(num_layers, 2, length, dim, generator=generator) * 2.0 - 1.0)
-
-    def key_value(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.tokens[layer, 0], self.tokens[layer, 1]
 
     def is_identity(self) -> bool:
         return False  # prefix tokens always take part in attention
@@ -29,8 +22,6 @@ class PrefixPrompt(nn.Module):
 
 class ChannelPrompt(nn.Module):
     """x -> x * (1 + scale) + shift per channel, at the input of each prompted stage."""
-
-    kind = "channel"
 
     def __init__(self, channels: list[int]):
         super().__init__()

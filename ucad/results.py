@@ -13,16 +13,14 @@ import numpy as np
 from ucad.metrics import final_average, forgetting_measure
 from ucad.run_folder import atomic_write
 
-METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")
 TABLE_METRICS = ("image_auroc", "image_f1_at_threshold", "image_f1max", "pixel_auroc", "pixel_ap", "aupro")
 TABLE_HEADINGS = {"image_f1_at_threshold": "img_f1@thr", "image_f1max": "img_f1max"}
-MATRIX_METRICS = METRICS + ("routing_accuracy", "routing_margin")
+MATRIX_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "routing_accuracy", "routing_margin")
 # honest decisions at the thresholds from held-out normal images, and the F1-max upper bound beside them
 THRESHOLD_METRICS = ("image_f1_at_threshold", "image_precision_at_threshold", "image_recall_at_threshold",
                      "image_f1max", "pixel_f1_at_threshold", "pixel_precision_at_threshold",
                      "pixel_recall_at_threshold", "pixel_f1max")
 SUMMARY_METRICS = MATRIX_METRICS + THRESHOLD_METRICS
-HEATMAP_LABELLED_TASKS = 20  # above this many tasks the picture shows colours only
 
 
 def _phases(records: list[dict]) -> int:
@@ -57,11 +55,15 @@ def summarize(records: list[dict]) -> list[dict]:
     return summary
 
 
+def _last_phase(records: list[dict]) -> dict[str, dict]:
+    """task -> its task-agnostic record after the last phase."""
+    last = _phases(records) - 1
+    return {r["task"]: r for r in records if r["phase"] == last and r["variant"] == "task_agnostic"}
+
+
 def notes_of_last_phase(records: list[dict]) -> dict[str, str]:
     """task -> why some of its metrics are empty, after the last phase."""
-    last = _phases(records) - 1
-    return {r["task"]: r["note"] for r in records
-            if r["phase"] == last and r["variant"] == "task_agnostic" and r.get("note")}
+    return {task: r["note"] for task, r in _last_phase(records).items() if r.get("note")}
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -80,17 +82,15 @@ def write_json(path: Path, data) -> None:
 
 
 def _jsonable(value):
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, (np.floating, float)):
-        return None if math.isnan(float(value)) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
+    return None if isinstance(value, float) and math.isnan(value) else value  # JSON has no NaN
 
 
 def write_run_results(run_dir: Path, records: list[dict], image_rows: list[dict], task_names: list[str],
@@ -103,41 +103,33 @@ def write_run_results(run_dir: Path, records: list[dict], image_rows: list[dict]
     summary = summarize(records)
     write_csv(run_dir / "results_mean.csv", summary)
     write_csv(run_dir / "scores_per_image.csv", image_rows)
-    write_matrices(run_dir, records, task_names)
-    write_heatmap(run_dir / "image_auroc_matrix.png", records, task_names)
-    write_json(run_dir / "summary.json", {"summary": summary, "tasks_finished": phases, "task_order": task_names,
-                                          "metrics_left_empty": notes_of_last_phase(records), **(summary_extra or {})})
-    return summary
-
-
-def write_matrices(run_dir: Path, records: list[dict], task_names: list[str]) -> None:
-    folder = run_dir / "matrices"
-    folder.mkdir(exist_ok=True)
-    phases = _phases(records)
+    (run_dir / "matrices").mkdir(exist_ok=True)
     for variant in sorted({r["variant"] for r in records}):
         for metric in MATRIX_METRICS:
             matrix = accuracy_matrix(records, variant, metric, phases)
             rows = [{"after_task": task_names[t],
                      **{task_names[j]: "" if np.isnan(matrix[t, j]) else f"{matrix[t, j]:.6f}" for j in range(phases)}}
                     for t in range(phases)]
-            write_csv(folder / f"{variant}_{metric}.csv", rows)
+            write_csv(run_dir / "matrices" / f"{variant}_{metric}.csv", rows)
+    write_heatmap(run_dir / "image_auroc_matrix.png", records, task_names)
+    write_json(run_dir / "summary.json", {"summary": summary, "tasks_finished": phases, "task_order": task_names,
+                                          "metrics_left_empty": notes_of_last_phase(records), **(summary_extra or {})})
+    return summary
 
 
-def write_heatmap(path: Path, records: list[dict], task_names: list[str], variant: str = "task_agnostic",
-                  metric: str = "image_auroc") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def write_heatmap(path: Path, records: list[dict], task_names: list[str]) -> None:
+    """The task-agnostic image AUROC matrix as a picture."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
 
     phases = _phases(records)
-    matrix = accuracy_matrix(records, variant, metric, phases)
+    matrix = accuracy_matrix(records, "task_agnostic", "image_auroc", phases)
     # drawing cost grows with the figure and with one label per cell: both are capped, so a stream of hundreds
     # of tasks redraws the picture after every task in about constant time (the CSV matrices hold the numbers)
     size = min(14.0, max(4.0, 0.55 * phases + 2))
-    figure, axis = plt.subplots(figsize=(size, size * 0.85))
+    figure = Figure(figsize=(size, size * 0.85))
+    axis = figure.subplots()
     image = axis.imshow(np.ma.masked_invalid(matrix), vmin=0.5, vmax=1.0, cmap="viridis")
-    if phases <= HEATMAP_LABELLED_TASKS:
+    if phases <= 20:  # above this many tasks the picture shows colours only
         names = task_names[:phases]
         axis.set_xticks(range(phases), names, rotation=60, ha="right", fontsize=8)
         axis.set_yticks(range(phases), names, fontsize=8)
@@ -145,16 +137,11 @@ def write_heatmap(path: Path, records: list[dict], task_names: list[str], varian
             for j in range(t + 1):
                 axis.text(j, t, f"{matrix[t, j]:.2f}", ha="center", va="center", fontsize=7,
                           color="white" if matrix[t, j] < 0.8 else "black")
-    axis.set_xlabel("evaluated task")
-    axis.set_ylabel("after learning task")
-    axis.set_title(f"{metric} ({variant})")
+    axis.set(xlabel="evaluated task", ylabel="after learning task", title="image_auroc (task_agnostic)")
     figure.colorbar(image, ax=axis, fraction=0.046)
     figure.tight_layout()
-    try:
-        with atomic_write(path) as temporary:
-            figure.savefig(temporary, dpi=120, format="png")
-    finally:
-        plt.close(figure)
+    with atomic_write(path) as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
 
 
 def final_table(records: list[dict], task_names: list[str], mode: str) -> str:
@@ -204,33 +191,25 @@ def _render(header: list[str], lines: list[list[str]], rule_before: int | None =
 
 
 def final_tables(records: list[dict], task_names: list[str], mode: str, thresholds: dict) -> str:
-    """The end-of-run table, and the thresholds' table where some task has thresholds."""
-    tables = [final_table(records, task_names, mode)]
-    if any(thresholds.values()):
-        tables.append(threshold_table(records, thresholds))
-    return "\n\n".join(tables)
-
-
-def threshold_table(records: list[dict], thresholds: dict) -> str:
-    """Per task after the last phase: its thresholds and the task-agnostic decisions they give on its test set.
-
-    thresholds: task name -> ucad.thresholds.Threshold, or None where the task has none."""
-    last = _phases(records) - 1
-    rows = {r["task"]: r for r in records if r["phase"] == last and r["variant"] == "task_agnostic"}
+    """The end-of-run table and, where some task has thresholds (task name -> ucad.thresholds.Threshold or None),
+    per task after the last phase: its thresholds and the task-agnostic decisions they give on its test set."""
+    table = final_table(records, task_names, mode)
+    if not any(thresholds.values()):
+        return table
     header = ["task", "image_thr", "pixel_thr", "held_out", "img_f1@thr", "img_prec@thr", "img_rec@thr",
               "img_f1max", "pix_f1@thr", "pix_f1max"]
     shown = ("image_f1_at_threshold", "image_precision_at_threshold", "image_recall_at_threshold", "image_f1max",
              "pixel_f1_at_threshold", "pixel_f1max")
     lines = []
-    for task, record in rows.items():
+    for task, record in _last_phase(records).items():
         threshold = thresholds.get(task)
         # thresholds are distances, of any magnitude
         given = [f"{threshold.image:.5g}", f"{threshold.pixel:.5g}", str(threshold.images)] if threshold else ["-"] * 3
         lines.append([task, *given] + [_num(record.get(m)) for m in shown])
-    quantile = next((t.quantile for t in thresholds.values() if t is not None), None)
-    title = ("thresholds per task (quantile %g of held-out normal training images' scores; decisions on the "
-             "task-agnostic test results)" % quantile) if quantile is not None else "thresholds per task"
-    return title + "\n" + _render(header, lines)
+    quantile = next(t.quantile for t in thresholds.values() if t is not None)
+    title = (f"thresholds per task (quantile {quantile:g} of held-out normal training images' scores; decisions on "
+             "the task-agnostic test results)")
+    return table + "\n\n" + title + "\n" + _render(header, lines)
 
 
 def _num(value) -> str:

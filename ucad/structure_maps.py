@@ -1,18 +1,15 @@
 """Structure maps for structure-based contrastive learning (SCL): where they live and how they are stored.
 
-UCAD's contrastive loss needs, for every training image, a map that labels each pixel with the id of the region
-(Segment Anything automatic mask, or an offline superpixel segmentation) it belongs to. The convention, shared by
-``segment_anything_prep/make_structure_maps.py`` (which writes the maps) and the training code (which reads them):
+SCL needs, for every training image, a map labelling each pixel with the id of its region (a Segment Anything
+automatic mask or an offline superpixel segmentation). ``segment_anything_prep/make_structure_maps.py`` writes the
+maps and training reads them by this convention:
 
-* Location: a tree parallel to the data set, by default ``DATA_PATH + "-sam-b"`` (the released code's
-  convention); each map has the same path relative to that root as its image has relative to ``DATA_PATH``, with
-  the suffix replaced by ``.png``.
-* Resolution: the image's FULL original size, as PIL opens the file (no EXIF rotation). Maps therefore do not
-  depend on ``--resize`` / ``--imagesize``: the training loader resizes / crops a map as it does the image, with
-  *nearest* sampling, and then brings it to the patch grid (again nearest).
-* Encoding: 16-bit grayscale PNG (PIL mode ``"I;16"``, written from a ``uint16`` array). 0 = pixel in no region,
-  1..K = regions, numbered by decreasing area (1 = largest), K <= 65535. :func:`load_structure_map` returns an
-  ``int32`` array of shape (H, W).
+* Location: a tree parallel to the data set, by default ``DATA_PATH + "-sam-b"`` (the released code's convention);
+  each map has its image's path relative to that root, with the suffix ``.png``.
+* Resolution: the image's full original size as PIL opens it (no EXIF rotation), so that maps do not depend on
+  ``--resize`` / ``--imagesize``: training resizes and crops a map as it does the image, with nearest sampling.
+* Encoding: 16-bit grayscale PNG; 0 = pixel in no region, 1..K = regions numbered by decreasing area (1 = largest),
+  K <= 65535.
 """
 from __future__ import annotations
 
@@ -34,20 +31,16 @@ STRUCTURE_SUFFIX = "-sam-b"
 PHOTOGRAPH_VALUES = 100
 SMALL_STEP = 8
 
-MAKE_MAPS_HINT = (
-    "make them with `python segment_anything_prep/make_structure_maps.py --data_path DATA "
-    "--method felzenszwalb` (or `--sam_checkpoint sam_vit_b_01ec64.pth` for Segment Anything masks), "
-    "or train without them with the option `--no_scl` of the `ucad` sub-command (the prompt is then not trained)"
-)
+MAKE_MAPS_HINT = ("make them with `python segment_anything_prep/make_structure_maps.py --data_path DATA --method "
+                  "felzenszwalb` (or `--sam_checkpoint sam_vit_b_01ec64.pth` for Segment Anything masks), or train "
+                  "without them with the option `--no_scl` of the `ucad` sub-command (the prompt is then not trained)")
 
 
 def default_structure_root(data_root) -> Path:
-    """``DATA_PATH`` + ``-sam-b`` (e.g. ``/data/mvtec`` -> ``/data/mvtec-sam-b``)."""
     return Path(str(data_root).rstrip("/").rstrip(os.sep) + STRUCTURE_SUFFIX)
 
 
 def structure_map_path(image_path, data_root, structure_root) -> Path:
-    """Path of the structure map of ``image_path``: same relative path under ``structure_root``, suffix ``.png``."""
     image_path, data_root = Path(image_path), Path(data_root)
     # the paths as given first, so that an image reached through a symbolic link keeps its place in the tree
     for image, root in ((Path(os.path.abspath(image_path)), Path(os.path.abspath(data_root))),
@@ -58,7 +51,7 @@ def structure_map_path(image_path, data_root, structure_root) -> Path:
 
 
 def load_structure_map(path) -> np.ndarray:
-    """Read a structure map written by :func:`save_structure_map`; returns int32 (H, W), 0 = no region."""
+    """int32 (H, W), 0 = no region."""
     path = Path(path)
     if not path.is_file():
         raise UcadError(f"structure map {path} does not exist; {MAKE_MAPS_HINT}")
@@ -67,16 +60,13 @@ def load_structure_map(path) -> np.ndarray:
             img.load()
             arr = np.array(img)
     except Exception as exc:  # PIL raises many kinds (UnidentifiedImageError, OSError, SyntaxError ...)
-        raise UcadError(
-            f"structure map {path} cannot be read ({type(exc).__name__}: {exc}); delete it and make it again "
-            f"with segment_anything_prep/make_structure_maps.py"
-        ) from None
+        raise UcadError(f"structure map {path} cannot be read ({type(exc).__name__}: {exc}); delete it and make it "
+                        "again with segment_anything_prep/make_structure_maps.py") from None
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-        raise UcadError(
-            f"structure map {path} is not a single-channel integer label map (shape {arr.shape}, dtype {arr.dtype}, "
-            "a colour picture?): if dataset --structure_path names a folder of images, give it the tree of maps "
-            "that segment_anything_prep/make_structure_maps.py makes; else delete this map and make it again"
-        )
+        raise UcadError(f"structure map {path} is not a single-channel integer label map (shape {arr.shape}, dtype "
+                        f"{arr.dtype}, a colour picture?): if dataset --structure_path names a folder of images, give "
+                        "it the tree of maps that segment_anything_prep/make_structure_maps.py makes; else delete this "
+                        "map and make it again")
     return arr.astype(np.int32, copy=False)
 
 
@@ -98,7 +88,6 @@ def looks_like_a_photograph(labels: np.ndarray) -> bool:
 
 
 def save_structure_map(path, labels) -> Path:
-    """Write an integer label map (H, W), values 0..65535, as a 16-bit grayscale PNG (atomically)."""
     path = Path(path)
     labels = np.asarray(labels)
     if labels.ndim != 2:
@@ -126,13 +115,9 @@ def _number_in_order(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 def masks_to_label_map(masks, shape) -> np.ndarray:
-    """Turn a list of binary masks into one label map of ``shape`` (H, W), int32.
-
-    ``masks``: boolean arrays (H, W) or Segment Anything annotation dicts (``"segmentation"``, optional ``"area"``).
-    Regions are sorted by area, larger first, and painted in that order, so each smaller region is painted over the
-    larger ones it overlaps; ids are 1..K in that order (regions fully covered by smaller ones, or empty, are
-    dropped and the ids stay consecutive); 0 where no mask covers the pixel. More than 65535 regions -> ValueError.
-    """
+    """One int32 label map of ``shape`` (H, W) from boolean masks or Segment Anything annotations (dicts with
+    ``"segmentation"``): larger regions are painted first, so a smaller one shows where they overlap, and ids are
+    1..K in that order over the regions left visible."""
     shape = tuple(int(s) for s in shape)
     if len(shape) != 2:
         raise ValueError(f"shape must be (H, W), got {shape}")
@@ -140,11 +125,9 @@ def masks_to_label_map(masks, shape) -> np.ndarray:
     for segment in segments:
         if segment.shape != shape:
             raise ValueError(f"mask of shape {segment.shape} does not match the map shape {shape}")
-    areas = [int(segment.sum()) for segment in segments]
-    order = sorted((i for i in range(len(segments)) if areas[i] > 0), key=lambda i: -areas[i])  # stable on ties
     painted = np.zeros(shape, dtype=np.int32)
-    for rank, i in enumerate(order, start=1):
-        painted[segments[i]] = rank
+    for rank, segment in enumerate(sorted(segments, key=lambda segment: -int(segment.sum())), start=1):
+        painted[segment] = rank
     return _number_in_order(painted, np.unique(painted[painted > 0]))
 
 
@@ -177,15 +160,10 @@ def resize_labels_nearest(labels, shape) -> np.ndarray:
 
 
 def find_images(data_root, include_test: bool = False, categories: Iterable[str] | None = None) -> list[Path]:
-    """Images of a data set that need structure maps (training images; with ``include_test`` the test ones too).
-
-    The training run's own listing (``ucad.datasets``, the layout recognised from the folder), so the maker writes
-    a map for exactly the images a run trains on: the same hidden-file rule, the same VisA split file, every image
-    held out by a later ``--train_val_split`` included. The result is sorted. ``categories`` keeps only those
-    categories. Nothing found -> UcadError."""
+    """The training images (with ``include_test`` the test ones too) that need structure maps, sorted: listed as a
+    run lists them, every image a later ``--train_val_split`` holds out included, so that the maker writes a map for
+    exactly the images a run trains on."""
     root = Path(data_root)
-    if not root.is_dir():
-        raise UcadError(f"data path {root} is not a folder; {layouts_hint()}")
     categories = [c for c in (categories or []) if c]
     tasks = list_tasks(detect_layout(root), root, categories, need_masks=False)
     images = [sample.image_path for task in tasks for sample in task.train + (task.test if include_test else [])]

@@ -20,17 +20,14 @@ def perlin_noise(size: int, scale: int, rng: np.random.Generator) -> np.ndarray:
     cell = np.floor(coords).astype(int)
     offset = coords - cell
     fade = offset ** 3 * (offset * (offset * 6 - 15) + 10)
-    y0, x0 = np.meshgrid(cell, cell, indexing="ij")
-    fy, fx = np.meshgrid(offset, offset, indexing="ij")
-    uy, ux = np.meshgrid(fade, fade, indexing="ij")
 
-    def corner(dy, dx):
-        g = gradients[y0 + dy, x0 + dx]
-        return g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
+    def corner(dy, dx):  # rows along the first axis, columns along the second
+        g = gradients[cell[:, None] + dy, cell + dx]
+        return g[..., 0] * (offset[:, None] - dy) + g[..., 1] * (offset - dx)
 
-    top = corner(0, 0) * (1 - ux) + corner(0, 1) * ux
-    bottom = corner(1, 0) * (1 - ux) + corner(1, 1) * ux
-    return (top * (1 - uy) + bottom * uy) * math.sqrt(2)
+    top = corner(0, 0) * (1 - fade) + corner(0, 1) * fade
+    bottom = corner(1, 0) * (1 - fade) + corner(1, 1) * fade
+    return (top * (1 - fade[:, None]) + bottom * fade[:, None]) * math.sqrt(2)
 
 
 def cutpaste(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -53,8 +50,7 @@ def perlin_blend(image: np.ndarray, other: np.ndarray, rng: np.random.Generator)
     """Blend a shifted, colour-inverted `other` image into `image` inside a thresholded Perlin-noise region."""
     _, size, _ = image.shape
     for _ in range(20):  # redraw until the region is neither empty nor most of the image
-        noise = perlin_noise(size, int(rng.choice([2, 4, 8])), rng)
-        region = noise > rng.uniform(0.3, 0.6)
+        region = perlin_noise(size, int(rng.choice([2, 4, 8])), rng) > rng.uniform(0.3, 0.6)
         if 0.005 * size * size <= region.sum() <= 0.3 * size * size:
             break
     texture = 255 - np.roll(other, tuple(rng.integers(0, size, 2)), axis=(1, 2)).astype(np.float32)

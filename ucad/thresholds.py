@@ -1,11 +1,8 @@
-"""Where "normal" ends, per task: an image threshold and a pixel threshold.
-
-Both are a high quantile (--threshold_quantile) of the scores of the task's held-out normal training images
-(dataset --train_val_split), scored under the task's own prompt and knowledge right after the task is learned.
-Test labels never take part, so the F1 / precision / recall reported at these thresholds are what a user
-would see on the line; the F1-max reported beside them picks its threshold on the test labels and is only an
-upper bound.
-"""
+"""Where "normal" ends, per task: an image and a pixel threshold, each a high quantile (--threshold_quantile) of the
+scores of the task's held-out normal training images (dataset --train_val_split) under the task's own prompt and
+knowledge, right after the task is learned. Test labels never take part, so the F1 / precision / recall at these
+thresholds are what a user would see on the line; the F1-max beside them picks its threshold on the test labels and
+is only an upper bound."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -37,12 +34,10 @@ def calibrate(model, task: int, normal_images: torch.Tensor, quantile: float, ba
               banks: tuple[str, ...] | None = None) -> dict[str, Threshold]:
     """Thresholds of `task` (for each of its knowledge banks) from (N,3,S,S) uint8 held-out normal images of it."""
     patch_scores = model.score_patches(normal_images, task, banks or model.BANKS, batch_size=batch_size)
-    thresholds = {}
-    for bank, scores in patch_scores.items():
-        pixels = model.anomaly_maps(scores).cpu().numpy()
-        thresholds[bank] = Threshold(float(np.quantile(image_scores(scores).numpy(), quantile)),
-                                     float(np.quantile(pixels, quantile)), quantile, int(scores.shape[0]))
-    return thresholds
+    return {bank: Threshold(float(np.quantile(image_scores(scores).numpy(), quantile)),
+                            float(np.quantile(model.anomaly_maps(scores).cpu().numpy(), quantile)), quantile,
+                            int(scores.shape[0]))
+            for bank, scores in patch_scores.items()}
 
 
 def per_image(tasks, routes: torch.Tensor, bank: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -56,17 +51,14 @@ def per_image(tasks, routes: torch.Tensor, bank: str) -> tuple[torch.Tensor, tor
 
 def metrics_at_threshold(labels: np.ndarray, scores: torch.Tensor, maps: torch.Tensor, pixel_labels,
                          thresholds: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
-    """Image and pixel precision / recall / F1 of the decisions 'score > threshold of the routed task'.
-
-    maps (N,S,S) and pixel_labels (N*S*S,) bool on the same device; nan everywhere without thresholds."""
+    """Image and pixel precision / recall / F1 of the decisions 'score > threshold of the routed task'; maps (N,S,S)
+    and pixel_labels (N*S*S,) bool on the same device; nan everywhere without thresholds."""
     if thresholds is None:
         image = pixel = (float("nan"),) * 3
     else:
         image_threshold, pixel_threshold = thresholds
         image = precision_recall_f1(labels, scores.cpu() > image_threshold)
         pixel = precision_recall_f1(pixel_labels, maps > pixel_threshold.to(maps.device)[:, None, None])
-    values = {}
-    for level, (precision, recall, f1) in (("image", image), ("pixel", pixel)):
-        values.update({f"{level}_f1_at_threshold": f1, f"{level}_precision_at_threshold": precision,
-                       f"{level}_recall_at_threshold": recall})
-    return values
+    return {f"{level}_{name}_at_threshold": value
+            for level, (precision, recall, f1) in (("image", image), ("pixel", pixel))
+            for name, value in (("f1", f1), ("precision", precision), ("recall", recall))}

@@ -1,8 +1,5 @@
-"""Training one task's prompt with the structure-based contrastive loss, for a fixed number of epochs.
-
-Nothing here sees test data: the number of epochs is fixed up front, and the last prompt is kept unless
-ucad.epoch_selection picks an epoch on held-out training images.
-"""
+"""Training one task's prompt with the structure-based contrastive loss. Nothing here sees test data: the number of
+epochs is fixed up front, and the last prompt is kept unless ucad.epoch_selection picks one on held-out images."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -22,19 +19,17 @@ SCL_FEATURES = ("raw", "embedded")
 def train_prompt(model, prompt: torch.nn.Module, images: torch.Tensor, label_maps: torch.Tensor,
                  learning: LearningConfig, seed: int, frozen_features: torch.Tensor | None = None,
                  description: str = "prompt", after_epoch=None) -> list[float]:
-    """images (N,3,S,S) uint8 and label_maps (N,S,S) int on the CPU or the device. Returns mean loss per epoch.
+    """images (N,3,S,S) uint8 and label_maps (N,S,S) int on the CPU or the device -> the mean loss per epoch.
 
-    With learning.prompt_anchor > 0 the prompted embedding of each training image is kept near `frozen_features`
-    (N, P, D), the frozen backbone's embedding of the same images, which the learner has already (with
-    learning.augment the flipped batch's is computed instead). `after_epoch(prompt)` is called after every epoch
-    (ucad.epoch_selection)."""
+    With learning.prompt_anchor > 0 the prompted embedding of each image is kept near `frozen_features` (N, P, D),
+    the frozen backbone's embedding, which the learner has already (with learning.augment the flipped batch's is
+    computed instead). `after_epoch(prompt)` is called after every epoch (ucad.epoch_selection)."""
     scl_features, anchor, augment = learning.scl_features, learning.prompt_anchor, learning.augment
     if scl_features not in SCL_FEATURES:
         raise ValueError(f"scl_features must be one of {SCL_FEATURES}, got {scl_features!r}")
     if anchor > 0 and frozen_features is None:
         raise ValueError("anchor > 0 needs frozen_features, the frozen embedding of the training images")
-    prompt.train()
-    prompt.requires_grad_(True)
+    prompt.train().requires_grad_(True)
     optimizer = torch.optim.Adam(prompt.parameters(), lr=learning.lr)
     generator = torch.Generator().manual_seed(seed)
     history = []
@@ -44,7 +39,9 @@ def train_prompt(model, prompt: torch.nn.Module, images: torch.Tensor, label_map
         batch = images[index].to(model.device, non_blocking=True)
         labels = label_maps[index].to(model.device, non_blocking=True)
         if augment:
-            batch, labels = _flip(batch, labels, generator)
+            for dim in (-1, -2):  # random horizontal, then vertical flips, the same for an image and its region map
+                if torch.rand(1, generator=generator).item() < 0.5:
+                    batch, labels = batch.flip(dim), labels.flip(dim)
         if anchor > 0 and augment:
             # a backbone is not flip-equivariant: a flipped image's frozen features are not its features flipped
             with torch.no_grad():
@@ -75,14 +72,5 @@ def train_prompt(model, prompt: torch.nn.Module, images: torch.Tensor, label_map
         progress.set_postfix(loss=f"{history[-1]:.4f}")
         if after_epoch is not None:
             after_epoch(prompt)
-    prompt.eval()
-    prompt.requires_grad_(False)
+    prompt.eval().requires_grad_(False)
     return history
-
-
-def _flip(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
-    """Random horizontal, then vertical flips, the same for an image and its region map."""
-    for dim in (-1, -2):
-        if torch.rand(1, generator=generator).item() < 0.5:
-            images, labels = images.flip(dim), labels.flip(dim)
-    return images, labels
