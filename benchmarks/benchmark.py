@@ -46,9 +46,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from segment_anything_prep.label_maps import save_structure_map  # noqa: E402
 from ucad.config import Configs, DataConfig, LearningConfig, ModelConfig, RunConfig  # noqa: E402
 from ucad.experiment import CHECKPOINT, CHECKPOINT_TASKS, RunHooks, run_experiment  # noqa: E402
-from ucad.structure_maps import save_structure_map  # noqa: E402
 from ucad.timing import PhaseTimer  # noqa: E402
 
 
@@ -120,8 +120,9 @@ class GrowthRecorder(RunHooks):
     def phase_evaluated(self, index: int, evaluator, seconds: float) -> None:
         row = self._row(index)
         row["evaluation_seconds"] = round(seconds, 4)
-        row["evaluation_cache_bytes"] = evaluator.cache_bytes(index)
-        row["evaluation_cache_bytes_all"] = sum(evaluator.cache_bytes(i) for i in range(index + 1))
+        # what the evaluator keeps between phases per test set: frozen features, key distances, patch scores
+        cache_bytes = [test_set.cache.nbytes for test_set in evaluator.test_sets[:index + 1]]
+        row["evaluation_cache_bytes"], row["evaluation_cache_bytes_all"] = cache_bytes[index], sum(cache_bytes)
         row.update(self.route_one_image(evaluator.model, evaluator.test_sets[index].images[:1], index + 1))
 
     def phase_written(self, index: int, run_dir, seconds: float) -> None:

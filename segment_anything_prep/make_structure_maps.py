@@ -28,16 +28,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from segment_anything_prep.label_maps import (find_images, masks_to_label_map, relabel_by_area, resize_labels_nearest,
+                                              save_structure_map)
 from ucad.errors import UcadError
-from ucad.structure_maps import (
-    default_structure_root,
-    find_images,
-    masks_to_label_map,
-    relabel_by_area,
-    resize_labels_nearest,
-    save_structure_map,
-    structure_map_path,
-)
+from ucad.structure_maps import default_structure_root, structure_map_path
 
 METHODS = ("sam", "felzenszwalb", "slic")
 SAM_TYPES = ("vit_b", "vit_l", "vit_h")

@@ -3,7 +3,8 @@ config.json is written from them and --resume names the options that differ."""
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+import re
+from dataclasses import fields, replace
 
 import pytest
 from click.testing import CliRunner
@@ -11,7 +12,8 @@ from click.testing import CliRunner
 import ucad.experiment
 from test_cli import TINY, dataset, global_options, run
 from ucad.cli import main
-from ucad.config import CONFIG_CLASSES, DataConfig, LearningConfig, ModelConfig, RunConfig, cli_parameter
+from ucad.config import CONFIG_CLASSES, Configs, DataConfig, LearningConfig, ModelConfig, RunConfig, cli_parameter
+from ucad.errors import UcadError
 
 
 @pytest.fixture
@@ -104,6 +106,25 @@ def test_bad_values_name_the_option(captured, options, message):
     args = options if "dataset" in options else options + ["x", "dataset", "mvtec", "/d"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and f"error: {message}" in result.output and not captured
+
+
+@pytest.mark.parametrize("part, values, message", [
+    ("model", {"patch_distance": "cosine"}, "--patch_distance 'cosine' is not one of squared, euclidean"),
+    ("model", {"anomaly_scorer_num_nn": 0}, "--anomaly_scorer_num_nn must be at least 1, got 0"),
+    ("model", {"patchsize": 0}, "--patchsize must be at least 1, got 0"),
+    ("learning", {"sampler": "greedy"}, "sampler NAME 'greedy' is not one of identity, greedy_coreset"),
+    ("learning", {"sampler_percentage": 1.5}, "--percentage must be in (0, 1], got 1.5"),
+    ("learning", {"key_sampler": "kcenter"}, "--key_sampler 'kcenter' is not one of kmeans"),
+    ("learning", {"knowledge_storage": "int4"}, "--knowledge_storage 'int4' is not one of fp32"),
+    ("model", {"routing": "vote"}, "--routing 'vote' is not one of mean, calibrated"),
+    ("run", {"nn_backend": "annoy"}, "--nn_backend 'annoy' is not one of auto, faiss, torch"),
+])
+def test_configs_built_in_code_are_checked_like_the_command_line(part, values, message):
+    """Choices and limits are checked in one place, the configuration, for code that builds it without click."""
+    configs = Configs(ModelConfig(), LearningConfig(), DataConfig("mvtec", "/d"), RunConfig("/r"))
+    setattr(configs, part, replace(getattr(configs, part), **values))
+    with pytest.raises(UcadError, match=re.escape(message)):
+        configs.check()
 
 
 def test_config_json_holds_the_dataclasses_and_resume_names_differing_options(demo_root, tmp_path):

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from ucad.coreset import CoresetSampler
-from ucad.errors import UcadError
 
 
 def brute_force_k_center(features: torch.Tensor, size: int, seed: int) -> list[int]:
@@ -118,18 +117,6 @@ def test_no_row_is_selected_twice_with_duplicate_features(name):
     assert len(set(chosen)) == 6
     # the first four picks already cover every distinct vector
     assert len({tuple(x[i].tolist()) for i in chosen}) == 4
-
-
-@pytest.mark.parametrize("bad", ["greedy", "random", "", "Identity"])
-def test_bad_name_raises(bad):
-    with pytest.raises(UcadError, match="sampler"):
-        CoresetSampler(bad)
-
-
-@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, 10])
-def test_bad_percentage_raises(bad):
-    with pytest.raises(UcadError, match="percentage"):
-        CoresetSampler("greedy_coreset", percentage=bad)
 
 
 @pytest.mark.parametrize("name", ["greedy_coreset", "approx_greedy_coreset"])

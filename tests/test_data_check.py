@@ -10,12 +10,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from segment_anything_prep.label_maps import save_structure_map
 import ucad.experiment
 from ucad.cli import main
 from ucad.data_check import MAX_LISTED_PROBLEMS, check_data, relation_of_sizes
 from ucad.datasets import list_tasks
 from ucad.errors import UcadError
-from ucad.structure_maps import default_structure_root, save_structure_map
+from ucad.structure_maps import default_structure_root
 
 TINY = ["ucad", "-b", "resnet18", "--weights", "random", "-le", "layer2", "-le", "layer3", "--patchsize", "1",
         "--pretrain_embed_dimension", "32", "--target_embed_dimension", "32"]

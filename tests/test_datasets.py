@@ -180,8 +180,6 @@ def test_checks_every_category_before_training(tmp_path):
         list_tasks("mvtec", root, ["bottle", "cabel"])
     with pytest.raises(UcadError, match="twice"):
         list_tasks("mvtec", root, ["bottle", "bottle"])
-    with pytest.raises(UcadError, match="train_val_split"):
-        list_tasks("mvtec", root, ["bottle"], train_val_split=0.0)
 
 
 def test_defect_image_without_mask(tmp_path):
@@ -424,7 +422,7 @@ def rewrite_visa_csv(root: Path, change) -> Path:
 
 
 def test_visa_split_and_label_are_read_case_and_space_insensitively(tmp_path):
-    from ucad.structure_maps import find_images
+    from segment_anything_prep.label_maps import find_images
 
     root = make_visa(tmp_path / "visa")
     before = list_visa_task(root, "pcb1")
@@ -456,7 +454,7 @@ def test_visa_unknown_label_or_split_names_the_row(tmp_path, column, value, mess
 
 
 def test_binary_and_truncated_visa_csv_are_one_line_errors(tmp_path):
-    from ucad.structure_maps import find_images
+    from segment_anything_prep.label_maps import find_images
 
     root = make_visa(tmp_path / "visa")
     path = root / "split_csv" / "1cls.csv"
@@ -473,7 +471,7 @@ def test_binary_and_truncated_visa_csv_are_one_line_errors(tmp_path):
 
 def test_hidden_files_are_skipped_everywhere(tmp_path):
     """macOS '._x.png' files and '.'-folders are no data for training, testing, VisA lists or the map maker."""
-    from ucad.structure_maps import find_images
+    from segment_anything_prep.label_maps import find_images
 
     root = make_mvtec(tmp_path / "mvtec")
     (root / "bottle" / "train" / "good" / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")

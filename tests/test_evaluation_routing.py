@@ -39,9 +39,8 @@ def test_a_cache_computes_each_task_once(monkeypatch):
     model = tiny_model()
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     searched, scored = [], []
-    key_distances, score_patches = model.key_distances, model.score_patches
-    monkeypatch.setattr(model, "key_distances", lambda frozen, tasks: searched.append(list(tasks))
-                        or key_distances(frozen, tasks))
+    key_index, score_patches = model.key_index, model.score_patches
+    monkeypatch.setattr(model, "key_index", lambda tasks: searched.append(list(tasks)) or key_index(tasks))
     monkeypatch.setattr(model, "score_patches", lambda images, task, *args: scored.append((task, images.shape[0]))
                         or score_patches(images, task, *args))
     cache = ScoreCache(BANKS)

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from ucad.coreset import CoresetSampler
-from ucad.errors import UcadError
 from ucad.keys import KEY_SAMPLERS, select_keys
 from ucad.router import TaskKeyIndex, route, routing_margin
 
@@ -51,9 +50,6 @@ def test_kmeans_keys_are_centroids_of_the_bulk():
     assert torch.cdist(keys, centres).min(dim=0).values.max() < 0.1
 
 
-def test_unknown_sampler_names_the_option():
-    with pytest.raises(UcadError, match="--key_sampler"):
-        select_keys(torch.zeros(5, 2), 2, "kcenter", 0)
 
 
 def test_kmeans_keys_route_lookalike_tasks_that_greedy_keys_confuse():

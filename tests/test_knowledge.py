@@ -66,8 +66,6 @@ def test_packed_state_round_trips_and_decodes_with_torch_only():
 def test_pq_needs_a_dimension_its_subvectors_divide():
     with pytest.raises(UcadError, match="target_embed_dimension"):
         pack_knowledge(torch.randn(10, 60), "pq")
-    with pytest.raises(UcadError, match="--knowledge_storage"):
-        pack_knowledge(torch.randn(10, 64), "int4")
     with pytest.raises(UcadError, match="only 100"):
         pack_knowledge(torch.randn(100, 64), "pq")
 

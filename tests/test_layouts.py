@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from segment_anything_prep.label_maps import detect_layout, find_images
 from test_datasets import make_mvtec, make_visa, make_visa_converted, write_image
 from ucad.cli import dataset_command
-from ucad.datasets import LAYOUTS, DataLayout, Sample, TaskSamples, detect_layout, list_tasks, register_layout
+from ucad.datasets import LAYOUTS, DataLayout, Sample, TaskSamples, list_tasks, register_layout
 from ucad.errors import UcadError
-from ucad.structure_maps import find_images
 
 
 def training_images(name: str, root: Path, split: float = 1.0) -> list[Path]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ucad.errors import UcadError
 from ucad.nearest_neighbor import NearestNeighbourScorer
 
 faiss = pytest.importorskip("faiss")
@@ -71,15 +70,6 @@ def test_auto_picks_faiss_on_cpu():
     assert scorer.backend == "faiss"
     assert "faiss" in scorer.describe()
     assert NearestNeighbourScorer(k=1, backend="auto").backend == "faiss"  # the default device is the CPU
-
-
-def test_bad_options_raise():
-    with pytest.raises(UcadError, match="anomaly_scorer_num_nn"):
-        NearestNeighbourScorer(k=0)
-    with pytest.raises(UcadError, match="annoy"):
-        NearestNeighbourScorer(backend="annoy")
-    with pytest.raises(UcadError, match="patch_distance"):
-        NearestNeighbourScorer(patch_distance="cosine")
 
 
 @pytest.mark.parametrize("backend", ["faiss", "torch"])

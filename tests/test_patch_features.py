@@ -143,7 +143,3 @@ def test_half_precision_input_is_embedded_in_float32():
     expected, _ = patchcore_embed([m.float() for m in maps], 3, 64, 32)
     torch.testing.assert_close(got.reshape(-1, 32), expected, atol=1e-5, rtol=1e-5)
 
-
-def test_bad_patchsize():
-    with pytest.raises(ValueError, match="patchsize"):
-        PatchEmbedder(0, 8, 8)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segment_anything_prep.label_maps import find_images
 from ucad.data_check import check_data
 from ucad.datasets import list_tasks
 from ucad.errors import UcadError
-from ucad.structure_maps import find_images
 
 
 def write_image(path: Path, seed: int = 0) -> Path:

@@ -9,11 +9,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from segment_anything_prep.label_maps import relabel_by_area
 from ucad.cli import main
 from ucad.data_check import check_data
 from ucad.datasets import list_tasks
 from ucad.errors import UcadError
-from ucad.structure_maps import looks_like_a_photograph, relabel_by_area
+from ucad.structure_maps import looks_like_a_photograph
 
 TINY = ["ucad", "-b", "resnet18", "--weights", "random", "-le", "layer2", "--patchsize", "1",
         "--pretrain_embed_dimension", "16", "--target_embed_dimension", "16"]

@@ -59,13 +59,6 @@ def test_gaussian_routing_compares_the_image_mean_feature_to_each_task():
     assert statistics["image_mean"].shape == (3,)
 
 
-def test_an_unknown_routing_names_the_option():
-    from ucad.errors import UcadError
-
-    with pytest.raises(UcadError, match="--routing"):
-        routing_statistics(torch.zeros(1, 2, 2), torch.zeros(1, 2), "vote")
-
-
 @pytest.mark.parametrize("routing", [r for r in ROUTINGS if r != "mean"])
 def test_a_run_with_each_routing_stores_its_statistics_in_the_model(routing, demo_root, tmp_path):
     code, output = run(["--save_patchcore_model"] + global_options(tmp_path) + TINY

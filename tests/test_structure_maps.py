@@ -17,18 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # plain `pytest` without installation or a pythonpath setting
     sys.path.insert(0, str(REPO))
 
+from segment_anything_prep.label_maps import find_images, masks_to_label_map, relabel_by_area, save_structure_map
 from segment_anything_prep.make_structure_maps import main as cli_main
 from segment_anything_prep.make_structure_maps import make_structure_maps
 from ucad.errors import UcadError
-from ucad.structure_maps import (
-    default_structure_root,
-    find_images,
-    load_structure_map,
-    masks_to_label_map,
-    relabel_by_area,
-    save_structure_map,
-    structure_map_path,
-)
+from ucad.structure_maps import default_structure_root, load_structure_map, structure_map_path
 
 W, H = 64, 48  # non-square
 RECT = (8, 6, 30, 30)  # x0, y0, x1, y1 of the drawn rectangle

@@ -34,8 +34,6 @@ class FeatureExtractor(nn.Module):
     def __init__(self, backbone_name: str, layers: list[str] | tuple[str, ...], weights: str = "auto",
                  imagesize: int | None = None, input_norm: str = "auto"):
         super().__init__()
-        if input_norm not in INPUT_NORMS:
-            raise UcadError(f"--input_norm '{input_norm}': choose {', '.join(INPUT_NORMS)}")
         # create_backbone returns the model frozen (eval mode, no gradients)
         self.model, self.weights_description = create_backbone(backbone_name, weights=weights)
         self.is_vit = isinstance(self.model, VisionTransformer)

@@ -54,9 +54,8 @@ def _adding(config_fields: list[Field], renamed: dict[str, str] | None = None, c
 def _click_parameter(config_field: Field, renamed: str | None, check_bounds: bool):
     parameter = cli_parameter(config_field)
     keywords = dict(parameter.click)
-    if "type" in keywords:
-        choices = keywords["type"]
-        keywords["type"] = click.Choice(choices) if isinstance(choices, tuple) else CLICK_TYPES.get(choices, choices)
+    kind = keywords.get("type")  # None: click's default, as when left out
+    keywords["type"] = click.Choice(kind) if isinstance(kind, tuple) else CLICK_TYPES.get(kind, kind)
     if not parameter.declarations:  # required once its sub-command is given (a left-out one keeps the default)
         return click.argument(config_field.name, metavar=parameter.metavar, **keywords)
     default = config_field.default
@@ -64,8 +63,7 @@ def _click_parameter(config_field: Field, renamed: str | None, check_bounds: boo
         default = (default,)  # -b: a multiple option in the released CLI, one value here
 
     def refuse_out_of_bounds(context, option, value):
-        problem = bounds_problem(parameter, value)
-        if problem:
+        if problem := bounds_problem(parameter, value):
             raise click.BadParameter(problem)
         return value
 
@@ -168,11 +166,10 @@ def run(methods, config_file, **global_options):
             raise UcadError(f"sub-commands must come in the order {', '.join(COMMAND_ORDER)} (got {', '.join(order)})")
         try:
             # every value is checked before torch loads: a bad one is one line, not a deep traceback or a nonsense run
-            from_file = read_recipe(config_file) if config_file else None
             typed = typed_values(global_options)
             for _, values in methods:
                 typed.update(values)
-            configs = build_configs(typed, from_file)
+            configs = build_configs(typed, read_recipe(config_file) if config_file else None)
             from ucad.experiment import run_experiment  # heavy imports only once the command line is valid
 
             run_experiment(configs)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from ucad.errors import UcadError
-
 SAMPLER_NAMES = ("identity", "greedy_coreset", "approx_greedy_coreset")
 
 
@@ -18,10 +16,6 @@ class CoresetSampler:
     starting_points = 10  # random starts of the approximate variant, as PatchCore
 
     def __init__(self, name: str = "approx_greedy_coreset", percentage: float = 0.1, seed: int = 0):
-        if name not in SAMPLER_NAMES:
-            raise UcadError(f"unknown sampler '{name}': choose one of {', '.join(SAMPLER_NAMES)}")
-        if not 0.0 < percentage <= 1.0:
-            raise UcadError(f"sampler -p/--percentage must be in (0, 1], got {percentage}")
         self.name, self.percentage, self.seed = name, percentage, seed
 
     def select(self, features: torch.Tensor, size: int | None = None) -> torch.Tensor:

@@ -104,7 +104,7 @@ def _check_names(task: TaskSamples) -> None:
                             "anomaly maps: rename one of them")
 
 
-def _check_root(root: Path, option: str) -> None:
+def check_root(root: Path, option: str) -> None:
     if root.is_dir():
         return
     problem = "is not a folder" if root.exists() else "does not exist"
@@ -295,31 +295,13 @@ register_layout(DataLayout(
     is_visa_layout, visa_categories, list_visa_task))
 
 
-def layouts_hint() -> str:
-    return "expected " + ", or ".join(layout.description for layout in LAYOUTS.values())
-
-
-def detect_layout(root: str | Path) -> str:
-    """The first registered layout that recognises the folder, for tools that are given no NAME."""
-    root = Path(root)
-    _check_root(root, "the data path")
-    for layout in LAYOUTS.values():
-        if layout.recognises(root):
-            return layout.name
-    raise UcadError(f"no data set found in '{root}': {layouts_hint()}")
-
-
 def list_tasks(name: str, root: str | Path, categories: list[str], train_val_split: float = 1.0,
                seed: int = 0, need_masks: bool = True) -> list[TaskSamples]:
     """All tasks of a run, in the order given, every category checked before anything trains. Without `need_masks`
     (the structure-map maker) a defect image's missing mask is no error: its mask_path is None."""
     root = Path(root)
-    if name not in LAYOUTS:
-        raise UcadError(f"unknown data layout '{name}': choose one of {', '.join(LAYOUTS)}")
-    if not 0.0 < train_val_split <= 1.0:
-        raise UcadError(f"--train_val_split must be in (0, 1], got {train_val_split}")
     layout = LAYOUTS[name]
-    _check_root(root, f"DATA_PATH of 'dataset {name}'")
+    check_root(root, f"DATA_PATH of 'dataset {name}'")
     single_category = (root / "train").is_dir()  # "." lists the root itself as the one category
     if single_category and list(categories) == [root.name]:
         categories = ["."]

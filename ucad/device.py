@@ -62,12 +62,10 @@ class OutOfMemoryRetry:
             try:
                 return step(self.batch_size)
             except Exception as error:  # noqa: BLE001 -- only memory errors are handled, the rest re-raised
-                kind = out_of_memory_kind(error)
-                if kind is None:
+                if (kind := out_of_memory_kind(error)) is None:
                     raise
             # here, outside the except block, the failed batch's tensors (held by the traceback) are free again
-            halved_before = self.batch_size < self.requested
-            if kind != "gpu" or halved_before or self.batch_size == 1:
+            if kind != "gpu" or self.batch_size < self.requested or self.batch_size == 1:  # halved before, or can't be
                 raise UcadError(f"out of {'GPU' if kind == 'gpu' else 'host (CPU)'} memory in {self.what} with batches "
                                 f"of {self.batch_size} ({self.option} {self.requested}): rerun with a smaller "
                                 f"{self.option} (add --resume to keep the finished tasks)")

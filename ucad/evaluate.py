@@ -42,8 +42,7 @@ def evaluate_model(model_path: Path, data: DataConfig, device, output_path: Path
     task_names = [t.name for t in model.tasks]
     learned = [nfc(name) for name in task_names]  # a name typed on one system, stored on another
     categories = list(data.categories) or task_names
-    unknown = [c for c in categories if nfc(c) not in learned]
-    if unknown:
+    if unknown := [c for c in categories if nfc(c) not in learned]:
         raise UcadError(f"-d {unknown[0]}: not a task of this model, which learned {', '.join(task_names)}; "
                         "only test sets of learned tasks can be evaluated")
     phase, timer = len(model.tasks) - 1, PhaseTimer()

@@ -2,10 +2,8 @@
 (and with the task given, the oracle).
 
 Images are routed and scored by `UcadModel.score`, the path `ucad.predict` takes too. What this module adds is a
-`ScoreCache` per test set, kept from phase to phase (a learned task never changes, so neither do the test images'
-frozen features, their distances to its keys, or their patch scores under it), and the metrics of each variant,
-kept while the routes that produced them stay the same.
-"""
+`ScoreCache` per test set, kept from phase to phase, and the metrics of each variant, kept while the routes that
+produced them stay the same."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -41,20 +39,13 @@ class TestSet:
 
 class ContinualEvaluator:
     def __init__(self, model: UcadModel, timer: PhaseTimer, batch_size: int, fpr_limit: float, reuse: bool = True):
-        self.model = model
-        self.timer = timer
-        self.batch_size = batch_size
-        self.fpr_limit = fpr_limit
+        self.model, self.timer, self.batch_size, self.fpr_limit = model, timer, batch_size, fpr_limit
         self.reuse = reuse  # False recomputes everything every phase, as the released code does (reference)
         self.test_sets: list[TestSet] = []
 
     def add_test_set(self, test_set: TestSet) -> None:
         test_set.cache = ScoreCache(BANKS, self.timer)
         self.test_sets.append(test_set)
-
-    def cache_bytes(self, index: int) -> int:
-        """Bytes the evaluator keeps for test set `index` between phases (features, distances, patch scores)."""
-        return self.test_sets[index].cache.nbytes
 
     def _seen(self, phase: int) -> list[TestSet]:
         return [t for t in self.test_sets if t.index <= phase]
@@ -94,8 +85,7 @@ class ContinualEvaluator:
         records = []
         for test_set in self._seen(phase):
             if not self.reuse:
-                test_set.cache, test_set.metric_cache = ScoreCache(BANKS, self.timer), {}
-                test_set.ground_truth = None
+                test_set.cache, test_set.metric_cache, test_set.ground_truth = ScoreCache(BANKS, self.timer), {}, None
             routed = self._score(test_set, phase)
             # how clearly images were routed: mean relative gap to the runner-up task (none with a single task)
             margin = float(routing_margin(routed.key_distances).mean()) if phase else float("nan")
@@ -130,11 +120,8 @@ class ContinualEvaluator:
                        "routing_margin": float(margins[i]) if phase else None, "image_score": float(scores[i]),
                        "image_threshold": float(thresholds[0][i]) if thresholds else None,
                        "is_anomalous": int(scores[i] > thresholds[0][i]) if thresholds else None}
-                for variant, column in SCORE_COLUMNS.items():
-                    if variant in scored:
-                        row[column] = float(scored[variant].image_scores[i])
-                for k, name in enumerate(names):
-                    row[f"key_distance_{name}"] = float(distances[i, k])
+                row.update({c: float(scored[v].image_scores[i]) for v, c in SCORE_COLUMNS.items() if v in scored})
+                row.update({f"key_distance_{name}": float(distances[i, k]) for k, name in enumerate(names)})
                 rows.append(row)
         return rows
 

@@ -1,10 +1,6 @@
 """The continual experiment: tasks one after another, evaluation of all seen tasks after each, results and a
 checkpoint written as each task finishes (so a crash in task 7 keeps tasks 1-6 and --resume continues from there).
-
-`ContinualRun` holds one run: `set_up` (data, model, run folder, a resumed checkpoint), `learn` (one task:
-learning, thresholds, evaluation, files), `report` (tables and final outputs). `RunHooks` lets an instrument
-observe those points without touching the run's internals.
-"""
+`RunHooks` lets an instrument observe a run without touching its internals."""
 from __future__ import annotations
 
 import random
@@ -55,12 +51,6 @@ class RunHooks:
         """After the result files and the checkpoint of phase `index` were written."""
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def echo(message: str = "") -> None:
     print(message, flush=True)
 
@@ -77,9 +67,8 @@ def load_label_maps(task: TaskSamples, structure_root: Path, geometry: ImageGeom
 
 def load_test_set(index: int, task: TaskSamples, geometry: ImageGeometry, workers: int) -> TestSet:
     images = load_images(task.test, geometry, workers, description=f"[{task.category}] decode test")
-    masks = load_masks(task.test, geometry, workers)
-    labels = np.array([int(s.is_anomalous) for s in task.test])
-    return TestSet(index, task.category, images, masks, labels, [s.image_path for s in task.test],
+    return TestSet(index, task.category, images, load_masks(task.test, geometry, workers),
+                   np.array([int(s.is_anomalous) for s in task.test]), [s.image_path for s in task.test],
                    [s.defect_type for s in task.test])
 
 
@@ -129,12 +118,13 @@ class ContinualRun:
         self.timer = PhaseTimer()
         self.started = time.perf_counter()
 
-    # ------------------------------------------------------------------ set-up
     def set_up(self) -> None:
         configs = self.configs
         model_config, learning, data, run = configs.model, configs.learning, configs.data, configs.run
         configs.check()
-        seed_everything(learning.seed)
+        random.seed(learning.seed)
+        np.random.seed(learning.seed)
+        torch.manual_seed(learning.seed)
         check_results_path(run.results_path, run.log_project, run.log_group)
         device = select_device(run.gpu, run.cpu, warn=echo)
         self.tasks = list_tasks(data.name, data.data_path, list(data.categories), data.train_val_split, learning.seed)
@@ -153,17 +143,12 @@ class ContinualRun:
                                              run.faiss_on_gpu, run.faiss_num_workers,
                                              patch_distance=model_config.patch_distance)
         self.model = UcadModel(model_config, device, run.precision, scorer=self.scorer)
-        if resumed:
-            self.run_dir = resumed[0]
-            remove_temporary_files(self.run_dir)  # what a killed write left behind
-        else:
-            self.run_dir = new_run_dir(run.results_path, run.log_project, run.log_group)
-            self.created = True
         self.sampler = CoresetSampler(learning.sampler, learning.sampler_percentage, learning.seed)
         self.evaluator = ContinualEvaluator(self.model, self.timer, learning.feature_batch_size, run.fpr_limit,
                                             reuse=not run.reference_evaluation)
         if resumed:
-            state = resumed[1]
+            self.run_dir, state = resumed
+            remove_temporary_files(self.run_dir)  # what a killed write left behind
             restore_tasks(self.model, state["model"])
             self.records, self.image_rows, self.losses = state["records"], state["image_rows"], state["losses"]
             self.finished = len(state["model"]["tasks"])
@@ -171,6 +156,9 @@ class ContinualRun:
             # a kill between two result files may have left them disagreeing: the checkpoint, written last, decides
             with interrupts_held():
                 self._write_result_files()
+        else:
+            self.run_dir = new_run_dir(run.results_path, run.log_project, run.log_group)
+            self.created = True
         self._announce(device)
         self.started = time.perf_counter()
 
@@ -189,8 +177,7 @@ class ContinualRun:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UcadError(f"--resume: the checkpoint '{run_dir / CHECKPOINT}' cannot be read ({first}); rerun "
                             "without --resume to start a new run") from None
-        differing = differing_options(recorded, self.configs)
-        if differing:
+        if differing := differing_options(recorded, self.configs):
             raise UcadError(f"--resume: the last run in '{run_dir}' was made with other settings "
                             f"({'; '.join(differing)}); rerun with that run's options to continue it, or without "
                             "--resume to start a new run")
@@ -198,8 +185,7 @@ class ContinualRun:
 
     def _announce(self, device: torch.device) -> None:
         """What the run is about to do, and config.json."""
-        configs, model, scorer = self.configs, self.model, self.scorer
-        model_config, learning = configs.model, configs.learning
+        model, scorer, model_config, learning = self.model, self.scorer, self.configs.model, self.configs.learning
         names = [t.category for t in self.tasks]
         echo(f"UCAD run folder: {self.run_dir}")
         autocast = f" (autocast {str(model.amp_dtype).replace('torch.', '')})" if model.amp_dtype else ""
@@ -221,17 +207,15 @@ class ContinualRun:
             echo("thresholds: none, since no normal training images are held out (dataset --train_val_split 1.0); "
                  "F1 at a threshold is not reported (F1-max is). Hold some out with e.g. --train_val_split 0.9")
         write_json(self.run_dir / "config.json", {
-            "version": __version__, **configs.as_dict(), "task_order": names, "device": str(device),
+            "version": __version__, **self.configs.as_dict(), "task_order": names, "device": str(device),
             "backbone_description": backbone_description, "input_norm_used": model.extractor.input_norm,
             "input_mean": model.extractor.mean, "input_std": model.extractor.std, "patch_grid": model.grid,
             "nn": scorer.describe()})
 
-    # ------------------------------------------------------------------ one task
     def learn(self, index: int) -> None:
         """Task `index`: its test set joins the evaluation; unless a resumed run already has it, it is learned,
         its thresholds are set, every seen task is evaluated and the phase's files are written."""
-        task, learning, data = self.tasks[index], self.configs.learning, self.configs.data
-        geometry = self.configs.model.geometry
+        task, data, geometry = self.tasks[index], self.configs.data, self.configs.model.geometry
         with self.timer.phase("image_loading", len(task.test)):
             self.evaluator.add_test_set(load_test_set(index, task, geometry, data.num_workers))
         if index < self.finished:
@@ -245,9 +229,8 @@ class ContinualRun:
         if train_images.shape[0] == 0:
             raise UcadError(f"task '{task.category}' has an empty training set")
         # the whole task lives on the device for all epochs: no per-step host transfers
-        device = self.model.device
-        train_images = train_images.to(device)
-        label_maps = label_maps.to(device) if label_maps is not None else None
+        train_images = train_images.to(self.model.device)
+        label_maps = label_maps.to(self.model.device) if label_maps is not None else None
         validation_images = None  # the held-out normal images: thresholds, and epochs with --epoch_selection
         if task.validation:
             with self.timer.phase("image_loading", len(task.validation)):
@@ -255,7 +238,7 @@ class ContinualRun:
                                                 description=f"[{task.category}] decode held-out")
         started = time.perf_counter()
         memory, history = learn_task(self.model, index, task.category, train_images, label_maps, self.sampler,
-                                     learning, self.timer, validation_images)
+                                     self.configs.learning, self.timer, validation_images)
         self.hooks.task_learned(index, memory, time.perf_counter() - started)
         del train_images, label_maps
         self.model.tasks.append(memory)
@@ -291,7 +274,7 @@ class ContinualRun:
                     if drift is not None else "no prompt kept"))
         if "chosen_epoch" in memory.extra:
             chosen = memory.extra["chosen_epoch"]
-            echo(f"   epoch chosen on held-out synthetic defects: {chosen if chosen else 'none (frozen features)'} "
+            echo(f"   epoch chosen on held-out synthetic defects: {chosen or 'none (frozen features)'} "
                  f"(validation score per epoch, 0 = no prompt: "
                  f"{', '.join(f'{v:.3f}' for v in memory.extra['validation_scores'])})")
         kept = memory.memory_bytes()
@@ -335,7 +318,6 @@ class ContinualRun:
         with atomic_write(self.run_dir / CHECKPOINT) as temporary:
             torch.save(state, temporary)
 
-    # ------------------------------------------------------------------ the end
     def report(self) -> None:
         """The final tables, pictures and maps, and the saved model."""
         run, names = self.configs.run, [t.category for t in self.tasks]
@@ -367,7 +349,6 @@ def save_final_outputs(evaluator: ContinualEvaluator, run_dir: Path, phase: int,
     if not (pictures or maps):
         return
     task_names = [t.name for t in evaluator.model.tasks]
-    count = 0
     for test_set in evaluator.test_sets:
         scored = evaluator.task_agnostic_scoring(test_set, phase)
         anomaly_maps = scored.anomaly_maps.numpy()
@@ -382,7 +363,7 @@ def save_final_outputs(evaluator: ContinualEvaluator, run_dir: Path, phase: int,
             folder.mkdir(parents=True, exist_ok=True)
             for name, anomaly_map in zip(names, anomaly_maps):
                 np.save(folder / f"{name}.npy", anomaly_map.astype(np.float32))
-        count += len(names)
+    count = sum(len(test_set.paths) for test_set in evaluator.test_sets)
     if pictures:
         echo(f"segmentation images: {count} in {run_dir / 'segmentation_images'}")
     if maps:

@@ -53,8 +53,6 @@ def pack_knowledge(selected: torch.Tensor, storage: str, training: torch.Tensor 
                    seed: int = 0) -> PackedKnowledge:
     """selected: the (N, D) knowledge vectors chosen by the coreset; training: the task's patch features the PQ
     codebook is learned from (default: `selected`)."""
-    if storage not in KNOWLEDGE_STORAGES:
-        raise UcadError(f"--knowledge_storage '{storage}': choose one of {', '.join(KNOWLEDGE_STORAGES)}")
     if storage in VECTOR_DTYPES:
         return PackedKnowledge(storage, vectors=selected.to(VECTOR_DTYPES[storage]))
     try:

@@ -63,8 +63,6 @@ def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tenso
         else:
             prompt.load_state_dict(judge.best_state)
         del judge
-    if prompt is not None:
-        prompt.requires_grad_(False)
     if prompted is None:
         with timer.phase("knowledge_features", n):
             prompted = model.features(images, prompt, config.feature_batch_size, f"[{name}] knowledge features")

@@ -6,8 +6,6 @@ and the official MVTec AD AUPRO code, while staying fast on millions of pixels. 
 metrics in torch on the test set's device, from a PixelGroundTruth built once per test set (scored many times)."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from scipy import ndimage
@@ -177,23 +175,20 @@ class PixelGroundTruth:
         self.pro_increment = None if pro_increment is None else torch.as_tensor(pro_increment, device=self.device)
 
 
-def _maps_to_tensor(anomaly_maps, device: torch.device) -> torch.Tensor:
-    if not isinstance(anomaly_maps, torch.Tensor):
-        anomaly_maps = np.ascontiguousarray(anomaly_maps)  # torch takes no negative strides
-    maps = torch.as_tensor(anomaly_maps, device=device).detach()
-    if maps.is_complex():
-        raise ValueError(f"scores must be real, got dtype {maps.dtype}")
-    if maps.dtype in (torch.float16, torch.bfloat16):
-        return maps.float()  # exact, so ties are the same as in half precision
-    return maps.to(torch.uint8) if maps.dtype == torch.bool else maps
-
-
 def pixel_metrics_torch(ground_truth: PixelGroundTruth, anomaly_maps, fpr_limit: float) -> dict:
     """Pixel AUROC, AP, F1-max and AUPRO of `anomaly_maps` (numpy, or torch of any real dtype on any device) on the
     ground truth's device, accumulated in float64 / int64; all nan when only one class of pixel is present."""
     fpr_limit = _check_limit(fpr_limit)
     gt = ground_truth
-    maps = _maps_to_tensor(anomaly_maps, gt.device)
+    if not isinstance(anomaly_maps, torch.Tensor):
+        anomaly_maps = np.ascontiguousarray(anomaly_maps)  # torch takes no negative strides
+    maps = torch.as_tensor(anomaly_maps, device=gt.device).detach()
+    if maps.is_complex():
+        raise ValueError(f"scores must be real, got dtype {maps.dtype}")
+    if maps.dtype in (torch.float16, torch.bfloat16):
+        maps = maps.float()  # exact, so ties are the same as in half precision
+    elif maps.dtype == torch.bool:
+        maps = maps.to(torch.uint8)
     if _stack_shape(maps.shape) != gt.shape:
         raise ValueError(f"anomaly_maps {tuple(maps.shape)} and masks {gt.shape} differ in shape")
     scores = maps.reshape(-1)

@@ -1,9 +1,8 @@
 """The UCAD model: a frozen backbone plus, per learned task, its keys, prompt, knowledge and thresholds.
 
-`UcadModel.score` is the one place where images are routed by keys and scored under the chosen task. Everything
-that scores test images goes through it: `ucad.predict`, and the continual evaluator, which hands it a `ScoreCache`
-per test set so that what cannot change between phases (frozen features, key distances to a learned task, patch
-scores under a learned task) is computed once. Saving and loading live in `ucad.model_file`.
+`UcadModel.score` is the one place where images are routed by keys and scored under the chosen task: `ucad.predict`
+and the continual evaluator (with a `ScoreCache` per test set) both go through it. Saving and loading live in
+`ucad.model_file`.
 """
 from __future__ import annotations
 
@@ -113,7 +112,6 @@ class UcadModel:
     def patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    # ------------------------------------------------------------------ features
     def new_prompt(self, seed: int) -> torch.nn.Module:
         generator = torch.Generator().manual_seed(seed)
         return self.extractor.new_prompt(self.config.prompt_length, generator).to(self.device)
@@ -124,15 +122,13 @@ class UcadModel:
             return None
         prompt = self.extractor.new_prompt(self.config.prompt_length).to(self.device)
         prompt.load_state_dict(state)
-        prompt.requires_grad_(False)
-        return prompt
+        return prompt.requires_grad_(False)
 
     def embed(self, images_uint8: torch.Tensor, prompt: torch.nn.Module | None = None) -> torch.Tensor:
         """(B,3,S,S) uint8 on the device -> (B, P, D) float32 patch features (with grad if the prompt has)."""
         with autocast(self.device, self.amp_dtype):
             maps = self.extractor(images_uint8, prompt)
-        features, _ = self.embedder([m.float() for m in maps])
-        return features
+        return self.embedder([m.float() for m in maps])[0]
 
     def training_features(self, images_uint8: torch.Tensor, prompt: torch.nn.Module, scl_features: str = "raw",
                           embedded: bool = False) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
@@ -176,15 +172,10 @@ class UcadModel:
         dtype = torch.float16 if self.config.learns_prompts else torch.float32
         return self.features(images_uint8, None, batch_size, description, out_dtype=dtype)
 
-    # ------------------------------------------------------------------ scoring
     def key_index(self, tasks=None) -> TaskKeyIndex:
         """The keys of `tasks` (default: all), searched together: routing's one search over every task."""
         tasks = range(len(self.tasks)) if tasks is None else tasks
         return TaskKeyIndex([self.tasks[k].keys for k in tasks], self.config.patch_distance, self.device)
-
-    def key_distances(self, frozen: torch.Tensor, tasks=None) -> torch.Tensor:
-        """(N, P, D) frozen features -> (N, len(tasks)) mean nearest-key distance to each task (default: all)."""
-        return self.key_index(tasks).distances(frozen)
 
     @torch.no_grad()
     def patch_scores(self, images_uint8: torch.Tensor, prompt: torch.nn.Module | None,
@@ -250,23 +241,19 @@ class UcadModel:
         return ScoredImages(routes, distances, patch_scores, image_scores(patch_scores),
                             self.anomaly_maps(patch_scores).cpu() if maps else None)
 
-    def _frozen(self, images_uint8: torch.Tensor, cache: ScoreCache, batch_size: int) -> torch.Tensor:
-        if cache.frozen is None:
-            with cache.phase("test_frozen_features", images_uint8.shape[0]):
-                cache.frozen = self.frozen_features(images_uint8, batch_size)
-        return cache.frozen
-
     def _key_distances(self, images_uint8: torch.Tensor, tasks: int, cache: ScoreCache,
                        batch_size: int) -> torch.Tensor:
         """(N, tasks) what routing compares (`ucad.router.routing_scores`) on the CPU; only tasks the cache has
         not met are searched."""
         missing = [k for k in range(tasks) if k not in cache.key_distance]
         if missing:
-            frozen = self._frozen(images_uint8, cache, batch_size)
+            if cache.frozen is None:
+                with cache.phase("test_frozen_features", images_uint8.shape[0]):
+                    cache.frozen = self.frozen_features(images_uint8, batch_size)
             with cache.phase("routing", images_uint8.shape[0]):
-                distances = self.key_distances(frozen, missing)
+                distances = self.key_index(missing).distances(cache.frozen)
                 for column, k in enumerate(missing):
-                    cache.key_distance[k] = routing_scores(distances[:, column], frozen, self.tasks[k].routing,
+                    cache.key_distance[k] = routing_scores(distances[:, column], cache.frozen, self.tasks[k].routing,
                                                            self.config.routing).cpu()
         return torch.stack([cache.key_distance[k] for k in range(tasks)], dim=1)
 

@@ -2,10 +2,10 @@
 
 `tasks_state` is what checkpoints hold (the learned tasks as tensors and plain values). The model file written by
 `save_model` adds the backbone's weights (safetensors) and the run's configuration, so that a machine without network
-or weight packages loads it with `torch.load(weights_only=True)`.
-"""
+or weight packages loads it with `torch.load(weights_only=True)`."""
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -30,7 +30,6 @@ def tasks_state(model: UcadModel, banks: tuple[str, ...] = BANKS) -> dict:
 
 
 def restore_tasks(model: UcadModel, state: dict) -> None:
-    """The tasks of a `tasks_state`, onto the model's device."""
     model.tasks = []
     for t in state["tasks"]:
         t = _to(t, model.device)
@@ -51,14 +50,11 @@ def save_model(model: UcadModel, path: Path, run_configuration: dict | None = No
     extractor = model.extractor
     weights = extractor.model.state_dict() if full else extractor.scoring_state_dict(model.config.imagesize)
     weights = {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}
-    state = {
-        **tasks_state(model, BANKS if full else (KNOWLEDGE,)),
-        "format": MODEL_FORMAT,
-        "backbone": {"safetensors": safetensors_bytes(weights), "complete": full,
-                     "input_norm": extractor.input_norm, "mean": list(extractor.mean),
-                     "std": list(extractor.std), "source": extractor.weights_description},
-        "run_configuration": run_configuration or {},
-    }
+    state = {**tasks_state(model, BANKS if full else (KNOWLEDGE,)), "format": MODEL_FORMAT,
+             "backbone": {"safetensors": safetensors_bytes(weights), "complete": full,
+                          "input_norm": extractor.input_norm, "mean": list(extractor.mean),
+                          "std": list(extractor.std), "source": extractor.weights_description},
+             "run_configuration": run_configuration or {}}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as temporary:
         torch.save(state, temporary)
@@ -88,14 +84,9 @@ def load_model(path: Path, device: torch.device, weights: str | None = None, pre
                         "--save_patchcore_model); rerun the experiment to save one")
     config = from_dict(ModelConfig, state["config"])
     recorded_run = state.get("run_configuration", {}).get("run", {})
-    extractor = None
-    if weights is None:
-        config.weights = "random"  # the architecture only: its weights come from the file
-        extractor = _stored_extractor(config, state["backbone"], path)
-    else:
-        config.weights = weights
-    if precision is None:
-        precision = recorded_run.get("precision", "fp32")
+    config.weights = "random" if weights is None else weights  # "random": the architecture, its weights from the file
+    extractor = _stored_extractor(config, state["backbone"], path) if weights is None else None
+    precision = recorded_run.get("precision", "fp32") if precision is None else precision
     if scorer is None:
         run = from_dict(RunConfig, {"results_path": "", **recorded_run})
         scorer = NearestNeighbourScorer(config.anomaly_scorer_num_nn, run.nn_backend, device, run.faiss_on_gpu,
@@ -125,21 +116,17 @@ def _stored_extractor(config: ModelConfig, stored: dict, path: Path) -> FeatureE
 
 
 def _task_state(task: TaskMemory, banks: tuple[str, ...]) -> dict:
-    return {"name": task.name, "keys": _cpu(task.keys), "prompt_state": _cpu(task.prompt_state),
-            # packed knowledge is stored as packed (its bytes are the point); scoring uses its decoded vectors
-            "knowledge": None if task.packed is not None else _cpu(task.knowledge),
-            "knowledge_packed": _cpu(task.packed.state()) if task.packed is not None else None,
-            "knowledge_unlimited": _cpu(task.knowledge_unlimited) if UNLIMITED in banks else None,
-            "thresholds": {bank: t.as_dict() for bank, t in task.thresholds.items() if bank in banks},
-            "extra": task.extra, "routing": _cpu(task.routing)}
-
-
-def _cpu(value):
-    return _to(value, "cpu")
+    packed = task.packed
+    return _to({"name": task.name, "keys": task.keys, "prompt_state": task.prompt_state,
+                # packed knowledge is stored as packed (its bytes are the point); scoring uses its decoded vectors
+                "knowledge": None if packed is not None else task.knowledge,
+                "knowledge_packed": packed.state() if packed is not None else None,
+                "knowledge_unlimited": task.knowledge_unlimited if UNLIMITED in banks else None,
+                "thresholds": {bank: asdict(t) for bank, t in task.thresholds.items() if bank in banks},
+                "extra": task.extra, "routing": task.routing}, "cpu")
 
 
 def _to(value, device):
-    """Every tensor in `value` (nested dicts too) on `device`, detached; everything else as it is."""
     if isinstance(value, dict):
         return {k: _to(v, device) for k, v in value.items()}
     return value.detach().to(device) if isinstance(value, torch.Tensor) else value

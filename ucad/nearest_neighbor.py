@@ -3,10 +3,7 @@
 Distances are squared L2 by default, as the released code's faiss `IndexFlatL2` returns them (its patch scores
 are squared distances before upsampling and smoothing); `patch_distance="euclidean"` takes the square root.
 With k > 1 the score is the mean of the k distances, as PatchCore's scorer does. Both back ends give the same
-numbers to float tolerance.
-
-faiss on a GPU needs a faiss GPU build (`pip install .[gpu]`, which replaces faiss-cpu) and `--faiss_on_gpu`; the
-index then lives on the run's own GPU (`--gpu N`).
+numbers to float tolerance. faiss on a GPU needs a faiss GPU build (`pip install .[gpu]`) and `--faiss_on_gpu`.
 """
 from __future__ import annotations
 
@@ -56,12 +53,6 @@ class NearestNeighbourScorer:
     def __init__(self, k: int = 1, backend: str = "auto", device: torch.device | str = "cpu",
                  faiss_on_gpu: bool = False, faiss_num_workers: int | None = None, chunk_size: int = 8192,
                  patch_distance: str = "squared"):
-        if k < 1:
-            raise UcadError(f"--anomaly_scorer_num_nn must be at least 1, got {k}")
-        if backend not in BACKENDS:
-            raise UcadError(f"unknown nearest-neighbour backend '{backend}': choose {', '.join(BACKENDS)}")
-        if patch_distance not in PATCH_DISTANCES:
-            raise UcadError(f"--patch_distance '{patch_distance}': choose {' or '.join(PATCH_DISTANCES)}")
         self.device = torch.device(device)
         # the faiss GPU index goes on the run's device: never on a GPU when the run is on the CPU
         self.faiss_on_gpu = faiss_on_gpu and self.device.type == "cuda" and faiss_has_gpu()

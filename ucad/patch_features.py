@@ -10,8 +10,6 @@ class PatchEmbedder:
     """list of (B, C_l, h_l, w_l) maps -> (B, H*W, target_dim) patch features on the largest grid."""
 
     def __init__(self, patchsize: int, pretrain_embed_dimension: int, target_embed_dimension: int):
-        if patchsize < 1:
-            raise ValueError("--patchsize must be at least 1")
         self.patchsize = patchsize
         self.pretrain_dim = pretrain_embed_dimension
         self.target_dim = target_embed_dimension

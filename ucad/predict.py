@@ -37,8 +37,7 @@ def find_images(folder: Path, output: Path) -> list[Path]:
     skipped = output.resolve()
     found = [p for p in folder.rglob("*") if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
              and not p.resolve().is_relative_to(skipped)]
-    dangling = next((p for p in found if p.is_symlink() and not p.exists()), None)
-    if dangling is not None:
+    if (dangling := next((p for p in found if p.is_symlink() and not p.exists()), None)) is not None:
         raise UcadError(f"image '{dangling}' is a symbolic link to '{dangling.readlink()}', which does not exist: "
                         "fix or remove the link")
     paths = sorted(p for p in found if p.is_file())

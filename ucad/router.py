@@ -8,18 +8,13 @@ normal images (held-out training images where there are, else its training image
 `gaussian` compares an image-level statistic instead: the diagonal Mahalanobis distance of the image's mean frozen
 feature to a Gaussian of the task's normal images, calibrated the same way; `calibrated_gaussian` averages the two
 calibrated scores. Each is a few numbers per task, fixed once the task is learned.
-
-`TaskKeyIndex` searches every task's keys at once: all keys in one matrix, one matrix product per block of patches
-(`nearest_neighbor.ranking`) and a minimum within each task's segment of keys, whose distance is then computed
-exactly (`nearest_neighbor.exact_distances`), as the knowledge scorer does. With hundreds of tasks this replaces
-hundreds of small searches by one large product.
 """
 from __future__ import annotations
 
 import torch
 
 from ucad.errors import UcadError
-from ucad.nearest_neighbor import PATCH_DISTANCES, exact_distances, ranking
+from ucad.nearest_neighbor import exact_distances, ranking
 
 ROUTINGS = ("mean", "calibrated", "gaussian", "calibrated_gaussian")
 # keeps the Gaussian's variances away from zero, relative to their mean (a constant feature would divide by zero)
@@ -37,8 +32,6 @@ def route(distances_per_task: torch.Tensor) -> torch.Tensor:
 def routing_statistics(frozen: torch.Tensor, keys: torch.Tensor, routing: str,
                        patch_distance: str = "squared") -> dict[str, torch.Tensor]:
     """What `routing` needs of a task beyond its keys, from (N, P, D) frozen features of its normal images."""
-    if routing not in ROUTINGS:
-        raise UcadError(f"--routing '{routing}': choose one of {', '.join(ROUTINGS)}")
     statistics = {}
     if routing in ("calibrated", "calibrated_gaussian"):
         distances = TaskKeyIndex([keys], patch_distance, frozen.device).distances(frozen)[:, 0]
@@ -83,15 +76,14 @@ def routing_margin(distances_per_task: torch.Tensor) -> torch.Tensor:
 
 
 class TaskKeyIndex:
-    """The keys of several tasks, searched together: `distances` gives every image's mean nearest-key distance
-    to each task in one pass."""
+    """The keys of every task in one matrix: one product per block of patches (`ranking`), a minimum within each
+    task's segment of keys, then that key's distance computed exactly, as the knowledge scorer does. With hundreds
+    of tasks this replaces hundreds of small searches by one large product."""
 
     def __init__(self, key_sets: list[torch.Tensor], patch_distance: str = "squared",
                  device: torch.device | str | None = None, block_elements: int = BLOCK_ELEMENTS):
         if not key_sets:
             raise UcadError("routing needs at least one learned task; the model holds none")
-        if patch_distance not in PATCH_DISTANCES:
-            raise UcadError(f"--patch_distance '{patch_distance}': choose {' or '.join(PATCH_DISTANCES)}")
         device = torch.device(device) if device is not None else key_sets[0].device
         sizes = [int(keys.shape[0]) for keys in key_sets]
         if min(sizes) < 1:
@@ -101,18 +93,11 @@ class TaskKeyIndex:
         self.squared = patch_distance == "squared"
         self.block_elements = block_elements
         self.task_count = len(key_sets)
-        largest = max(sizes)
         # (T, largest) key rows per task; shorter tasks are padded with a column that always loses (+inf)
-        starts = torch.tensor([0] + sizes[:-1]).cumsum(0)
-        offsets = torch.arange(largest)[None].expand(self.task_count, largest)
-        padded = starts[:, None] + offsets
-        padded[offsets >= torch.tensor(sizes)[:, None]] = self.keys.shape[0]
+        starts, offsets = torch.tensor([0] + sizes[:-1]).cumsum(0), torch.arange(max(sizes))
+        padded = torch.where(offsets < torch.tensor(sizes)[:, None], starts[:, None] + offsets, self.keys.shape[0])
         self.padded_rows = padded.to(device)
         self.uniform = len(set(sizes)) == 1  # the common case: a plain reshape finds each task's segment
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size()
 
     def patch_distances(self, patches: torch.Tensor) -> torch.Tensor:
         """(Q, D) patch features -> (Q, T) distance of each patch to its nearest key within each task."""

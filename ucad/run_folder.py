@@ -41,15 +41,12 @@ def check_results_path(results_path: str | Path, log_project: str, log_group: st
         if len(part.encode()) > name_max:
             raise UcadError(f"'{part}' in the results path '{project}' is {len(part.encode())} bytes long; this file "
                             f"system allows {name_max}: choose a shorter RESULTS_PATH or --log_project")
-    run_name = f"{log_group}_{'9' * RUN_NUMBER_DIGITS}"
-    if len(run_name.encode()) > name_max:
+    if len(log_group.encode()) + 1 + RUN_NUMBER_DIGITS > name_max:
         raise UcadError(f"--log_group is {len(log_group.encode())} bytes long; with the run number appended a folder "
                         f"name may have at most {name_max} bytes on this file system: choose a shorter --log_group "
                         f"(at most {name_max - RUN_NUMBER_DIGITS - 1})")
     try:  # os.access says yes to root on read-only mounts; making a file is the real test
-        handle, probe = tempfile.mkstemp(prefix=".ucad-write-test-", dir=existing)
-        os.close(handle)
-        os.remove(probe)
+        tempfile.TemporaryFile(prefix=".ucad-write-test-", dir=existing).close()
     except OSError as error:
         raise UcadError(f"results path '{project}' is not writable: cannot create files in '{existing}' "
                         f"({error.strerror or error}); choose a RESULTS_PATH you can write to") from None
@@ -70,11 +67,9 @@ def new_run_dir(results_path: str | Path, log_project: str, log_group: str) -> P
     project.mkdir(parents=True, exist_ok=True)
     for _ in range(1000):
         run_dir = project / f"{log_group}_{max(_run_numbers(project, log_group), default=-1) + 1}"
-        try:
+        with contextlib.suppress(FileExistsError):
             run_dir.mkdir()
             return run_dir
-        except FileExistsError:
-            continue
     raise UcadError(f"could not make a new run folder in '{project}' for --log_group {log_group}: other runs keep "
                     "taking the numbers; start this run again")
 
@@ -83,10 +78,8 @@ def latest_run_dir(results_path: str | Path, log_project: str, log_group: str,
                    containing: str | None = None) -> Path | None:
     """The run folder of log_group with the largest N; with `containing`, the largest that holds that file."""
     runs = _run_numbers(Path(results_path) / log_project, log_group)
-    for number in sorted(runs, reverse=True):
-        if containing is None or (runs[number] / containing).is_file():
-            return runs[number]
-    return None
+    found = (runs[n] for n in sorted(runs, reverse=True) if containing is None or (runs[n] / containing).is_file())
+    return next(found, None)
 
 
 @contextlib.contextmanager

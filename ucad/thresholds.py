@@ -5,7 +5,7 @@ thresholds are what a user would see on the line; the F1-max beside them picks i
 is only an upper bound."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,9 +20,6 @@ class Threshold:
     pixel: float  # a pixel whose anomaly-map value exceeds this is anomalous
     quantile: float
     images: int  # held-out normal images it was computed from
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "Threshold":

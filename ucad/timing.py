@@ -31,10 +31,9 @@ class PhaseTimer:
             self.items[name] += timing["items"]
 
     def as_dict(self) -> dict:
-        return {name: {"seconds": round(self.seconds[name], 3), "items": self.items[name],
-                       "items_per_second": round(self.items[name] / self.seconds[name], 2)
-                       if self.items[name] and self.seconds[name] > 0 else None}
-                for name in self.seconds}
+        return {name: {"seconds": round(spent, 3), "items": self.items[name], "items_per_second":
+                       round(self.items[name] / spent, 2) if self.items[name] and spent > 0 else None}
+                for name, spent in self.seconds.items()}
 
 
 def _sync():

@@ -25,8 +25,6 @@ def train_prompt(model, prompt: torch.nn.Module, images: torch.Tensor, label_map
     the frozen backbone's embedding, which the learner has already (with learning.augment the flipped batch's is
     computed instead). `after_epoch(prompt)` is called after every epoch (ucad.epoch_selection)."""
     scl_features, anchor, augment = learning.scl_features, learning.prompt_anchor, learning.augment
-    if scl_features not in SCL_FEATURES:
-        raise ValueError(f"scl_features must be one of {SCL_FEATURES}, got {scl_features!r}")
     if anchor > 0 and frozen_features is None:
         raise ValueError("anchor > 0 needs frozen_features, the frozen embedding of the training images")
     prompt.train().requires_grad_(True)
