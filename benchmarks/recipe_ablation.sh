@@ -29,8 +29,9 @@ declare -A variant=(
   [epoch_validation]="--epoch_selection validation"
   [anchor100]="--prompt_anchor 100"
   [no_scl]="--no_scl"
+  [lr1e4]="--lr 1e-4"
 )
-variants=${VARIANTS:-"released pq2176 fp16_392 epoch_validation anchor100 no_scl"}
+variants=${VARIANTS:-"released pq2176 fp16_392 epoch_validation anchor100 no_scl lr1e4"}
 runs=()
 for name in $variants; do
   for seed in $seeds; do
