@@ -30,8 +30,9 @@ from ucad.errors import UcadError
 #: Backbone names of the released UCAD / PatchCore code -> timm model names; other names go to timm unchanged.
 BACKBONE_ALIASES: dict[str, str] = {
     "wideresnet50": "wide_resnet50_2", "wide_resnet50": "wide_resnet50_2",
-    "wideresnet101": "wide_resnet101_2", "wide_resnet101": "wide_resnet101_2", "densenet121": "densenet121",
+    "wideresnet101": "wide_resnet101_2", "wide_resnet101": "wide_resnet101_2",
     "resnet18": "resnet18", "resnet50": "resnet50", "resnet101": "resnet101", "resnext101": "resnext101_32x8d",
+    "densenet121": "densenet121",
     "vit_base": "vit_base_patch16_224", "vit_b16": "vit_base_patch16_224", "vit_small": "vit_small_patch16_224",
     "vit_large": "vit_large_patch16_224", "vit_deit_base": "deit_base_patch16_224",
     # the offline weights are Google's TF release: they need timm's TF-"same"-padding variant with BatchNorm eps 1e-3
@@ -199,6 +200,32 @@ def _load_checked(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], s
     return notes
 
 
+def _create_with_state_dict(name: str, timm_kwargs: dict[str, Any], state_dict: dict[str, torch.Tensor],
+                            source: str) -> tuple[torch.nn.Module, list[str]]:
+    """Build ``name`` and load ``state_dict``, checked on the full model. With feature-extraction kwargs
+    (``features_only``...) timm's pretrained loader then builds its feature wrapper around the checked weights."""
+    features = timm_kwargs.get("features_only")
+    model = timm.create_model(name, pretrained=False,
+                              **{k: v for k, v in timm_kwargs.items() if not (features and k in _FEATURE_KWARGS)})
+    notes = []
+    if "_conv_stem.weight" in state_dict and any(k.startswith("_blocks.") for k in state_dict):
+        state_dict = lukemelas_to_timm_efficientnet(state_dict, model)
+        notes.append("lukemelas EfficientNet names mapped to timm")
+    notes += _load_checked(model, state_dict, source)
+    if features:
+        checked = model.state_dict()
+        # timm logs the head tensors that its feature wrapper leaves out as unexpected: here they are expected
+        builder_log = logging.getLogger("timm.models._builder")
+        level = builder_log.level
+        builder_log.setLevel(logging.ERROR)
+        try:
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(
+                state_dict=checked, file=None, hf_hub_id=None, url=None, source=""), **timm_kwargs)
+        finally:
+            builder_log.setLevel(level)
+    return model, notes
+
+
 def _create_from_hub(name: str, timm_kwargs: dict[str, Any]) -> tuple[torch.nn.Module, str]:
     from huggingface_hub import constants
 
@@ -260,30 +287,14 @@ def create_backbone(name: str, weights: str | os.PathLike | None = "auto",
                             f"others to .pth/.safetensors") from e
         return model.eval().requires_grad_(False), f"{timm_name}, weights: local checkpoint {path} (timm .npz loader)"
     state_dict, notes = _read_state_dict(path)
-    # the weights are checked on the full model; with feature-extraction kwargs (features_only...) timm's pretrained
-    # loader then builds its feature wrapper around the checked weights
-    features = timm_kwargs.get("features_only")
-    model = timm.create_model(timm_name, pretrained=False,
-                              **{k: v for k, v in timm_kwargs.items() if not (features and k in _FEATURE_KWARGS)})
-    if "_conv_stem.weight" in state_dict and any(k.startswith("_blocks.") for k in state_dict):
-        state_dict = lukemelas_to_timm_efficientnet(state_dict, model)
-        if not offline:  # the package's own layout needs no note
-            notes.append("lukemelas EfficientNet names mapped to timm")
-    notes += _load_checked(model, state_dict, f"{path} ({_OFFLINE_PACKAGE})" if offline else str(path))
-    if features:
-        # timm logs the head tensors that its feature wrapper leaves out as unexpected: here they are expected
-        builder_log = logging.getLogger("timm.models._builder")
-        level = builder_log.level
-        builder_log.setLevel(logging.ERROR)
-        try:
-            model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=dict(
-                state_dict=model.state_dict(), file=None, hf_hub_id=None, url=None, source=""), **timm_kwargs)
-        finally:
-            builder_log.setLevel(level)
+    model, more = _create_with_state_dict(timm_name, timm_kwargs, state_dict,
+                                          f"{path} ({_OFFLINE_PACKAGE})" if offline else str(path))
     if offline:
         # Google's TF weights were trained on inputs scaled to [-1, 1], the mean/std 0.5 of the model's own
         # pretrained_cfg: --input_norm auto uses that scaling for this source
         model.trained_input_norm = "backbone"
+        more = [note for note in more if not note.startswith("lukemelas")]
     where = f"{_OFFLINE_PACKAGE} package (offline, {path})" if offline else f"local checkpoint {path}"
+    notes += more
     description = f"{timm_name}, weights: {where}" + (f"; {', '.join(notes)}" if notes else "")
     return model.eval().requires_grad_(False), description
