@@ -30,8 +30,9 @@ declare -A variant=(
   [anchor100]="--prompt_anchor 100"
   [no_scl]="--no_scl"
   [lr1e4]="--lr 1e-4"
+  [pq2176_keys]="--memory_size 2176 --knowledge_storage pq --key_size 2176 --key_storage pq"
 )
-variants=${VARIANTS:-"released pq2176 fp16_392 epoch_validation anchor100 no_scl lr1e4"}
+variants=${VARIANTS:-"released pq2176 fp16_392 epoch_validation anchor100 no_scl lr1e4 pq2176_keys"}
 runs=()
 for name in $variants; do
   for seed in $seeds; do
@@ -42,7 +43,7 @@ for name in $variants; do
       set -- ${variant[$name]}
       while [[ $# -gt 0 ]]; do
         case $1 in
-          --memory_size) glob+=("$1" "$2"); shift 2 ;;
+          --memory_size|--key_size) glob+=("$1" "$2"); shift 2 ;;
           --no_scl) sub+=("$1"); shift ;;
           *) sub+=("$1" "$2"); shift 2 ;;
         esac

@@ -30,6 +30,7 @@ from ucad.datasets import list_tasks  # noqa: E402
 from ucad.device import select_device  # noqa: E402
 from ucad.images import ImageGeometry, load_images  # noqa: E402
 from ucad.keys import KEY_SAMPLERS, select_keys  # noqa: E402
+from ucad.knowledge import KNOWLEDGE_STORAGES, pack_knowledge  # noqa: E402
 from ucad.model import UcadModel  # noqa: E402
 from ucad.router import ROUTINGS, TaskKeyIndex, route, routing_margin, routing_scores, \
     routing_statistics  # noqa: E402
@@ -49,7 +50,8 @@ def main() -> int:
     parser.add_argument("--resize_mode", default="square", choices=["crop", "square"],
                         help="as run_ucad.py dataset --resize_mode")
     parser.add_argument("--key_size", type=int, default=196, help="keys per task")
-    parser.add_argument("--key_storage", default="fp32", choices=["fp32", "fp16"], help="as run_ucad.py --key_storage")
+    parser.add_argument("--key_storage", default="fp32", choices=KNOWLEDGE_STORAGES,
+                        help="as run_ucad.py ucad --key_storage")
     parser.add_argument("--samplers", default="kmeans",
                         help=f"comma-separated key samplers to compare (of {', '.join(KEY_SAMPLERS)})")
     parser.add_argument("--routings", default="mean",
@@ -84,8 +86,8 @@ def main() -> int:
         for sampler in args.samplers.split(","):
             learned = [_learn(features, sampler, seed * 1000 + i, args) for i, features in enumerate(train)]
             for routing in args.routings.split(","):
-                statistics_per_task = [routing_statistics(normal, keys, routing) for keys, normal in learned]
-                index = TaskKeyIndex([keys for keys, _ in learned], device=device)
+                statistics_per_task = [routing_statistics(normal, keys, routing) for keys, normal, _ in learned]
+                index = TaskKeyIndex([keys for keys, _, _ in learned], device=device)
                 per_task = {}
                 for j, features in enumerate(test):
                     distances = index.distances(features)
@@ -94,7 +96,7 @@ def main() -> int:
                     routes = route(scores).cpu()
                     per_task[names[j]] = {"routing_accuracy": float((routes == j).float().mean()),
                                           "routing_margin": float(routing_margin(scores).mean())}
-                key_bytes = learned[0][0].numel() * learned[0][0].element_size()
+                key_bytes = learned[0][2]
                 extra = sum(v.numel() * v.element_size() for v in statistics_per_task[0].values())
                 results.append({"seed": seed, "sampler": sampler, "routing": routing, "key_size": args.key_size,
                                 "key_storage": args.key_storage, "bytes_per_task": key_bytes + extra,
@@ -106,16 +108,17 @@ def main() -> int:
 
 
 def _learn(features, sampler: str, seed: int, args):
-    """(keys, frozen features of the normal images that calibrate the task) from (N, P, D) training features."""
+    """(keys as routing uses them, frozen features of the normal images that calibrate the task, bytes the keys are
+    stored in) from (N, P, D) training features."""
     n = features.shape[0]
     held = int(round(n * args.holdout)) if args.holdout > 0 else 0
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     normal = features[order[:held]] if held else features
     used = features[order[held:]] if held else features
-    keys = select_keys(used.reshape(-1, used.shape[-1]), args.key_size, sampler, seed=seed)
-    if args.key_storage == "fp16":
-        keys = keys.half()
-    return keys, normal
+    patches = used.reshape(-1, used.shape[-1])
+    packed = pack_knowledge(select_keys(patches, args.key_size, sampler, seed=seed), args.key_storage,
+                            training=patches, seed=seed, option="--key_storage")
+    return packed.decode(), normal, packed.nbytes
 
 
 def _print_summary(results: list[dict], names: list[str]) -> None:

@@ -1,6 +1,7 @@
 """--routing and --key_storage: what each routing rule compares, on hand-made cases, and end to end."""
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -71,7 +72,34 @@ def test_a_run_with_each_routing_stores_its_statistics_in_the_model(routing, dem
 
     model = load_model(run_dir / "models" / "ucad_model.pt", torch.device("cpu"))
     assert model.config.routing == routing and all(task.routing for task in model.tasks)
-    assert all(task.keys.dtype == torch.float16 for task in model.tasks)
+    assert all(task.packed_keys.storage == "fp16" for task in model.tasks)
     summary = json.loads((run_dir / "summary.json").read_text())
     routing_bytes = sum(v.numel() * v.element_size() for v in model.tasks[0].routing.values())
     assert summary["memory_bytes_per_task"]["weave"]["keys"] == 16 * 64 * 2 + routing_bytes
+
+
+def test_pq_keys_keep_their_bytes_and_a_saved_model_routes_as_the_run(demo_root, tmp_path):
+    options = global_options(tmp_path, epochs=0)
+    options[options.index("--key_size") + 1] = "40"
+    code, output = run(["--save_patchcore_model"] + options + TINY + ["--key_storage", "pq"]
+                       + dataset(demo_root, "weave", "washer"))
+    assert code == 0, output
+    run_dir = tmp_path / "p" / "g_0"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["memory_bytes_per_task"]["weave"]["keys"] == 40 * 8 + 8 * 256 * 8 * 2  # codes + fp16 codebook
+    from ucad.evaluate import main as evaluate
+    from ucad.model_file import load_model
+
+    model = load_model(run_dir / "models" / "ucad_model.pt", torch.device("cpu"))
+    for task in model.tasks:
+        assert task.packed_keys.storage == "pq" and task.keys.shape == (40, 64)
+        torch.testing.assert_close(task.keys, task.packed_keys.decode(), rtol=0, atol=0)
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(evaluate, ["--cpu", "--output_path", str(tmp_path / "ev"),
+                                           str(run_dir / "models" / "ucad_model.pt"), "dataset", "--num_workers",
+                                           "1", "mvtec", str(demo_root)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    routed = {r["image"]: r["routed_task"] for r in csv.DictReader(open(tmp_path / "ev" / "scores_per_image.csv"))}
+    final = [r for r in csv.DictReader(open(run_dir / "scores_per_image.csv")) if r["phase"] == "1"]
+    assert final and all(routed[r["image"]] == r["routed_task"] for r in final)

@@ -139,9 +139,9 @@ class LearningConfig:
     key_sampler: str = option("kmeans", "ucad", "--key_sampler", type=KEY_SAMPLERS, help=(
         "How a task's keys are chosen from its frozen patches: kmeans centroids or random patches cover the typical "
         "ones; approx_greedy_coreset (as released) and greedy_coreset pick the most outlying."))
-    key_storage: str = option("fp32", "ucad", "--key_storage", type=("fp32", "fp16"), help=(
-        "How keys are stored: fp32 (as released) or fp16; with --key_size 392 (fp16) a task keeps the paper's "
-        "784 KiB of keys."))
+    key_storage: str = option("fp32", "ucad", "--key_storage", type=KNOWLEDGE_STORAGES, help=(
+        "How keys are stored: fp32 (as released), fp16 or pq (product quantisation, as knowledge); --key_size 392 "
+        "(fp16) or 2176 (pq) keeps the paper's 784 KiB of keys per task."))
     epoch_selection: str = option("last", "ucad", "--epoch_selection", type=EPOCH_SELECTIONS, help=(
         "last: the prompt after --epochs_num epochs; validation: the best epoch (or none) on held-out normal images "
         "with synthetic defects, never the test set (needs dataset --train_val_split < 1)."))

@@ -198,8 +198,8 @@ class ContinualRun:
         if model_config.learns_prompts:
             training = (f"{learning.epochs_num} epochs, SCL with structure maps from {self.structure_root}"
                         if learning.train_prompt else "OFF (--no_scl): prompts keep their random initialisation")
-            echo(f"memory: keys {learning.key_size}, knowledge {learning.memory_size}, unlimited "
-                 f"{learning.basic_size} per task; prompt training: {training}")
+            echo(f"memory: keys {learning.key_size} ({learning.key_storage}), knowledge {learning.memory_size}, "
+                 f"unlimited {learning.basic_size} per task; prompt training: {training}")
         echo("comparability with the released code: " + fidelity_line(model, model_config, learning))
         echo(f"tasks ({len(self.tasks)}): {', '.join(names)}"
              + (f"; resuming after task {self.finished}" if self.finished else ""))
@@ -278,7 +278,9 @@ class ContinualRun:
                  f"(validation score per epoch, 0 = no prompt: "
                  f"{', '.join(f'{v:.3f}' for v in memory.extra['validation_scores'])})")
         kept = memory.memory_bytes()
-        echo(f"   kept for this task: {sum(kept.values()):,} bytes (keys {kept['keys']:,}, prompt {kept['prompt']:,}, "
+        keys = memory.packed_keys.storage if memory.packed_keys else "fp32"
+        echo(f"   kept for this task: {sum(kept.values()):,} bytes (keys {kept['keys']:,} as {keys}, "
+             f"prompt {kept['prompt']:,}, "
              f"knowledge {kept['knowledge']:,} as {memory.packed.storage if memory.packed else 'fp32'})")
 
     def _set_thresholds(self, index: int, normal_images: torch.Tensor) -> None:

@@ -33,8 +33,9 @@ def select_keys(features: torch.Tensor, size: int, sampler: str, seed: int) -> t
             from None
     data = features.detach().float().cpu().contiguous().numpy()
     # faiss subsamples to max_points_per_centroid * k points by default; keep every patch so the result does not
-    # depend on that cap, and seed it so runs repeat
+    # depend on that cap, and seed it so runs repeat. min_points_per_centroid only decides when faiss warns that
+    # there are few points per centroid, which is the normal case for thousands of keys on one task's patches
     kmeans = faiss.Kmeans(data.shape[1], size, niter=KMEANS_ITERATIONS, seed=seed, verbose=False,
-                          max_points_per_centroid=max(256, data.shape[0] // size + 1))
+                          max_points_per_centroid=max(256, data.shape[0] // size + 1), min_points_per_centroid=1)
     kmeans.train(data)
     return torch.from_numpy(kmeans.centroids.copy()).to(features.device)

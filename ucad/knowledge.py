@@ -50,22 +50,22 @@ class PackedKnowledge:
 
 
 def pack_knowledge(selected: torch.Tensor, storage: str, training: torch.Tensor | None = None,
-                   seed: int = 0) -> PackedKnowledge:
-    """selected: the (N, D) knowledge vectors chosen by the coreset; training: the task's patch features the PQ
-    codebook is learned from (default: `selected`)."""
+                   seed: int = 0, option: str = "--knowledge_storage") -> PackedKnowledge:
+    """selected: the (N, D) vectors to keep (the knowledge coreset, or the keys); training: the task's patch features
+    the PQ codebook is learned from (default: `selected`); option: the command-line option named in errors."""
     if storage in VECTOR_DTYPES:
         return PackedKnowledge(storage, vectors=selected.to(VECTOR_DTYPES[storage]))
     try:
         import faiss
     except ImportError:
-        raise UcadError("--knowledge_storage pq needs faiss to learn the codebook (pip install faiss-cpu)") from None
+        raise UcadError(f"{option} pq needs faiss to learn the codebook (pip install faiss-cpu)") from None
     dim = selected.shape[1]
     if dim % PQ_SUBVECTOR_DIM:
-        raise UcadError(f"--knowledge_storage pq needs a feature size divisible by {PQ_SUBVECTOR_DIM}, got {dim} "
+        raise UcadError(f"{option} pq needs a feature size divisible by {PQ_SUBVECTOR_DIM}, got {dim} "
                         "(--target_embed_dimension)")
     training = selected if training is None else training
     if training.shape[0] < 2 ** PQ_BITS:
-        raise UcadError(f"--knowledge_storage pq learns {2 ** PQ_BITS} centroids per sub-space from the task's patch "
+        raise UcadError(f"{option} pq learns {2 ** PQ_BITS} centroids per sub-space from the task's patch "
                         f"features, but this task has only {training.shape[0]}: use fp16 or fp32 for so small a task")
     if training.shape[0] > PQ_TRAINING_POINTS:
         chosen = torch.randperm(training.shape[0], generator=torch.Generator().manual_seed(seed))[:PQ_TRAINING_POINTS]

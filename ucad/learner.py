@@ -27,14 +27,18 @@ def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tenso
         frozen = frozen.reshape(-1, frozen.shape[-1])
     with timer.phase("keys"):
         keys = select_keys(frozen, config.key_size, config.key_sampler, seed=seed)
+        packed_keys = None
+        if config.key_storage != "fp32":
+            # routing (and its statistics) use exactly the keys a saved model will decode
+            packed_keys = pack_knowledge(keys, config.key_storage, training=frozen, seed=seed, option="--key_storage")
+            keys = packed_keys.decode()
         routing = _routing_statistics(model, keys, frozen.view(n, -1, frozen.shape[-1]), validation_images, config)
-        keys = keys.half() if config.key_storage == "fp16" else keys
 
     if not model.config.learns_prompts:
         # PatchCore per task: the memory bank is a coreset of the frozen features themselves, sized by -p
         with timer.phase("coreset"):
             knowledge = sampler.subsample(frozen)
-        return TaskMemory(name, keys, None, knowledge, routing=routing), []
+        return TaskMemory(name, keys, None, knowledge, routing=routing, packed_keys=packed_keys), []
     prompt = model.new_prompt(seed)
     history: list[float] = []
     extra: dict = {}
@@ -80,7 +84,7 @@ def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tenso
     state = {k: v.detach().clone() for k, v in prompt.state_dict().items()} if prompt is not None else None
     # scoring uses exactly the vectors a saved model will decode, whatever the storage
     return TaskMemory(name, keys, state, packed.decode(), unlimited, {"loss_history": history, **extra},
-                      packed=packed, routing=routing), history
+                      packed=packed, routing=routing, packed_keys=packed_keys), history
 
 
 def _routing_statistics(model: UcadModel, keys: torch.Tensor, frozen: torch.Tensor,

@@ -34,11 +34,12 @@ def restore_tasks(model: UcadModel, state: dict) -> None:
     for t in state["tasks"]:
         t = _to(t, model.device)
         packed = PackedKnowledge.from_state(t["knowledge_packed"], model.device) if t.get("knowledge_packed") else None
+        keys = PackedKnowledge.from_state(t["keys_packed"], model.device) if t.get("keys_packed") else None
         thresholds = {bank: Threshold.from_dict(v) for bank, v in (t.get("thresholds") or {}).items()}
-        model.tasks.append(TaskMemory(t["name"], t["keys"], t["prompt_state"],
+        model.tasks.append(TaskMemory(t["name"], keys.decode() if keys is not None else t["keys"], t["prompt_state"],
                                       packed.decode() if packed is not None else t["knowledge"],
                                       t.get("knowledge_unlimited"), t.get("extra", {}), thresholds, packed,
-                                      t.get("routing") or {}))
+                                      t.get("routing") or {}, keys))
 
 
 def save_model(model: UcadModel, path: Path, run_configuration: dict | None = None, full: bool = False) -> None:
@@ -116,9 +117,10 @@ def _stored_extractor(config: ModelConfig, stored: dict, path: Path) -> FeatureE
 
 
 def _task_state(task: TaskMemory, banks: tuple[str, ...]) -> dict:
-    packed = task.packed
-    return _to({"name": task.name, "keys": task.keys, "prompt_state": task.prompt_state,
-                # packed knowledge is stored as packed (its bytes are the point); scoring uses its decoded vectors
+    packed, keys = task.packed, task.packed_keys
+    # packed knowledge and keys are stored as packed (their bytes are the point); scoring and routing decode them
+    return _to({"name": task.name, "keys": None if keys is not None else task.keys,
+                "keys_packed": keys.state() if keys is not None else None, "prompt_state": task.prompt_state,
                 "knowledge": None if packed is not None else task.knowledge,
                 "knowledge_packed": packed.state() if packed is not None else None,
                 "knowledge_unlimited": task.knowledge_unlimited if UNLIMITED in banks else None,
