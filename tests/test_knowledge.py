@@ -68,6 +68,8 @@ def test_pq_needs_a_dimension_its_subvectors_divide():
         pack_knowledge(torch.randn(10, 60), "pq")
     with pytest.raises(UcadError, match="only 100"):
         pack_knowledge(torch.randn(100, 64), "pq")
+    with pytest.raises(UcadError, match="^--key_storage pq learns 256 centroids"):  # keys name their own option
+        pack_knowledge(torch.randn(100, 64), "pq", option="--key_storage")
 
 
 def test_a_run_reports_bytes_and_saves_pq_knowledge_that_reloads(demo_root, tmp_path):
