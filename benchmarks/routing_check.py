@@ -5,8 +5,8 @@ Routing depends only on the frozen backbone, the keys and (for --routing other t
 task's normal images, so the frozen features of every task are extracted once and every combination of key sampler,
 routing rule, key storage and seed is compared on them: routing accuracy and mean relative margin per task (as the
 run reports them), the worst task, and bytes per task. As in a run with `dataset --train_val_split`, --holdout keeps a
-fraction of each task's training images out of the keys; calibrating rules measure them. Example (look-alike
-demo products):
+fraction of each task's training images out of the keys; calibrating rules measure them. Misrouted test images
+are listed at the end, with how many runs sent them astray (and in --json). Example (look-alike demo products):
 
     python3 -m ucad.demo_data /tmp/look --image_size 224 --categories weave,pcb_chip,weave_b,pcb_chip_b
     python3 benchmarks/routing_check.py --data /tmp/look -d weave -d pcb_chip -d weave_b -d pcb_chip_b \
@@ -95,13 +95,16 @@ def main() -> int:
                                                          routing) for k in range(len(learned))], dim=1)
                     routes = route(scores).cpu()
                     per_task[names[j]] = {"routing_accuracy": float((routes == j).float().mean()),
-                                          "routing_margin": float(routing_margin(scores).mean())}
+                                          "routing_margin": float(routing_margin(scores).mean()),
+                                          "misrouted": {str(tasks[j].test[i].image_path): names[k]
+                                                        for i, k in enumerate(routes.tolist()) if k != j}}
                 key_bytes = learned[0][2]
                 extra = sum(v.numel() * v.element_size() for v in statistics_per_task[0].values())
                 results.append({"seed": seed, "sampler": sampler, "routing": routing, "key_size": args.key_size,
                                 "key_storage": args.key_storage, "bytes_per_task": key_bytes + extra,
                                 "per_task": per_task})
     _print_summary(results, names)
+    _print_misrouted(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
@@ -147,6 +150,20 @@ def _print_summary(results: list[dict], names: list[str]) -> None:
             print(f"{label:<32} | {name:<{width}} | {_mean_std(accuracies):>15} | {_mean_std(margins):>15} | "
                   f"{runs[0]['bytes_per_task']:,}")
             label = ""
+
+
+def _print_misrouted(results: list[dict]) -> None:
+    """Each misrouted test image, with the task it went to and under how many of the runs (seed x sampler x
+    routing): images that every rule sends astray are the ones to look at."""
+    counts: dict[tuple[str, str], int] = {}
+    for r in results:
+        for rows in r["per_task"].values():
+            for image, task in rows["misrouted"].items():
+                counts[image, task] = counts.get((image, task), 0) + 1
+    if counts:
+        print(f"\nmisrouted test images (of {len(results)} runs: seeds x samplers x routings)")
+        for (image, task), n in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+            print(f"  {n:>3} x -> {task}: {image}")
 
 
 def _mean_std(values: list[float]) -> str:

@@ -23,6 +23,30 @@ def test_routing_check_reports_accuracy_margin_and_bytes_per_task_of_pq_keys(dem
     codes_and_codebook = 40 * 128 + 128 * 256 * 8 * 2  # 1024-d: 128 one-byte codes per key, an fp16 codebook
     for r in results:
         assert set(r["per_task"]) == {"weave", "washer"}
-        assert all(0 <= t["routing_accuracy"] <= 1 and t["routing_margin"] >= 0 for t in r["per_task"].values())
+        for name, t in r["per_task"].items():
+            assert 0 <= t["routing_accuracy"] <= 1 and t["routing_margin"] >= 0
+            test_images = len(list((demo_root / name / "test").rglob("*.png")))
+            assert len(t["misrouted"]) == round((1 - t["routing_accuracy"]) * test_images)
+            assert all(f"/{name}/test/" in image and task != name for image, task in t["misrouted"].items())
         assert r["bytes_per_task"] == codes_and_codebook + (4 if r["routing"] == "calibrated" else 0)
     assert "kmeans / mean" in result.stdout and "worst" in result.stdout
+
+
+def test_routing_check_lists_the_images_it_routes_wrong(demo_root, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "weave").symlink_to(demo_root / "weave")
+    (data / "weave_twin").symlink_to(demo_root / "weave")  # the same images: a twin product no rule can tell apart
+    out = tmp_path / "routing.json"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--data", str(data), "-d", "weave", "-d", "weave_twin",
+                             "--backbone", "resnet18", "--weights", "random", "-le", "layer2", "-le", "layer3",
+                             "--imagesize", "64", "--cpu", "--key_size", "8", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    per_task = json.loads(out.read_text())[0]["per_task"]
+    misrouted = {**per_task["weave"]["misrouted"], **per_task["weave_twin"]["misrouted"]}
+    # each image lies in both test sets and goes to one twin: it is misrouted exactly once
+    assert len(misrouted) == len(list((demo_root / "weave" / "test").rglob("*.png")))
+    assert "misrouted test images (of 1 runs" in result.stdout
+    for image, task in per_task["weave"]["misrouted"].items():
+        assert task == "weave_twin" and f"  1 x -> weave_twin: {image}" in result.stdout
