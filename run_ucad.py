@@ -6,7 +6,7 @@ import sys
 def main() -> None:
     """The command line; Ctrl-C while torch and the backbones load (the first seconds) ends with one line."""
     try:
-        from ucad.cli import main as command_line
+        from ucad.cli.run import main as command_line
     except KeyboardInterrupt:
         print("interrupted while starting, before anything was read or written", file=sys.stderr)
         sys.exit(130)

@@ -12,10 +12,10 @@ setup(
     # faiss-gpu replaces faiss-cpu (both install the module `faiss`): pip uninstall faiss-cpu, then pip install .[gpu]
     extras_require={"gpu": ["faiss-gpu>=1.7.4"]},
     entry_points={"console_scripts": [
-        "ucad=ucad.cli:main",
+        "ucad=ucad.cli.run:main",
         "ucad-predict=ucad.predict:main",
         "ucad-evaluate=ucad.evaluate:main",
-        "ucad-demo-data=ucad.demo_data:main",
+        "ucad-demo-data=ucad.demo.data:main",
         "ucad-structure-maps=segment_anything_prep.make_structure_maps:main",
     ]},
 )

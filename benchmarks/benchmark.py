@@ -12,7 +12,7 @@ task as tasks grow.
 Synthetic work is random smooth images with random defect blobs and block-shaped structure maps: the numbers are
 meaningless, the amount of work is MVTec's.
 
-Cost as tasks grow, observed through ucad.experiment.RunHooks, for each task t (counting from 1): seconds to learn
+Cost as tasks grow, observed through ucad.continual.experiment.RunHooks, for each task t (counting from 1): seconds to learn
 it, to evaluate every test set seen so far after it, and to write the results and checkpoint after it, and the
 checkpoint's size; milliseconds to route one image among the t tasks (its frozen features, then the one search over
 all tasks' keys; on a CPU timed on one thread); the bytes the task keeps (keys + prompt + knowledge) and the bytes
@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segment_anything_prep.label_maps import save_structure_map  # noqa: E402
 from ucad.config import Configs, DataConfig, LearningConfig, ModelConfig, RunConfig  # noqa: E402
-from ucad.experiment import CHECKPOINT, CHECKPOINT_TASKS, RunHooks, run_experiment  # noqa: E402
-from ucad.timing import PhaseTimer  # noqa: E402
+from ucad.continual.experiment import CHECKPOINT, CHECKPOINT_TASKS, RunHooks, run_experiment  # noqa: E402
+from ucad.runtime.timing import PhaseTimer  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- synthetic work
@@ -225,13 +225,13 @@ def write_profile(profiler, out_dir: Path, seconds: float, images: int) -> None:
 
 def profile_prompt_epoch(configs: Configs, out_dir: Path) -> None:
     """Learn the first task twice with one prompt-training epoch; profile the second one's prompt training."""
-    from ucad.coreset import CoresetSampler
-    from ucad.datasets import list_tasks
-    from ucad.device import select_device
-    from ucad.experiment import load_label_maps, structure_root_for
-    from ucad.images import load_images
-    from ucad.learner import learn_task
-    from ucad.model import UcadModel
+    from ucad.model.coreset import CoresetSampler
+    from ucad.data.layouts import list_tasks
+    from ucad.runtime.device import select_device
+    from ucad.continual.experiment import load_label_maps, structure_root_for
+    from ucad.data.decode import load_images
+    from ucad.learning.task import learn_task
+    from ucad.model.ucad_model import UcadModel
 
     model_config, data, run = configs.model, configs.data, configs.run
     learning = dataclasses.replace(configs.learning, epochs_num=1)

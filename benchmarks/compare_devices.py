@@ -72,7 +72,7 @@ def link_category_subset(source: Path, destination: Path, train_max: int | None,
 
 def prepare_data(out: Path, magnetic_tile: Path, sizes: dict) -> tuple[Path, list[str]]:
     from segment_anything_prep.make_structure_maps import make_structure_maps
-    from ucad.demo_data import generate_demo_dataset
+    from ucad.demo.data import generate_demo_dataset
 
     data = out / "data"
     tasks = []

@@ -131,7 +131,7 @@ fi
 smoke_cli() {
   local work=$out/work/smoke
   mkdir -p "$work"
-  python3 -m ucad.demo_data "$work/data" --seed 0 --image_size 64 --n_train 8 --n_test_good 3 --n_test_defect 3 \
+  python3 -m ucad.demo "$work/data" --seed 0 --image_size 64 --n_train 8 --n_test_good 3 --n_test_defect 3 \
     --categories weave,washer > "$work/data.log" 2>&1 || { cat "$work/data.log"; return 1; }
   python3 segment_anything_prep/make_structure_maps.py --data_path "$work/data" --method felzenszwalb \
     > "$work/maps.log" 2>&1 || { cat "$work/maps.log"; return 1; }

@@ -8,7 +8,7 @@ run reports them), the worst task, and bytes per task. As in a run with `dataset
 fraction of each task's training images out of the keys; calibrating rules measure them. Misrouted test images
 are listed at the end, with how many runs sent them astray (and in --json). Example (look-alike demo products):
 
-    python3 -m ucad.demo_data /tmp/look --image_size 224 --categories weave,pcb_chip,weave_b,pcb_chip_b
+    python3 -m ucad.demo /tmp/look --image_size 224 --categories weave,pcb_chip,weave_b,pcb_chip_b
     python3 benchmarks/routing_check.py --data /tmp/look -d weave -d pcb_chip -d weave_b -d pcb_chip_b \
         --backbone efficientnet_lite0 -le 2 -le 3 --patchsize 3 --routings mean,calibrated --seeds 0,1,2
 """
@@ -26,13 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ucad.config import ModelConfig  # noqa: E402
-from ucad.datasets import list_tasks  # noqa: E402
-from ucad.device import select_device  # noqa: E402
-from ucad.images import ImageGeometry, load_images  # noqa: E402
-from ucad.keys import KEY_SAMPLERS, select_keys  # noqa: E402
-from ucad.knowledge import KNOWLEDGE_STORAGES, pack_knowledge  # noqa: E402
-from ucad.model import UcadModel  # noqa: E402
-from ucad.router import ROUTINGS, TaskKeyIndex, route, routing_margin, routing_scores, \
+from ucad.data.layouts import list_tasks  # noqa: E402
+from ucad.runtime.device import select_device  # noqa: E402
+from ucad.data.decode import ImageGeometry, load_images  # noqa: E402
+from ucad.model.keys import KEY_SAMPLERS, select_keys  # noqa: E402
+from ucad.model.knowledge import KNOWLEDGE_STORAGES, pack_knowledge  # noqa: E402
+from ucad.model.ucad_model import UcadModel  # noqa: E402
+from ucad.model.router import ROUTINGS, TaskKeyIndex, route, routing_margin, routing_scores, \
     routing_statistics  # noqa: E402
 
 

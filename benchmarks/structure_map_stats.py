@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """What the structure-contrastive loss gets to work with, per task: the structure maps' regions as the prompt
-training sees them (each patch takes the region id at its centre pixel, ucad.loss.labels_to_grid).
+training sees them (each patch takes the region id at its centre pixel, ucad.learning.loss.labels_to_grid).
 
 Per task: training images, mean regions per image at the patch grid, the share of images with fewer than 2 regions
 (they contribute nothing to the loss), the mean share of an image's labelled patches in its largest region (near 1:
@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ucad.datasets import list_tasks  # noqa: E402
-from ucad.experiment import load_label_maps  # noqa: E402
-from ucad.images import ImageGeometry  # noqa: E402
-from ucad.loss import labels_to_grid  # noqa: E402
+from ucad.data.layouts import list_tasks  # noqa: E402
+from ucad.continual.experiment import load_label_maps  # noqa: E402
+from ucad.data.decode import ImageGeometry  # noqa: E402
+from ucad.learning.loss import labels_to_grid  # noqa: E402
 
 
 def region_statistics(labels: torch.Tensor) -> dict:

@@ -15,9 +15,9 @@ results=results
 if [[ $# -gt 0 && $1 != -* ]]; then results=$1; shift; fi
 data=${UCAD_DEMO_DATA:-demo_data}
 python=${PYTHON:-python3}
-export PYTHONPATH="$repository${PYTHONPATH:+:$PYTHONPATH}"  # `-m ucad.demo_data` from any folder
+export PYTHONPATH="$repository${PYTHONPATH:+:$PYTHONPATH}"  # `-m ucad.demo` from any folder
 
-"$python" -m ucad.demo_data "$data" --seed 0
+"$python" -m ucad.demo "$data" --seed 0
 "$python" "$repository/segment_anything_prep/make_structure_maps.py" --data_path "$data" --method felzenszwalb
 "$python" "$repository/run_ucad.py" --seed 0 --epochs_num 10 --log_group demo_effnet_lite0 --log_project demo \
   --save_segmentation_images --save_anomaly_maps --save_patchcore_model "$@" "$results" \

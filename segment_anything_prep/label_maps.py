@@ -1,5 +1,5 @@
 """From a segmentation to a structure map on disk: regions numbered 1..K by area, resampled to the image, written
-as a 16-bit PNG (the convention of `ucad/structure_maps.py`); and the images that need a map, listed as a run
+as a 16-bit PNG (the convention of `ucad/data/structure_maps.py`); and the images that need a map, listed as a run
 lists them."""
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
-from ucad import datasets
-from ucad.datasets import check_root, list_tasks
-from ucad.errors import UcadError
-from ucad.run_folder import atomic_write
-from ucad.structure_maps import MAX_LABEL
+from ucad.data import layouts as datasets
+from ucad.data.layouts import check_root, list_tasks
+from ucad.runtime.errors import UcadError
+from ucad.persistence.run_folder import atomic_write
+from ucad.data.structure_maps import MAX_LABEL
 
 
 def save_structure_map(path, labels) -> Path:

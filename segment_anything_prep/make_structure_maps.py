@@ -2,7 +2,7 @@
 
 For every training image of a data set (MVTec layout, a single category folder, or VisA as distributed) this
 writes one label map (16-bit PNG, full image resolution, 0 = no region, 1..K = regions by decreasing area) to a
-parallel tree, by default ``DATA_PATH-sam-b``. See ``ucad/structure_maps.py`` for the convention.
+parallel tree, by default ``DATA_PATH-sam-b``. See ``ucad/data/structure_maps.py`` for the convention.
 
 Methods:
   sam           Segment Anything automatic masks (needs a checkpoint, e.g. sam_vit_b_01ec64.pth; GPU recommended)
@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from segment_anything_prep.label_maps import (find_images, masks_to_label_map, relabel_by_area, resize_labels_nearest,
                                               save_structure_map)
-from ucad.errors import UcadError
-from ucad.structure_maps import default_structure_root, structure_map_path
+from ucad.runtime.errors import UcadError
+from ucad.data.structure_maps import default_structure_root, structure_map_path
 
 METHODS = ("sam", "felzenszwalb", "slic")
 SAM_TYPES = ("vit_b", "vit_l", "vit_h")
@@ -256,7 +256,7 @@ def make_structure_maps(
     ``method``: ``"sam"`` (default when ``sam_checkpoint`` or a prebuilt ``sam_model`` is given),
     ``"felzenszwalb"`` or ``"slic"``. Existing maps are skipped unless ``overwrite``. Returns a summary dict:
     ``made``, ``skipped``, ``total``, ``seconds``, ``mean_regions`` (over the maps made; None if none),
-    ``method``, ``out_path``. Problems the user can fix raise :class:`ucad.errors.UcadError`.
+    ``method``, ``out_path``. Problems the user can fix raise :class:`ucad.runtime.errors.UcadError`.
     """
     t0 = time.perf_counter()
     data_path = Path(data_path)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from segment_anything_prep.make_structure_maps import make_structure_maps
-from ucad.demo_data import generate_demo_dataset
+from ucad.demo.data import generate_demo_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -1,13 +1,13 @@
-"""Reference pixel metrics on numpy arrays, for checking ucad.metrics' torch path against.
+"""Reference pixel metrics on numpy arrays, for checking ucad.results.metrics' torch path against.
 
-They share the sorting and region helpers of ucad.metrics (which tests/test_metrics.py checks against
+They share the sorting and region helpers of ucad.results.metrics (which tests/test_metrics.py checks against
 scikit-learn, a brute-force AUPRO and hand-worked cases) but integrate the curves with numpy, in a
 different order of operations: the full PRO curve, then a trapezoid cut at the limit."""
 from __future__ import annotations
 
 import numpy as np
 
-from ucad.metrics import _as_scores, _binary_from_sorted, _binary_masks, _check_limit, _pro_weights, _sort_desc, \
+from ucad.results.metrics import _as_scores, _binary_from_sorted, _binary_masks, _check_limit, _pro_weights, _sort_desc, \
     _stack_shape
 
 

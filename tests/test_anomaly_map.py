@@ -1,4 +1,4 @@
-"""ucad.anomaly_map: patch scores -> pixel maps must equal PatchCore's recipe, i.e. bilinear upsampling
+"""ucad.model.anomaly_map: patch scores -> pixel maps must equal PatchCore's recipe, i.e. bilinear upsampling
 (align_corners=False) followed by scipy.ndimage.gaussian_filter(sigma=4) with its defaults (mode 'reflect',
 truncate 4.0)."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ucad.anomaly_map import anomaly_maps, gaussian_kernel, image_scores
+from ucad.model.anomaly_map import anomaly_maps, gaussian_kernel, image_scores
 
 
 def reference(patch_scores: torch.Tensor, grid, size, sigma=4.0) -> np.ndarray:

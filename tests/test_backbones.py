@@ -1,4 +1,4 @@
-"""ucad.backbones.FeatureExtractor on small randomly initialised timm models (no downloads).
+"""ucad.model.backbones.FeatureExtractor on small randomly initialised timm models (no downloads).
 
 ViT: our block-by-block forward with re-implemented (prefix-capable) attention equals timm's own forward; a
 prefix prompt equals a reference prefix attention written with an explicit softmax; gradients reach only the
@@ -13,12 +13,12 @@ import pytest
 import timm
 import torch
 
-import ucad.backbones as backbones
-from ucad.backbones import FeatureExtractor
-from ucad.errors import UcadError
-from ucad.images import normalize
-from ucad.prompt import ChannelPrompt, PrefixPrompt
-from ucad.weights import create_backbone
+import ucad.model.backbones as backbones
+from ucad.model.backbones import FeatureExtractor
+from ucad.runtime.errors import UcadError
+from ucad.data.decode import normalize
+from ucad.model.prompt import ChannelPrompt, PrefixPrompt
+from ucad.model.weights import create_backbone
 
 IMG = 64  # vit_tiny with patch 16 -> a 4 x 4 grid
 

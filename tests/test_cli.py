@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import ucad.experiment
-from ucad.cli import main
+import ucad.continual.experiment
+from ucad.cli.run import main
 
 TINY = ["ucad", "-b", "resnet18", "--weights", "random", "-le", "layer2", "-le", "layer3", "--patchsize", "3",
         "--pretrain_embed_dimension", "64", "--target_embed_dimension", "64"]
@@ -123,19 +123,19 @@ def test_crash_then_resume_gives_the_uninterrupted_results(demo_root, tmp_path, 
     assert code == 0
     straight = list(csv.DictReader(open(tmp_path / "straight" / "p" / "g_0" / "results_all_phases.csv")))
 
-    original = ucad.experiment.learn_task
+    original = ucad.continual.experiment.learn_task
 
     def crash_on_third(model, task_index, *rest, **kwargs):
         if task_index == 2:
             raise RuntimeError("simulated crash in task 3")
         return original(model, task_index, *rest, **kwargs)
 
-    monkeypatch.setattr(ucad.experiment, "learn_task", crash_on_third)
+    monkeypatch.setattr(ucad.continual.experiment, "learn_task", crash_on_third)
     with pytest.raises(RuntimeError):
         CliRunner().invoke(main, global_options(tmp_path / "crash") + args, catch_exceptions=False)
     run_dir = tmp_path / "crash" / "p" / "g_0"
     assert {r["phase"] for r in csv.DictReader(open(run_dir / "results_all_phases.csv"))} == {"0", "1"}
-    monkeypatch.setattr(ucad.experiment, "learn_task", original)
+    monkeypatch.setattr(ucad.continual.experiment, "learn_task", original)
     code, output = run(["--resume"] + global_options(tmp_path / "crash") + args)
     assert code == 0, output
     assert "resuming after task 2" in output

@@ -10,7 +10,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from ucad.cli import dataset_command, main, sampler_command, ucad_command
+from ucad.cli.run import dataset_command, main, sampler_command, ucad_command
 
 # (option, value) pairs that are valid: everything else given 0 or -1 must be refused up front
 VALID = {("--gpu", "0"), ("--seed", "0"), ("--epochs_num", "0"), ("--basic_size", "0"), ("--num_workers", "0"),

@@ -9,18 +9,18 @@ from dataclasses import fields, replace
 import pytest
 from click.testing import CliRunner
 
-import ucad.experiment
+import ucad.continual.experiment
 from test_cli import TINY, dataset, global_options, run
-from ucad.cli import main
+from ucad.cli.run import main
 from ucad.config import CONFIG_CLASSES, Configs, DataConfig, LearningConfig, ModelConfig, RunConfig, cli_parameter
-from ucad.errors import UcadError
+from ucad.runtime.errors import UcadError
 
 
 @pytest.fixture
 def captured(monkeypatch):
     """The Configs the command line hands to the experiment (which is not run)."""
     seen = []
-    monkeypatch.setattr(ucad.experiment, "run_experiment", seen.append)
+    monkeypatch.setattr(ucad.continual.experiment, "run_experiment", seen.append)
     return seen
 
 

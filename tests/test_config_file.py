@@ -63,7 +63,7 @@ def test_a_file_from_another_version_says_what_it_could_not_use(first_run, tmp_p
 
 @pytest.mark.parametrize("recipe", sorted((REPOSITORY / "configs").glob("*.json")), ids=lambda p: p.stem)
 def test_the_recipes_name_only_options(recipe):
-    from ucad.cli import read_recipe
+    from ucad.cli.options import read_recipe
 
     sections = read_recipe(str(recipe))
     assert set(sections) <= {"model", "learning", "data", "run"}

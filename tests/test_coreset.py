@@ -1,4 +1,4 @@
-"""ucad.coreset.CoresetSampler: identity, exact greedy k-center (against a brute force written here), the
+"""ucad.model.coreset.CoresetSampler: identity, exact greedy k-center (against a brute force written here), the
 approximate variant, coverage on clustered data, errors, and the memory bound on a large bank."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from ucad.coreset import CoresetSampler
+from ucad.model.coreset import CoresetSampler
 
 
 def brute_force_k_center(features: torch.Tensor, size: int, seed: int) -> list[int]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ucad.coreset import CoresetSampler
-from ucad.nearest_neighbor import NearestNeighbourScorer, faiss_has_gpu
+from ucad.model.coreset import CoresetSampler
+from ucad.model.nearest_neighbor import NearestNeighbourScorer, faiss_has_gpu
 
 pytestmark = pytest.mark.cuda
 GPU = torch.device("cuda", 0)
@@ -52,7 +52,7 @@ def test_coreset_on_the_gpu_selects_the_cpu_rows(name):
 def test_cli_runs_on_the_gpu(demo_root, tmp_path):
     from click.testing import CliRunner
 
-    from ucad.cli import main
+    from ucad.cli.run import main
 
     args = ["--gpu", "0", "--seed", "0", "--epochs_num", "1", "--memory_size", "16", "--key_size", "16",
             "--basic_size", "32", "--log_group", "g", "--log_project", "p", "--save_patchcore_model", str(tmp_path),

@@ -1,4 +1,4 @@
-"""ucad.data_check: every image, mask and structure map of every task is opened before the first task trains,
+"""ucad.data.check: every image, mask and structure map of every task is opened before the first task trains,
 and every problem is reported at once."""
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from segment_anything_prep.label_maps import save_structure_map
-import ucad.experiment
-from ucad.cli import main
-from ucad.data_check import MAX_LISTED_PROBLEMS, check_data, relation_of_sizes
-from ucad.datasets import list_tasks
-from ucad.errors import UcadError
-from ucad.structure_maps import default_structure_root
+import ucad.continual.experiment
+from ucad.cli.run import main
+from ucad.data.check import MAX_LISTED_PROBLEMS, check_data, relation_of_sizes
+from ucad.data.layouts import list_tasks
+from ucad.runtime.errors import UcadError
+from ucad.data.structure_maps import default_structure_root
 
 TINY = ["ucad", "-b", "resnet18", "--weights", "random", "-le", "layer2", "-le", "layer3", "--patchsize", "1",
         "--pretrain_embed_dimension", "32", "--target_embed_dimension", "32"]
@@ -156,8 +156,8 @@ def test_a_bad_file_in_the_last_task_stops_the_run_before_the_first_task_trains(
     def never(*args, **kwargs):
         raise AssertionError("a task was trained although the data has a problem")
 
-    monkeypatch.setattr(ucad.experiment, "learn_task", never)
-    monkeypatch.setattr(ucad.experiment, "UcadModel", never)  # not even the backbone is built
+    monkeypatch.setattr(ucad.continual.experiment, "learn_task", never)
+    monkeypatch.setattr(ucad.continual.experiment, "UcadModel", never)  # not even the backbone is built
     result = CliRunner().invoke(main, ["--cpu", "--log_project", "p", str(tmp_path / "results")] + TINY
                                 + ["dataset", "--resize", "32", "--imagesize", "32", "mvtec", str(root)])
     assert result.exit_code == 2, result.output

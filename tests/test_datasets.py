@@ -1,4 +1,4 @@
-"""ucad.datasets (listing MVTec-layout and VisA trees) and ucad.images (decoding images and masks) on tiny
+"""ucad.data.layouts (listing MVTec-layout and VisA trees) and ucad.data.decode (decoding images and masks) on tiny
 trees written here with PIL, plus the real magnetic-tile data when it is present."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ucad.datasets import list_mvtec_task, list_tasks, list_visa_task
-from ucad.errors import UcadError
-from ucad.images import ImageGeometry, load_image, load_images, load_mask, load_masks
+from ucad.data.layouts import list_mvtec_task, list_tasks, list_visa_task
+from ucad.runtime.errors import UcadError
+from ucad.data.decode import ImageGeometry, load_image, load_images, load_mask, load_masks
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
 
@@ -393,7 +393,7 @@ def test_16_bit_images_are_scaled_by_their_bit_depth_not_clipped(tmp_path):
 
 
 def test_bit_depth_declared_by_a_tiff_is_used(tmp_path):
-    from ucad.images import bit_depth, to_8_bit
+    from ucad.data.decode import bit_depth, to_8_bit
 
     Image.fromarray(np.full((4, 4), 4095, np.uint16)).save(tmp_path / "twelve.tif")
     image = Image.open(tmp_path / "twelve.tif")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ucad.demo_data import (
+from ucad.demo.data import (
     ALL_CATEGORIES,
     DEMO_CATEGORIES,
     DEMO_DEFECT_TYPES,
@@ -21,7 +21,7 @@ from ucad.demo_data import (
     main,
     render_sample,
 )
-from ucad.errors import UcadError
+from ucad.runtime.errors import UcadError
 
 SMALL = dict(image_size=64, n_train=3, n_test_good=2, n_test_defect=3)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ucad.cli import main
-from ucad.synthetic_defects import VISIBLE_CHANGE, cutpaste, make_validation_set, perlin_blend, perlin_noise
+from ucad.cli.run import main
+from ucad.learning.synthetic_defects import VISIBLE_CHANGE, cutpaste, make_validation_set, perlin_blend, perlin_noise
 
 
 def textured(n=4, size=64, seed=0):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ucad.config import ModelConfig
-from ucad.model import BANKS, KNOWLEDGE, UNLIMITED, ScoreCache, TaskMemory, UcadModel
+from ucad.model.task_memory import TaskMemory
+from ucad.model.ucad_model import BANKS, KNOWLEDGE, UNLIMITED, ScoreCache, UcadModel
 
 
 def tiny_model(tasks: int = 3, seed: int = 0) -> UcadModel:

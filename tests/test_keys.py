@@ -1,12 +1,12 @@
-"""ucad.keys: key samplers (k-means, random, the released greedy coresets) and the routing margin."""
+"""ucad.model.keys: key samplers (k-means, random, the released greedy coresets) and the routing margin."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ucad.coreset import CoresetSampler
-from ucad.keys import KEY_SAMPLERS, select_keys
-from ucad.router import TaskKeyIndex, route, routing_margin
+from ucad.model.coreset import CoresetSampler
+from ucad.model.keys import KEY_SAMPLERS, select_keys
+from ucad.model.router import TaskKeyIndex, route, routing_margin
 
 pytest.importorskip("faiss")
 

@@ -1,11 +1,11 @@
-"""ucad.knowledge: fp32 / fp16 / product-quantised knowledge, its bytes, and decoding without faiss."""
+"""ucad.model.knowledge: fp32 / fp16 / product-quantised knowledge, its bytes, and decoding without faiss."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ucad.errors import UcadError
-from ucad.knowledge import PQ_BITS, PQ_SUBVECTOR_DIM, VECTOR_DTYPES, PackedKnowledge, pack_knowledge
+from ucad.runtime.errors import UcadError
+from ucad.model.knowledge import PQ_BITS, PQ_SUBVECTOR_DIM, VECTOR_DTYPES, PackedKnowledge, pack_knowledge
 
 pytest.importorskip("faiss")
 
@@ -77,8 +77,8 @@ def test_a_run_reports_bytes_and_saves_pq_knowledge_that_reloads(demo_root, tmp_
 
     from click.testing import CliRunner
 
-    from ucad.cli import main
-    from ucad.model_file import load_model
+    from ucad.cli.run import main
+    from ucad.persistence.model_file import load_model
 
     result = CliRunner().invoke(main, [
         "--cpu", "--epochs_num", "0", "--memory_size", "40", "--key_size", "8", "--basic_size", "0",

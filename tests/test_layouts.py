@@ -9,9 +9,9 @@ import pytest
 
 from segment_anything_prep.label_maps import detect_layout, find_images
 from test_datasets import make_mvtec, make_visa, make_visa_converted, write_image
-from ucad.cli import dataset_command
-from ucad.datasets import LAYOUTS, DataLayout, Sample, TaskSamples, list_tasks, register_layout
-from ucad.errors import UcadError
+from ucad.cli.run import dataset_command
+from ucad.data.layouts import LAYOUTS, DataLayout, Sample, TaskSamples, list_tasks, register_layout
+from ucad.runtime.errors import UcadError
 
 
 def training_images(name: str, root: Path, split: float = 1.0) -> list[Path]:
@@ -64,7 +64,7 @@ def test_dataset_choices_are_the_registered_layouts():
 def test_a_new_layout_is_one_registration(tmp_path, monkeypatch):
     """A flat layout (ROOT/<category>/normal/*.png, test images in ROOT/<category>/check/*.png), registered once:
     the run lists it by name and the maker recognises it."""
-    monkeypatch.setattr("ucad.datasets.LAYOUTS", dict(LAYOUTS))  # the registration ends with the test
+    monkeypatch.setattr("ucad.data.layouts.LAYOUTS", dict(LAYOUTS))  # the registration ends with the test
     root = tmp_path / "flat"
     for i in range(3):
         write_image(root / "tiles" / "normal" / f"{i}.png", seed=i)

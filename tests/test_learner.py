@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from ucad.config import LearningConfig, ModelConfig
-from ucad.coreset import CoresetSampler
-from ucad.learner import learn_task
-from ucad.model import UcadModel
-from ucad.timing import PhaseTimer
+from ucad.model.coreset import CoresetSampler
+from ucad.learning.task import learn_task
+from ucad.model.ucad_model import UcadModel
+from ucad.runtime.timing import PhaseTimer
 
 
 def tiny(seed: int = 0):

@@ -1,4 +1,4 @@
-"""ucad.loss (structure-based contrastive loss, label maps to the patch grid) and ucad.router (task choice)."""
+"""ucad.learning.loss (structure-based contrastive loss, label maps to the patch grid) and ucad.model.router (task choice)."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ucad.loss import labels_to_grid, structure_contrastive_loss
-from ucad.router import TaskKeyIndex, route
+from ucad.learning.loss import labels_to_grid, structure_contrastive_loss
+from ucad.model.router import TaskKeyIndex, route
 
 
 # ----------------------------------------------------------------------------- the loss

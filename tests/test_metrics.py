@@ -6,7 +6,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from metric_references import aupro, pixel_metrics
-from ucad import metrics as M
+from ucad.results import metrics as M
 
 FPR_LIMIT = 0.3  # the run's default, for which the hand-worked areas below are given
 

@@ -7,7 +7,7 @@ import torch
 from scipy import ndimage
 
 from metric_references import aupro, pixel_metrics
-from ucad import metrics as M
+from ucad.results import metrics as M
 from ucad.config import RunConfig
 
 FPR_LIMIT = RunConfig.fpr_limit

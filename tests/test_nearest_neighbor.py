@@ -1,10 +1,10 @@
-"""ucad.nearest_neighbor.NearestNeighbourScorer: faiss and torch back ends against brute force (torch.cdist)."""
+"""ucad.model.nearest_neighbor.NearestNeighbourScorer: faiss and torch back ends against brute force (torch.cdist)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ucad.nearest_neighbor import NearestNeighbourScorer
+from ucad.model.nearest_neighbor import NearestNeighbourScorer
 
 faiss = pytest.importorskip("faiss")
 
@@ -141,7 +141,7 @@ class _FakeGpuFaiss:
 def gpu_faiss(monkeypatch):
     import sys
 
-    from ucad import nearest_neighbor
+    from ucad.model import nearest_neighbor
 
     fake = _FakeGpuFaiss(faiss)
     monkeypatch.setitem(sys.modules, "faiss", fake)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ucad.device import OutOfMemoryRetry, out_of_memory_kind
-from ucad.errors import UcadError
-from ucad.model import ModelConfig, UcadModel
+from ucad.runtime.device import OutOfMemoryRetry, out_of_memory_kind
+from ucad.runtime.errors import UcadError
+from ucad.model.ucad_model import ModelConfig, UcadModel
 
 from test_training import train
 

@@ -1,4 +1,4 @@
-"""ucad.patch_features.PatchEmbedder against a reference that follows PatchCore's original code step by step
+"""ucad.model.patch_features.PatchEmbedder against a reference that follows PatchCore's original code step by step
 (PatchMaker.patchify, the grid alignment loop of PatchCore._embed, Preprocessing/MeanMapper, Aggregator).
 
 PatchCore aligns a smaller layer by interpolating its (C, p, p) patch tensors over the two grid axes; ours
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ucad.patch_features import PatchEmbedder
+from ucad.model.patch_features import PatchEmbedder
 
 
 # ----------------------------------------------------------------------------- PatchCore, literally

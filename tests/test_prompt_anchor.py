@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from test_training import structured_images, train
-from ucad.loss import anchor_penalty
-from ucad.model import ModelConfig, UcadModel
-import ucad.training
+from ucad.learning.loss import anchor_penalty
+from ucad.model.ucad_model import ModelConfig, UcadModel
+import ucad.learning.prompt_training
 
 
 def test_anchor_penalty_is_the_relative_squared_drift():
@@ -56,12 +56,12 @@ def test_with_flips_the_anchor_compares_against_the_flipped_images_own_frozen_fe
     images, labels = structured_images(4, 32)
     frozen = model.features(images, None, batch_size=4)
     seen = []
-    original = ucad.training.anchor_penalty
-    ucad.training.anchor_penalty = lambda prompted, reference: seen.append(float(original(prompted, reference).detach())) \
+    original = ucad.learning.prompt_training.anchor_penalty
+    ucad.learning.prompt_training.anchor_penalty = lambda prompted, reference: seen.append(float(original(prompted, reference).detach())) \
         or original(prompted, reference)
     try:
         train(model, model.new_prompt(0), images, labels, epochs_num=1, lr=1e-12, batch_size=4,
               augment=True, seed=1, prompt_anchor=1.0, frozen_features=frozen)
     finally:
-        ucad.training.anchor_penalty = original
+        ucad.learning.prompt_training.anchor_penalty = original
     assert len(seen) == 1 and seen[0] < 1e-8  # the CNN prompt starts as the identity

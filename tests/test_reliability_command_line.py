@@ -8,15 +8,15 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-import ucad.experiment
-from ucad.cli import main
+import ucad.continual.experiment
+from ucad.cli.run import main
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def test_imagesize_above_resize_is_refused_instead_of_padding_black(tmp_path, monkeypatch):
     started = []
-    monkeypatch.setattr(ucad.experiment, "run_experiment", lambda configs: started.append(configs))
+    monkeypatch.setattr(ucad.continual.experiment, "run_experiment", lambda configs: started.append(configs))
     command = ["--cpu", str(tmp_path), "dataset", "--imagesize", "96", "--resize", "64", "mvtec", str(tmp_path)]
     result = CliRunner().invoke(main, command)
     assert result.exit_code == 2 and not started

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ucad.data_check import check_data
-from ucad.datasets import list_tasks
-from ucad.errors import UcadError
-from ucad.images import ImageGeometry, load_image
+from ucad.data.check import check_data
+from ucad.data.layouts import list_tasks
+from ucad.runtime.errors import UcadError
+from ucad.data.decode import ImageGeometry, load_image
 
 GEOMETRY = ImageGeometry(16, 16, "square")
 

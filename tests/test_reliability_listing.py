@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from segment_anything_prep.label_maps import find_images
-from ucad.data_check import check_data
-from ucad.datasets import list_tasks
-from ucad.errors import UcadError
+from ucad.data.check import check_data
+from ucad.data.layouts import list_tasks
+from ucad.runtime.errors import UcadError
 
 
 def write_image(path: Path, seed: int = 0) -> Path:

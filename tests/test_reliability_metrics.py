@@ -11,11 +11,11 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from ucad.cli import main
-from ucad.data_check import check_data
-from ucad.datasets import list_tasks
-from ucad.metrics import one_class_note
-from ucad.results import SUMMARY_METRICS, final_table, summarize
+from ucad.cli.run import main
+from ucad.data.check import check_data
+from ucad.data.layouts import list_tasks
+from ucad.results.metrics import one_class_note
+from ucad.results.tables import SUMMARY_METRICS, final_table, summarize
 
 TINY = ["ucad", "-b", "resnet18", "--weights", "random", "-le", "layer2", "-le", "layer3", "--patchsize", "1",
         "--pretrain_embed_dimension", "32", "--target_embed_dimension", "32", "--no_scl"]

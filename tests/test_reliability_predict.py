@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import ucad.evaluate
 import ucad.predict
-from ucad.cli import main as run_main
+from ucad.cli.run import main as run_main
 from ucad.evaluate import main as evaluate
 from ucad.predict import main as predict
 

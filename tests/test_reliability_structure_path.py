@@ -10,11 +10,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from segment_anything_prep.label_maps import relabel_by_area
-from ucad.cli import main
-from ucad.data_check import check_data
-from ucad.datasets import list_tasks
-from ucad.errors import UcadError
-from ucad.structure_maps import looks_like_a_photograph
+from ucad.cli.run import main
+from ucad.data.check import check_data
+from ucad.data.layouts import list_tasks
+from ucad.runtime.errors import UcadError
+from ucad.data.structure_maps import looks_like_a_photograph
 
 TINY = ["ucad", "-b", "resnet18", "--weights", "random", "-le", "layer2", "--patchsize", "1",
         "--pretrain_embed_dimension", "16", "--target_embed_dimension", "16"]
@@ -88,7 +88,7 @@ def test_real_region_maps_do_not_look_like_photographs():
 
 
 def test_the_demo_maps_are_region_maps(demo_root):
-    from ucad.structure_maps import default_structure_root, load_structure_map
+    from ucad.data.structure_maps import default_structure_root, load_structure_map
 
     maps = sorted(default_structure_root(demo_root).rglob("*.png"))
     assert maps and not any(looks_like_a_photograph(load_structure_map(path)) for path in maps)

@@ -1,12 +1,12 @@
-"""ucad.router.TaskKeyIndex: one search over all tasks' keys gives what one nearest-neighbour search per task gives."""
+"""ucad.model.router.TaskKeyIndex: one search over all tasks' keys gives what one nearest-neighbour search per task gives."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ucad.errors import UcadError
-from ucad.nearest_neighbor import NearestNeighbourScorer
-from ucad.router import TaskKeyIndex, route
+from ucad.runtime.errors import UcadError
+from ucad.model.nearest_neighbor import NearestNeighbourScorer
+from ucad.model.router import TaskKeyIndex, route
 
 
 def tasks_and_images(sizes, dim=24, images=7, patches=10, seed=0):

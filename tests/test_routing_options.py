@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from test_cli import TINY, dataset, global_options, run
-from ucad.router import ROUTINGS, TaskKeyIndex, route, routing_scores, routing_statistics
+from ucad.model.router import ROUTINGS, TaskKeyIndex, route, routing_scores, routing_statistics
 
 
 def two_tasks():
@@ -68,7 +68,7 @@ def test_a_run_with_each_routing_stores_its_statistics_in_the_model(routing, dem
                        + dataset(demo_root, "weave", "washer")[1:])
     assert code == 0, output
     run_dir = tmp_path / "p" / "g_0"
-    from ucad.model_file import load_model
+    from ucad.persistence.model_file import load_model
 
     model = load_model(run_dir / "models" / "ucad_model.pt", torch.device("cpu"))
     assert model.config.routing == routing and all(task.routing for task in model.tasks)
@@ -88,7 +88,7 @@ def test_pq_keys_keep_their_bytes_and_a_saved_model_routes_as_the_run(demo_root,
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["memory_bytes_per_task"]["weave"]["keys"] == 40 * 8 + 8 * 256 * 8 * 2  # codes + fp16 codebook
     from ucad.evaluate import main as evaluate
-    from ucad.model_file import load_model
+    from ucad.persistence.model_file import load_model
 
     model = load_model(run_dir / "models" / "ucad_model.pt", torch.device("cpu"))
     for task in model.tasks:

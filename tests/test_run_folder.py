@@ -12,13 +12,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import ucad.experiment
-import ucad.results
-import ucad.run_folder
-from ucad.cli import main
-from ucad.errors import UcadError
-from ucad.results import write_heatmap
-from ucad.run_folder import atomic_write, check_results_path, new_run_dir, remove_temporary_files
+import ucad.continual.experiment
+import ucad.results.tables
+import ucad.persistence.run_folder
+from ucad.cli.run import main
+from ucad.runtime.errors import UcadError
+from ucad.results.tables import write_heatmap
+from ucad.persistence.run_folder import atomic_write, check_results_path, new_run_dir, remove_temporary_files
 
 TINY = ["ucad", "-b", "resnet18", "--weights", "random", "-le", "layer2", "-le", "layer3", "--patchsize", "1",
         "--pretrain_embed_dimension", "32", "--target_embed_dimension", "32"]
@@ -39,7 +39,7 @@ def command(results: Path, root: Path, *extra: str, epochs: int = 1, group: str 
             "-d", "weave", "-d", "washer", "mvtec", str(root)]
 
 
-LEARN_TASK = ucad.experiment.learn_task
+LEARN_TASK = ucad.continual.experiment.learn_task
 
 
 def fail_at(monkeypatch, task_index: int, error: BaseException):
@@ -50,7 +50,7 @@ def fail_at(monkeypatch, task_index: int, error: BaseException):
             raise error
         return original(model, index, *args, **kwargs)
 
-    monkeypatch.setattr(ucad.experiment, "learn_task", learn_task)
+    monkeypatch.setattr(ucad.continual.experiment, "learn_task", learn_task)
     return original
 
 
@@ -67,7 +67,7 @@ def test_unusable_results_path_fails_before_the_backbone(tmp_path, demo_root, mo
     def no_backbone(*args, **kwargs):
         raise AssertionError("the backbone was loaded before the results path was checked")
 
-    monkeypatch.setattr(ucad.experiment, "UcadModel", no_backbone)
+    monkeypatch.setattr(ucad.continual.experiment, "UcadModel", no_backbone)
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     code, output = run(command(a_file / "results", demo_root))
@@ -96,8 +96,8 @@ def test_read_only_results_path(tmp_path):
 def test_new_run_dir_takes_the_next_number_when_another_run_took_it(tmp_path, monkeypatch):
     (tmp_path / "p" / "g_0").mkdir(parents=True)
     listings = iter([{}])  # the first listing was taken before the other process made g_0
-    real = ucad.run_folder._run_numbers
-    monkeypatch.setattr(ucad.run_folder, "_run_numbers", lambda *a: next(listings, None) or real(*a))
+    real = ucad.persistence.run_folder._run_numbers
+    monkeypatch.setattr(ucad.persistence.run_folder, "_run_numbers", lambda *a: next(listings, None) or real(*a))
     assert new_run_dir(tmp_path, "p", "g") == tmp_path / "p" / "g_1"
 
 
@@ -148,7 +148,7 @@ def test_failed_start_leaves_nothing_and_resume_finds_the_run_with_a_checkpoint(
         run(command(tmp_path, demo_root))
     assert not (tmp_path / "p" / "g_1").exists()  # ... removes its folder
     (tmp_path / "p" / "g_1").mkdir()  # what a kill -9 at the start leaves: a newer folder without checkpoint
-    monkeypatch.setattr(ucad.experiment, "learn_task", original)
+    monkeypatch.setattr(ucad.continual.experiment, "learn_task", original)
 
     code, output = run(command(tmp_path, demo_root, "--resume", epochs=2))
     assert code == 2 and "--epochs_num 1 there, 2 now" in output and "(learning" not in output
@@ -164,14 +164,14 @@ def test_failed_start_leaves_nothing_and_resume_finds_the_run_with_a_checkpoint(
 
 def test_kill_between_result_files_is_healed_by_resume(tmp_path, demo_root, monkeypatch):
     """The checkpoint is written last and --resume rewrites every other file from it."""
-    original_heatmap = ucad.results.write_heatmap
+    original_heatmap = ucad.results.tables.write_heatmap
 
     def killed_in_phase_1(path, records, names, *args, **kwargs):
         if max(r["phase"] for r in records) == 1:
             raise RuntimeError("killed between two result files")
         return original_heatmap(path, records, names, *args, **kwargs)
 
-    monkeypatch.setattr(ucad.results, "write_heatmap", killed_in_phase_1)
+    monkeypatch.setattr(ucad.results.tables, "write_heatmap", killed_in_phase_1)
     with pytest.raises(RuntimeError):
         run(command(tmp_path, demo_root))
     run_dir = tmp_path / "p" / "g_0"
@@ -179,7 +179,7 @@ def test_kill_between_result_files_is_healed_by_resume(tmp_path, demo_root, monk
     assert checkpoint_tasks(run_dir) == 1  # ... the checkpoint not: it is the authority
     assert json.loads((run_dir / "summary.json").read_text())["tasks_finished"] == 1  # disagreeing files
     (run_dir / "results_mean.csv.tmp").write_text("half")
-    monkeypatch.setattr(ucad.results, "write_heatmap", original_heatmap)
+    monkeypatch.setattr(ucad.results.tables, "write_heatmap", original_heatmap)
     fail_at(monkeypatch, 1, RuntimeError("stop right after the files were rewritten"))
     with pytest.raises(RuntimeError):
         run(command(tmp_path, demo_root, "--resume"))
@@ -216,13 +216,13 @@ def ctrl_c_raises():
 
 
 def test_ctrl_c_while_a_phase_is_written_waits_for_its_last_file(tmp_path, demo_root, monkeypatch, ctrl_c_raises):
-    original_heatmap = ucad.results.write_heatmap
+    original_heatmap = ucad.results.tables.write_heatmap
 
     def ctrl_c_while_writing(*args, **kwargs):
         signal.raise_signal(signal.SIGINT)  # the user presses Ctrl-C halfway through the phase's files
         return original_heatmap(*args, **kwargs)
 
-    monkeypatch.setattr(ucad.results, "write_heatmap", ctrl_c_while_writing)
+    monkeypatch.setattr(ucad.results.tables, "write_heatmap", ctrl_c_while_writing)
     code, output = run(command(tmp_path, demo_root))
     run_dir = tmp_path / "p" / "g_0"
     assert code == 130 and "interrupted after 1 of 2 task(s)" in output

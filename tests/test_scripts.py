@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import ucad.experiment
-from ucad.cli import main
+import ucad.continual.experiment
+from ucad.cli.run import main
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def parsed_config(argv: list[str], monkeypatch) -> dict:
     """What run_ucad.py would run with this command line (the experiment itself replaced), as config.json records
     it: {"model": ..., "learning": ..., "data": ..., "run": ...}."""
     seen = {}
-    monkeypatch.setattr(ucad.experiment, "run_experiment", lambda configs: seen.update(configs.as_dict()))
+    monkeypatch.setattr(ucad.continual.experiment, "run_experiment", lambda configs: seen.update(configs.as_dict()))
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 0, result.output
     return seen
@@ -90,7 +90,7 @@ def test_demo_and_structure_map_scripts_from_another_folder(tmp_path, recorder, 
     stub, log = recorder
     calls = run_script("demo.sh", ["out", "--epochs_num", "2"], tmp_path, stub, log)
     assert [c["argv"][:2] for c in calls[:2]] == [
-        ["-m", "ucad.demo_data"], [str(REPOSITORY / "segment_anything_prep" / "make_structure_maps.py"), "--data_path"]]
+        ["-m", "ucad.demo"], [str(REPOSITORY / "segment_anything_prep" / "make_structure_maps.py"), "--data_path"]]
     assert all(c["cwd"] == str(tmp_path) for c in calls)
     assert calls[0]["pythonpath"].split(os.pathsep)[0] == str(REPOSITORY)  # `-m ucad...` finds the package
     config = parsed_config(calls[2]["argv"][1:], monkeypatch)

@@ -1,4 +1,4 @@
-"""Structure maps: the storage convention (ucad/structure_maps.py) and the tool that makes them
+"""Structure maps: the storage convention (ucad/data/structure_maps.py) and the tool that makes them
 (segment_anything_prep/make_structure_maps.py), on tiny data sets built here."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ if str(REPO) not in sys.path:  # plain `pytest` without installation or a python
 from segment_anything_prep.label_maps import find_images, masks_to_label_map, relabel_by_area, save_structure_map
 from segment_anything_prep.make_structure_maps import main as cli_main
 from segment_anything_prep.make_structure_maps import make_structure_maps
-from ucad.errors import UcadError
-from ucad.structure_maps import default_structure_root, load_structure_map, structure_map_path
+from ucad.runtime.errors import UcadError
+from ucad.data.structure_maps import default_structure_root, load_structure_map, structure_map_path
 
 W, H = 64, 48  # non-square
 RECT = (8, 6, 30, 30)  # x0, y0, x1, y1 of the drawn rectangle

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from ucad.config import LearningConfig
-from ucad.learner import learn_task
-from ucad.coreset import CoresetSampler
-from ucad.model import ModelConfig, UcadModel
-from ucad.timing import PhaseTimer
-from ucad.training import train_prompt
+from ucad.learning.task import learn_task
+from ucad.model.coreset import CoresetSampler
+from ucad.model.ucad_model import ModelConfig, UcadModel
+from ucad.runtime.timing import PhaseTimer
+from ucad.learning.prompt_training import train_prompt
 
 
 def train(model, prompt, images, labels, frozen_features=None, **settings) -> list[float]:

@@ -1,4 +1,4 @@
-"""Tests for ucad.weights: backbone names, weight sources, and proof that the offline EfficientNet-Lite0 is real.
+"""Tests for ucad.model.weights: backbone names, weight sources, and proof that the offline EfficientNet-Lite0 is real.
 
 No network is needed (or used): hub tests force huggingface_hub's offline mode.
 """
@@ -13,8 +13,8 @@ import pytest
 import torch
 import timm
 
-from ucad.errors import UcadError
-from ucad.weights import (
+from ucad.runtime.errors import UcadError
+from ucad.model.weights import (
     BACKBONE_ALIASES,
     create_backbone,
     lukemelas_to_timm_efficientnet,

@@ -9,18 +9,18 @@ import math
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any, Callable
 
-from ucad.backbones import INPUT_NORMS
-from ucad.coreset import SAMPLER_NAMES
-from ucad.datasets import LAYOUTS
-from ucad.epoch_selection import EPOCH_SELECTIONS
-from ucad.errors import UcadError
-from ucad.images import ImageGeometry
-from ucad.keys import KEY_SAMPLERS
-from ucad.knowledge import KNOWLEDGE_STORAGES
-from ucad.loss import LABEL_SAMPLING
-from ucad.nearest_neighbor import BACKENDS, PATCH_DISTANCES
-from ucad.router import ROUTINGS
-from ucad.training import SCL_FEATURES
+from ucad.model.backbones import INPUT_NORMS
+from ucad.model.coreset import SAMPLER_NAMES
+from ucad.data.layouts import LAYOUTS
+from ucad.learning.epoch_selection import EPOCH_SELECTIONS
+from ucad.runtime.errors import UcadError
+from ucad.data.decode import ImageGeometry
+from ucad.model.keys import KEY_SAMPLERS
+from ucad.model.knowledge import KNOWLEDGE_STORAGES
+from ucad.learning.loss import LABEL_SAMPLING
+from ucad.model.nearest_neighbor import BACKENDS, PATCH_DISTANCES
+from ucad.model.router import ROUTINGS
+from ucad.learning.prompt_training import SCL_FEATURES
 
 
 @dataclass(frozen=True)

@@ -10,19 +10,19 @@ from pathlib import Path
 
 import click
 
-from ucad.cli import config_parameters, one_line_errors, shared_options
+from ucad.cli.options import config_parameters, one_line_errors, shared_options
 from ucad.config import DataConfig, RunConfig, check_bounds, to_dict
-from ucad.datasets import list_tasks, nfc
-from ucad.device import select_device
-from ucad.errors import RunInterrupted, UcadError
-from ucad.evaluation import ContinualEvaluator
-from ucad.experiment import echo, load_test_set, save_final_outputs
-from ucad.model import KNOWLEDGE
-from ucad.model_file import load_model
+from ucad.data.layouts import list_tasks, nfc
+from ucad.runtime.device import select_device
+from ucad.runtime.errors import RunInterrupted, UcadError
+from ucad.continual.evaluator import ContinualEvaluator
+from ucad.continual.experiment import echo, load_test_set, save_final_outputs
+from ucad.model.ucad_model import KNOWLEDGE
+from ucad.persistence.model_file import load_model
 from ucad.predict import prepare_output_folder
-from ucad.results import final_tables, write_json, write_run_results
-from ucad.run_folder import new_run_dir
-from ucad.timing import PhaseTimer
+from ucad.results.tables import final_tables, write_json, write_run_results
+from ucad.persistence.run_folder import new_run_dir
+from ucad.runtime.timing import PhaseTimer
 
 DATA_FIELDS = ("name", "data_path", "categories", "num_workers")  # the rest of `dataset` concerns learning
 

@@ -18,15 +18,15 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ucad.cli import one_line_errors, shared_options
-from ucad.datasets import IMAGE_SUFFIXES, Sample
-from ucad.device import select_device
-from ucad.errors import RunInterrupted, UcadError
-from ucad.images import load_images
-from ucad.model import KNOWLEDGE, UcadModel
-from ucad.model_file import load_model
-from ucad.results import write_csv
-from ucad.visualize import prediction_picture
+from ucad.cli.options import one_line_errors, shared_options
+from ucad.data.layouts import IMAGE_SUFFIXES, Sample
+from ucad.runtime.device import select_device
+from ucad.runtime.errors import RunInterrupted, UcadError
+from ucad.data.decode import load_images
+from ucad.model.ucad_model import KNOWLEDGE, UcadModel
+from ucad.persistence.model_file import load_model
+from ucad.results.tables import write_csv
+from ucad.results.pictures import prediction_picture
 
 
 def find_images(folder: Path, output: Path) -> list[Path]:

@@ -1,0 +1,1 @@
+"""The continual loop: tasks one after another, every seen task evaluated after each, with reports as hooks."""

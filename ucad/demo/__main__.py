@@ -1,0 +1,3 @@
+from ucad.demo.data import main
+
+main()

@@ -1,0 +1,1 @@
+"""Learning one task: keys, a prompt trained with the structure-based contrastive loss, knowledge, thresholds."""

@@ -1,0 +1,1 @@
+"""Where and how code runs: the torch device, phase timing, the errors that reach the user as one line."""
