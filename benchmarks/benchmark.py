@@ -12,12 +12,12 @@ task as tasks grow.
 Synthetic work is random smooth images with random defect blobs and block-shaped structure maps: the numbers are
 meaningless, the amount of work is MVTec's.
 
-Cost as tasks grow, observed through ucad.continual.experiment.RunHooks, for each task t (counting from 1): seconds to learn
-it, to evaluate every test set seen so far after it, and to write the results and checkpoint after it, and the
+Cost as tasks grow, observed through ucad.continual.hooks.RunHooks, for each task t (counting from 1): seconds to
+learn it, to evaluate every test set seen so far after it, and to write the results and checkpoint after it, and the
 checkpoint's size; milliseconds to route one image among the t tasks (its frozen features, then the one search over
 all tasks' keys; on a CPU timed on one thread); the bytes the task keeps (keys + prompt + knowledge) and the bytes
-the evaluation caches for its test set. These rows are rewritten after every task to the --json path with the
-suffix .growth.json, so a run stopped early still leaves its curve behind.
+the evaluation caches for its test set. These rows are rewritten after every task to the --json path with the suffix
+.growth.json, so a run stopped early still leaves its curve behind.
 
 --profile DIR, before the timed run, learns the first task twice with one prompt-training epoch: once to warm up
 (cuDNN autotuning, allocator growth and lazy initialisation stay out of the trace), once with its prompt training
@@ -48,7 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segment_anything_prep.label_maps import save_structure_map  # noqa: E402
 from ucad.config import Configs, DataConfig, LearningConfig, ModelConfig, RunConfig  # noqa: E402
-from ucad.continual.experiment import CHECKPOINT, CHECKPOINT_TASKS, RunHooks, run_experiment  # noqa: E402
+from ucad.continual.experiment import run_experiment  # noqa: E402
+from ucad.continual.hooks import RunHooks  # noqa: E402
+from ucad.persistence.model_file import CHECKPOINT, CHECKPOINT_TASKS  # noqa: E402
 from ucad.runtime.timing import PhaseTimer  # noqa: E402
 
 
@@ -112,24 +114,24 @@ class GrowthRecorder(RunHooks):
     def _row(self, index: int) -> dict:
         return self.rows.setdefault(index, {"tasks": index + 1})
 
-    def task_learned(self, index: int, memory, seconds: float) -> None:
-        kept = memory.memory_bytes()
+    def task_learned(self, run, index: int, seconds: float) -> None:
+        kept = run.model.tasks[index].memory_bytes()
         self._row(index).update(learn_seconds=round(seconds, 4),
                                 task_bytes={**kept, "keys_prompt_knowledge": sum(kept.values())})
 
-    def phase_evaluated(self, index: int, evaluator, seconds: float) -> None:
-        row = self._row(index)
+    def phase_evaluated(self, run, index: int, seconds: float) -> None:
+        row, evaluator = self._row(index), run.evaluator
         row["evaluation_seconds"] = round(seconds, 4)
         # what the evaluator keeps between phases per test set: frozen features, key distances, patch scores
         cache_bytes = [test_set.cache.nbytes for test_set in evaluator.test_sets[:index + 1]]
         row["evaluation_cache_bytes"], row["evaluation_cache_bytes_all"] = cache_bytes[index], sum(cache_bytes)
         row.update(self.route_one_image(evaluator.model, evaluator.test_sets[index].images[:1], index + 1))
 
-    def phase_written(self, index: int, run_dir, seconds: float) -> None:
+    def phase_kept(self, run, index: int, seconds: float) -> None:
         row = self._row(index)
         row["write_results_seconds"] = round(seconds, 4)
         # what this phase wrote to the checkpoint: checkpoint.pt and the newest task's own file
-        written = [Path(run_dir) / CHECKPOINT, Path(run_dir) / CHECKPOINT_TASKS / f"task_{index:03d}.pt"]
+        written = [run.run_dir / CHECKPOINT, run.run_dir / CHECKPOINT_TASKS / f"task_{index:03d}.pt"]
         row["checkpoint_bytes"] = sum(p.stat().st_size for p in written if p.is_file()) or None
         if self.progress_path:
             self.progress_path.write_text(json.dumps(self.as_dict(), indent=1))

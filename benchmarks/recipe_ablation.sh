@@ -11,7 +11,7 @@
 # EfficientNet-Lite0, stages 2 and 3, patch size 3), DATASET_OPTIONS (default: --resize_mode square,
 # --train_val_split 0.9, so that thresholds and --epoch_selection validation have held-out images), PYTHON.
 set -euo pipefail
-if [[ $# -lt 2 || $1 == -h || $1 == --help ]]; then sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+if [[ $# -lt 2 || $1 == -h || $1 == --help ]]; then awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0; fi
 repository=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 data=$1 results=$2; shift 2
 tasks=() run_options=()
@@ -22,35 +22,28 @@ seeds=${SEEDS:-0 1 2}
 backbone_options=${BACKBONE_OPTIONS:-"-b efficientnet_lite0 -le 2 -le 3 --patchsize 3"}
 dataset_options=${DATASET_OPTIONS:-"--resize_mode square --train_val_split 0.9"}
 
+# each candidate part as a recipe layered over the released one
 declare -A variant=(
-  [released]=""
-  [pq2176]="--memory_size 2176 --knowledge_storage pq"
-  [fp16_392]="--memory_size 392 --knowledge_storage fp16"
-  [epoch_validation]="--epoch_selection validation"
-  [anchor100]="--prompt_anchor 100"
-  [no_scl]="--no_scl"
-  [lr1e4]="--lr 1e-4"
-  [pq2176_keys]="--memory_size 2176 --knowledge_storage pq --key_size 2176 --key_storage pq"
+  [released]='{}'
+  [pq2176]='{"learning": {"memory_size": 2176, "knowledge_storage": "pq"}}'
+  [fp16_392]='{"learning": {"memory_size": 392, "knowledge_storage": "fp16"}}'
+  [epoch_validation]='{"learning": {"epoch_selection": "validation"}}'
+  [anchor100]='{"learning": {"prompt_anchor": 100.0}}'
+  [no_scl]='{"learning": {"train_prompt": false}}'
+  [lr1e4]='{"learning": {"lr": 0.0001}}'
+  [pq2176_keys]='{"learning": {"memory_size": 2176, "knowledge_storage": "pq", "key_size": 2176, "key_storage": "pq"}}'
 )
 variants=${VARIANTS:-"released pq2176 fp16_392 epoch_validation anchor100 no_scl lr1e4 pq2176_keys"}
+mkdir -p "$results/ablation/recipes"
 runs=()
 for name in $variants; do
+  printf '%s\n' "${variant[$name]}" > "$results/ablation/recipes/$name.json"
   for seed in $seeds; do
     group=${name}_seed$seed
     if [[ ! -f $results/ablation/${group}_0/results_per_task.csv ]]; then
-      # options of the ucad sub-command go after `ucad`, the rest are global
-      glob=() sub=()
-      set -- ${variant[$name]}
-      while [[ $# -gt 0 ]]; do
-        case $1 in
-          --memory_size|--key_size) glob+=("$1" "$2"); shift 2 ;;
-          --no_scl) sub+=("$1"); shift ;;
-          *) sub+=("$1" "$2"); shift 2 ;;
-        esac
-      done
-      "$python" "$repository/run_ucad.py" --config "$repository/configs/ucad_released.json" --seed "$seed" \
-        --log_project ablation --log_group "$group" "${glob[@]}" "${run_options[@]}" "$results" \
-        ucad $backbone_options "${sub[@]}" dataset $dataset_options "${tasks[@]}" mvtec "$data"
+      "$python" "$repository/run_ucad.py" --config "$repository/configs/ucad_released.json" \
+        --config "$results/ablation/recipes/$name.json" --seed "$seed" --log_project ablation --log_group "$group" \
+        "${run_options[@]}" "$results" ucad $backbone_options dataset $dataset_options "${tasks[@]}" mvtec "$data"
     fi
     runs+=("$results/ablation/${group}_0")
   done

@@ -2,11 +2,13 @@
 """Routing stress test: how well each way of routing sends test images to their task, without training anything.
 
 Routing depends only on the frozen backbone, the keys and (for --routing other than mean) a few statistics of each
-task's normal images, so the frozen features of every task are extracted once and every combination of key sampler,
-routing rule, key storage and seed is compared on them: routing accuracy and mean relative margin per task (as the
-run reports them), the worst task, and bytes per task. As in a run with `dataset --train_val_split`, --holdout keeps a
-fraction of each task's training images out of the keys; calibrating rules measure them. Misrouted test images
-are listed at the end, with how many runs sent them astray (and in --json). Example (look-alike demo products):
+task's normal images, so every combination of key sampler, routing rule, key storage and seed is compared without
+training a prompt: routing accuracy and mean relative margin per task, the worst task, and bytes per task. Each
+step is the run's own: the split of `dataset --train_val_split` with the run's --seed, keys and statistics as a
+task learns them (`ucad.model.keys.task_keys`, `UcadModel.routing_statistics`), test images routed as the model
+routes them (`UcadModel.frozen_features`, `ucad.model.router.task_distances`), so the figures are the routing of a
+run's last phase. Misrouted test images are listed at the end, with how many runs sent them astray (and in --json).
+Example (look-alike demo products):
 
     python3 -m ucad.demo /tmp/look --image_size 224 --categories weave,pcb_chip,weave_b,pcb_chip_b
     python3 benchmarks/routing_check.py --data /tmp/look -d weave -d pcb_chip -d weave_b -d pcb_chip_b \
@@ -25,15 +27,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ucad.config import ModelConfig  # noqa: E402
+from ucad.config import LearningConfig, ModelConfig  # noqa: E402
 from ucad.data.layouts import list_tasks  # noqa: E402
 from ucad.runtime.device import select_device  # noqa: E402
-from ucad.data.decode import ImageGeometry, load_images  # noqa: E402
-from ucad.model.keys import KEY_SAMPLERS, select_keys  # noqa: E402
-from ucad.model.knowledge import KNOWLEDGE_STORAGES, pack_knowledge  # noqa: E402
+from ucad.data.decode import load_images  # noqa: E402
+from ucad.config import KEY_SAMPLERS, KNOWLEDGE_STORAGES, ROUTINGS  # noqa: E402
+from ucad.model.keys import task_keys  # noqa: E402
 from ucad.model.ucad_model import UcadModel  # noqa: E402
-from ucad.model.router import ROUTINGS, TaskKeyIndex, route, routing_margin, routing_scores, \
-    routing_statistics  # noqa: E402
+from ucad.model.router import TaskKeyIndex, route, routing_margin, task_distances  # noqa: E402
+
+MODEL, LEARNING = ModelConfig(), LearningConfig()  # a run's defaults
+BATCH_SIZE = LEARNING.feature_batch_size  # images per forward
 
 
 def main() -> int:
@@ -41,64 +45,73 @@ def main() -> int:
     parser.add_argument("--data", required=True, help="data set root (MVTec layout)")
     parser.add_argument("-d", dest="categories", action="append", required=True, help="task, in order (repeat)")
     parser.add_argument("--dataset", default="mvtec", choices=["mvtec", "visa"], help="layout of --data")
-    parser.add_argument("--backbone", default="vit_base_patch16_224", help="as run_ucad.py ucad -b")
+    parser.add_argument("--backbone", default=MODEL.backbone, help="as run_ucad.py ucad -b")
     parser.add_argument("-le", dest="layers", action="append", default=[],
                         help="as run_ucad.py ucad -le (repeat; default: the backbone's)")
-    parser.add_argument("--weights", default="auto", help="as run_ucad.py ucad --weights")
-    parser.add_argument("--patchsize", type=int, default=1, help="as run_ucad.py ucad --patchsize")
-    parser.add_argument("--imagesize", type=int, default=224, help="network input size (square)")
+    parser.add_argument("--weights", default=MODEL.weights, help="as run_ucad.py ucad --weights")
+    parser.add_argument("--patchsize", type=int, default=MODEL.patchsize, help="as run_ucad.py ucad --patchsize")
+    parser.add_argument("--imagesize", type=int, default=MODEL.imagesize,
+                        help="network input size (square), as run_ucad.py dataset --imagesize and --resize")
     parser.add_argument("--resize_mode", default="square", choices=["crop", "square"],
                         help="as run_ucad.py dataset --resize_mode")
-    parser.add_argument("--key_size", type=int, default=196, help="keys per task")
-    parser.add_argument("--key_storage", default="fp32", choices=KNOWLEDGE_STORAGES,
+    parser.add_argument("--key_size", type=int, default=LEARNING.key_size, help="as run_ucad.py --key_size")
+    parser.add_argument("--key_storage", default=LEARNING.key_storage, choices=KNOWLEDGE_STORAGES,
                         help="as run_ucad.py ucad --key_storage")
-    parser.add_argument("--samplers", default="kmeans",
+    parser.add_argument("--samplers", default=LEARNING.key_sampler,
                         help=f"comma-separated key samplers to compare (of {', '.join(KEY_SAMPLERS)})")
     parser.add_argument("--routings", default="mean",
                         help=f"comma-separated routing rules to compare (of {', '.join(ROUTINGS)})")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds (of the split and the key samplers)")
-    parser.add_argument("--holdout", type=float, default=0.1,
-                        help="fraction of each task's training images kept out of the keys (as dataset "
-                             "--train_val_split 1-HOLDOUT); 0 calibrates on the training images themselves")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, each as run_ucad.py --seed (of the "
+                                                     "split and the key samplers)")
+    parser.add_argument("--train_val_split", type=float, default=0.9,
+                        help="as run_ucad.py dataset --train_val_split: the fraction of each task's training images "
+                             "the keys are chosen from; the rest calibrate the routing rules that measure normal "
+                             "images (1.0: they measure the training images themselves)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is visible")
     parser.add_argument("--json", help="write every result here")
     args = parser.parse_args()
+    if not 0 < args.train_val_split <= 1:
+        parser.error(f"--train_val_split {args.train_val_split} is not a fraction in (0, 1]: give e.g. 0.9")
 
     device = select_device([0], args.cpu, warn=print)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    torch.manual_seed(seeds[0])  # a run seeds torch before it builds the model: --weights random draws alike
     model = UcadModel(ModelConfig(backbone=args.backbone, layers=tuple(args.layers), weights=args.weights,
                                   patchsize=args.patchsize, imagesize=args.imagesize, resize=args.imagesize,
                                   resize_mode=args.resize_mode), device)
-    geometry = ImageGeometry(args.imagesize, args.imagesize, args.resize_mode)
-    tasks = list_tasks(args.dataset, args.data, args.categories)
-    names = [t.category for t in tasks]
+    listed = list_tasks(args.dataset, args.data, args.categories)
+    names = [t.category for t in listed]
     started = time.perf_counter()
-    train, test = [], []
-    for task in tasks:
-        train.append(model.frozen_features(load_images(task.train, geometry, 4, show=False), 32,
-                                           f"[{task.category}] train").float())
-        test.append(model.frozen_features(load_images(task.test, geometry, 4, show=False), 32,
-                                          f"[{task.category}] test"))
-    print(f"frozen features of {len(tasks)} tasks in {time.perf_counter() - started:.1f} s "
+    test = [model.frozen_features(load_images(task.test, model.config.geometry, 4, show=False), BATCH_SIZE,
+                                  f"[{task.category}] test") for task in listed]
+    print(f"frozen features of {len(listed)} test sets in {time.perf_counter() - started:.1f} s "
           f"({model.extractor.describe(prompts=False)})")
 
     results = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    for seed in seeds:
+        tasks = list_tasks(args.dataset, args.data, args.categories, args.train_val_split, seed)
+        train = [model.features(load_images(task.train, model.config.geometry, 4, show=False), None, BATCH_SIZE,
+                                f"[{task.category}] key features") for task in tasks]
+        held_out = [load_images(task.validation, model.config.geometry, 4, show=False) if task.validation else None
+                    for task in tasks]
+        task_seeds = [LearningConfig(seed=seed).task_seed(i) for i in range(len(tasks))]
         for sampler in args.samplers.split(","):
-            learned = [_learn(features, sampler, seed * 1000 + i, args) for i, features in enumerate(train)]
+            learned = [task_keys(features.reshape(-1, features.shape[-1]), args.key_size, sampler, args.key_storage,
+                                 task_seed) for features, task_seed in zip(train, task_seeds)]
+            index = TaskKeyIndex([keys for keys, _ in learned], model.config.patch_distance, device)
             for routing in args.routings.split(","):
-                statistics_per_task = [routing_statistics(normal, keys, routing) for keys, normal, _ in learned]
-                index = TaskKeyIndex([keys for keys, _, _ in learned], device=device)
+                statistics_per_task = [model.routing_statistics(keys, features, images, BATCH_SIZE, routing)
+                                       for (keys, _), features, images in zip(learned, train, held_out)]
                 per_task = {}
                 for j, features in enumerate(test):
-                    distances = index.distances(features)
-                    scores = torch.stack([routing_scores(distances[:, k], features, statistics_per_task[k],
-                                                         routing) for k in range(len(learned))], dim=1)
+                    scores = task_distances(index, features, statistics_per_task, routing)
                     routes = route(scores).cpu()
                     per_task[names[j]] = {"routing_accuracy": float((routes == j).float().mean()),
                                           "routing_margin": float(routing_margin(scores).mean()),
-                                          "misrouted": {str(tasks[j].test[i].image_path): names[k]
+                                          "misrouted": {str(listed[j].test[i].image_path): names[k]
                                                         for i, k in enumerate(routes.tolist()) if k != j}}
-                key_bytes = learned[0][2]
+                keys, packed = learned[0]
+                key_bytes = packed.nbytes if packed is not None else keys.numel() * keys.element_size()
                 extra = sum(v.numel() * v.element_size() for v in statistics_per_task[0].values())
                 results.append({"seed": seed, "sampler": sampler, "routing": routing, "key_size": args.key_size,
                                 "key_storage": args.key_storage, "bytes_per_task": key_bytes + extra,
@@ -108,20 +121,6 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
-
-
-def _learn(features, sampler: str, seed: int, args):
-    """(keys as routing uses them, frozen features of the normal images that calibrate the task, bytes the keys are
-    stored in) from (N, P, D) training features."""
-    n = features.shape[0]
-    held = int(round(n * args.holdout)) if args.holdout > 0 else 0
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    normal = features[order[:held]] if held else features
-    used = features[order[held:]] if held else features
-    patches = used.reshape(-1, used.shape[-1])
-    packed = pack_knowledge(select_keys(patches, args.key_size, sampler, seed=seed), args.key_storage,
-                            training=patches, seed=seed, option="--key_storage")
-    return packed.decode(), normal, packed.nbytes
 
 
 def _print_summary(results: list[dict], names: list[str]) -> None:

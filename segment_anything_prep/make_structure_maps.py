@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from segment_anything_prep.label_maps import (find_images, masks_to_label_map, relabel_by_area, resize_labels_nearest,
                                               save_structure_map)
+from ucad.data.decode import read_rgb
 from ucad.runtime.errors import UcadError
 from ucad.data.structure_maps import default_structure_root, structure_map_path
 
@@ -42,23 +43,6 @@ SAM_CHECKPOINT_NAMES = "vit_b: sam_vit_b_01ec64.pth, vit_l: sam_vit_l_0b3195.pth
 # --------------------------------------------------------------------------------------------------------------
 # image helpers
 # --------------------------------------------------------------------------------------------------------------
-
-
-def read_rgb(path) -> np.ndarray:
-    """Read an image with PIL as uint8 RGB (H, W, 3); grayscale and 16-bit images are converted."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                arr = np.asarray(img, dtype=np.float64)
-                lo, hi = float(arr.min()), float(arr.max())
-                arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-                img = Image.fromarray(arr.round().astype(np.uint8))
-            return np.asarray(img.convert("RGB"))
-    except UcadError:
-        raise
-    except Exception as exc:
-        raise UcadError(f"image {path} cannot be read ({type(exc).__name__}: {exc})") from None
 
 
 def downscale(image: np.ndarray, max_side) -> np.ndarray:

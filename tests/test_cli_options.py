@@ -11,19 +11,20 @@ import pytest
 from click.testing import CliRunner
 
 from ucad.cli.run import dataset_command, main, sampler_command, ucad_command
+from ucad.config import FIELDS, field_kind
 
 # (option, value) pairs that are valid: everything else given 0 or -1 must be refused up front
 VALID = {("--gpu", "0"), ("--seed", "0"), ("--epochs_num", "0"), ("--basic_size", "0"), ("--num_workers", "0"),
-         ("--faiss_num_workers", "0"), ("--smoothing_sigma", "0"), ("--patchoverlap", "0"),
-         ("--prompt_anchor", "0")}
+         ("--faiss_num_workers", "0"), ("--smoothing_sigma", "0"), ("--prompt_anchor", "0")}
 PARTS = {None: main, "ucad": ucad_command, "sampler": sampler_command, "dataset": dataset_command}
 
 
 def numeric_options():
+    """(part, option) of every option of the command line whose configuration field holds numbers."""
     for part, command in PARTS.items():
         for parameter in command.params:
-            if isinstance(parameter, click.Option) and isinstance(parameter.type, (click.types.IntParamType,
-                                                                                    click.types.FloatParamType)):
+            if isinstance(parameter, click.Option) and parameter.name in FIELDS and \
+                    field_kind(FIELDS[parameter.name][1])[0] in ("int", "float"):
                 yield part, max(parameter.opts, key=len)
 
 
@@ -36,7 +37,22 @@ def arguments(tmp_path: Path, part: str | None, option: str, value: str) -> list
 
 
 def test_every_numeric_option_is_covered():
-    assert len(list(numeric_options())) >= 23  # the enumeration finds them (more as options are added)
+    assert sorted(numeric_options(), key=str) == sorted([
+        (None, "--gpu"), (None, "--seed"), (None, "--memory_size"), (None, "--epochs_num"), (None, "--key_size"),
+        (None, "--basic_size"), (None, "--threshold_quantile"), ("ucad", "--pretrain_embed_dimension"),
+        ("ucad", "--target_embed_dimension"), ("ucad", "--anomaly_scorer_num_nn"), ("ucad", "--patchsize"),
+        ("ucad", "--prompt_length"), ("ucad", "--smoothing_sigma"), ("ucad", "--prompt_anchor"), ("ucad", "--lr"),
+        ("ucad", "--feature_batch_size"), ("ucad", "--faiss_num_workers"), ("sampler", "--percentage"),
+        ("dataset", "--resize"), ("dataset", "--imagesize"), ("dataset", "--batch_size"),
+        ("dataset", "--train_val_split"), ("dataset", "--num_workers")], key=str)
+
+
+@pytest.mark.parametrize("part, option, text", [(None, "--memory_size", "abc"), ("ucad", "--lr", "fast"),
+                                                 ("dataset", "--resize", "1.5"), (None, "--gpu", "one")])
+def test_text_for_a_number_is_one_line_naming_the_option(tmp_path, part, option, text):
+    result = CliRunner().invoke(main, arguments(tmp_path, part, option, text))
+    kind = "a number" if option == "--lr" else "an integer"
+    assert result.exit_code == 2 and result.output.splitlines() == [f"error: {option} must be {kind}, got '{text}'"]
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])

@@ -113,9 +113,13 @@ def test_resize_and_crop_equal_torchvision_on_a_visa_sized_image(tmp_path):
     assert ours.shape == reference.shape == (224, 224, 3)
     difference = np.abs(ours.astype(int) - reference.astype(int))
     assert difference.max() <= 1 and (difference > 0).mean() < 0.01  # torchvision's uint8 kernel vs PIL's
-    # the long side is rounded as torchvision rounds it: 1562 * 224 / 1000 = 349.9 -> 349 columns, so the crop
-    # starts at column 62 (our earlier rounding made 350 and shifted the crop by a pixel)
-    assert transforms.Resize(224)(image).size == (349, 224)
+    # the geometry by hand: the long side rounds down, 1562 * 224 / 1000 = 349.9 -> 349 columns, and the crop
+    # starts at column round((349 - 224) / 2) = 62; rounding to 350 columns (crop at 63) gives other pixels
+    def resized_and_cropped(width: int, left: int) -> np.ndarray:
+        return np.asarray(image.resize((width, 224), Image.BILINEAR).crop((left, 0, left + 224, 224))).astype(int)
+
+    assert np.abs(ours.astype(int) - resized_and_cropped(349, 62)).max() <= 1
+    assert np.abs(ours.astype(int) - resized_and_cropped(350, 63)).max() > 1
 
 
 def test_masks_use_nearest_sampling_at_pixel_centres_as_pil(tmp_path):
@@ -187,11 +191,10 @@ def test_every_choice_is_printed_and_recorded(demo_root, tmp_path):
         "dataset", "--resize", "32", "--imagesize", "32", "--num_workers", "1", "-d", "weave", "mvtec",
         str(demo_root)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    line = next(l for l in result.output.splitlines() if l.startswith("comparability with the released code"))
-    assert "--input_norm imagenet (as released)" in line
-    assert "--patch_distance euclidean (differs from the released code)" in line
-    assert "--scl_features raw (as released)" in line and "--label_sampling centre (as released)" in line
-    assert "--precision fp32 (as released)" in line
+    line = next(l for l in result.output.splitlines() if l.startswith("departures from the released code: "))
+    # exactly the departures of this command line and the defaults' fix of the keys, in the configuration's order
+    assert line == ("departures from the released code: --patch_distance euclidean (released: squared), "
+                    "--key_sampler kmeans (released: approx_greedy_coreset)")
     config = json.loads((tmp_path / "p" / "g_0" / "config.json").read_text())
     assert config["model"]["patch_distance"] == "euclidean" and config["model"]["input_norm"] == "auto"
     assert config["input_norm_used"] == "imagenet" and config["input_mean"] == [0.485, 0.456, 0.406]

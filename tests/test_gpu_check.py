@@ -2,8 +2,11 @@
 the data assembly and comparison of compare_devices.py, and every instrument's --help."""
 from __future__ import annotations
 
+import ast
+import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,11 +93,51 @@ def test_comparison_flags_a_metric_beyond_tolerance_and_a_changed_route():
     assert "PASS: x" in table and "FAIL: y" in table and "FAIL: z" in table and "1/2 differ" in table
 
 
-@pytest.mark.parametrize("instrument", sorted(p.name for p in (REPO / "benchmarks").iterdir()
-                                              if p.suffix in (".py", ".sh")))
-def test_every_instrument_says_what_it_does_with_help(instrument, tmp_path):
-    command = ["bash"] if instrument.endswith(".sh") else [sys.executable]
-    shown = subprocess.run([*command, str(REPO / "benchmarks" / instrument), "--help"], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120)
-    assert shown.returncode == 0, shown.stderr[-2000:]
-    assert "usage" in shown.stdout.lower() and len(shown.stdout.splitlines()) > 5
+INSTRUMENTS = sorted(p for p in (REPO / "benchmarks").iterdir() if p.suffix in (".py", ".sh"))
+# variables a shell instrument reads that belong to the system, not to the instrument's interface
+SYSTEM_VARIABLES = {"TMPDIR", "PYTHONPATH"}
+
+
+def _help(instrument: Path, tmp_path: Path) -> str:
+    command = ["bash"] if instrument.suffix == ".sh" else [sys.executable]
+    shown = subprocess.run([*command, str(instrument), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120)
+    assert shown.returncode == 0 and not shown.stderr.strip(), shown.stderr[-2000:]
+    return shown.stdout
+
+
+def _opening_comment(script: Path) -> list[str]:
+    """The comment block under the shebang, without its '#' marks."""
+    lines = script.read_text().splitlines()[1:]
+    return [re.sub(r"^# ?", "", line) for line in itertools.takewhile(lambda line: line.startswith("#"), lines)]
+
+
+@pytest.mark.parametrize("instrument", [p for p in INSTRUMENTS if p.suffix == ".sh"], ids=lambda p: p.name)
+def test_shell_instrument_help_is_its_whole_opening_comment_and_names_every_option(instrument, tmp_path):
+    shown = [re.sub(r"^# ?", "", line) for line in _help(instrument, tmp_path).splitlines()]
+    assert shown == _opening_comment(instrument)  # all of it, and no line of code
+    source = instrument.read_text()
+    options = set(re.findall(r"^\s*((?:-[-\w]+\|?)+)\)", source, flags=re.M))
+    options = {option for pattern in options for option in pattern.split("|")} - {"-h", "--help"}
+    variables = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*):-", source)) - SYSTEM_VARIABLES
+    text = "\n".join(shown)
+    assert options | variables, "found nothing the instrument takes: the patterns above no longer fit the script"
+    assert not [name for name in options | variables if not re.search(rf"(?<![-\w]){re.escape(name)}(?![-\w])", text)]
+
+
+@pytest.mark.parametrize("instrument", [p for p in INSTRUMENTS if p.suffix == ".py"], ids=lambda p: p.name)
+def test_python_instrument_help_says_what_it_and_each_option_do(instrument, tmp_path):
+    shown = _help(instrument, tmp_path)
+    assert shown.startswith(f"usage: {instrument.name}")
+    tree = ast.parse(instrument.read_text())
+    summary = ast.get_docstring(tree).split("\n\n")[0]
+    assert " ".join(summary.split()) in " ".join(shown.split())  # the module's own description
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and getattr(node.func, "attr", None) == "add_argument"]
+    assert calls
+    for call in calls:
+        names = [argument.value for argument in call.args]
+        described = {keyword.arg: keyword.value for keyword in call.keywords}.get("help")
+        empty = isinstance(described, ast.Constant) and not str(described.value).strip()
+        assert described is not None and not empty, f"{names} has no help string"
+        assert any(name in shown for name in names), f"{names} missing from --help"

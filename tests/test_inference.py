@@ -93,16 +93,30 @@ def test_a_loaded_model_keeps_the_arithmetic_it_was_trained_with(trained, tmp_pa
     assert load_model(tmp_path / "bf16.pt", torch.device("cpu"), precision="fp32").amp_dtype is None
 
 
-def test_score_with_the_task_given_is_the_per_task_primitive(trained, demo_root):
+def test_score_gives_the_nearest_distances_computed_by_hand(trained, demo_root):
+    """Routing distances and patch scores against brute-force nearest distances (torch.cdist) on features computed
+    by hand from the backbone and the patch embedder: frozen ones at the fp16 routing keeps, prompted ones for the
+    task the images are scored as."""
     run_dir, _ = trained
     model = load_model(run_dir / "models" / "ucad_model.pt", torch.device("cpu"))
     task = list_tasks("mvtec", demo_root, ["washer"])[0]
     images = load_images(task.test[:5], model.config.geometry, 1, show=False)
     scored = model.score(images, task=1, batch_size=2)
-    primitive = model.score_patches(images, 1)[KNOWLEDGE]
-    assert scored.routed_task.tolist() == [1] * 5 and scored.key_distances.shape == (5, 2)
-    torch.testing.assert_close(scored.patch_scores, primitive, atol=1e-5, rtol=0)
-    torch.testing.assert_close(scored.image_scores, primitive.max(dim=1).values, atol=1e-5, rtol=0)
+
+    def nearest_squared(features, bank):
+        return torch.cdist(features.double(), bank.double()).min(dim=2).values ** 2
+
+    with torch.no_grad():
+        frozen = model.embedder(model.extractor(images))[0].half()
+        prompt = model.extractor.new_prompt(model.config.prompt_length)
+        prompt.load_state_dict(model.tasks[1].prompt_state)
+        prompted = model.embedder(model.extractor(images, prompt))[0]
+    key_distances = torch.stack([nearest_squared(frozen, memory.keys).mean(dim=1) for memory in model.tasks], dim=1)
+    patch_scores = nearest_squared(prompted, model.tasks[1].knowledge)
+    assert scored.routed_task.tolist() == [1] * 5
+    torch.testing.assert_close(scored.key_distances.double(), key_distances, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scored.patch_scores.double(), patch_scores, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scored.image_scores.double(), patch_scores.max(dim=1).values, rtol=1e-4, atol=1e-4)
     assert scored.anomaly_maps.shape == (5, 64, 64)
 
 

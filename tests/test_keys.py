@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ucad.model.coreset import CoresetSampler
-from ucad.model.keys import KEY_SAMPLERS, select_keys
+from ucad.config import KEY_SAMPLERS
+from ucad.model.keys import select_keys
 from ucad.model.router import TaskKeyIndex, route, routing_margin
 
 pytest.importorskip("faiss")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 import ucad.continual.experiment
@@ -27,24 +28,29 @@ def test_imagesize_above_resize_is_refused_instead_of_padding_black(tmp_path, mo
     assert result.exit_code == 0 and started  # squashed to 96 x 96: nothing is padded
 
 
-def test_ctrl_c_while_torch_is_imported_is_one_line_and_status_130():
-    """The KeyboardInterrupt arrives inside `import torch`, as when Ctrl-C is pressed in the first seconds."""
+@pytest.mark.parametrize("module, message", [
+    ("click", "interrupted while starting, before anything was read or written"),
+    ("torch", "interrupted before the run started; nothing was written")])
+def test_ctrl_c_while_starting_is_one_line_and_status_130(tmp_path, module, message):
+    """The KeyboardInterrupt arrives inside an import, as when Ctrl-C is pressed in the first seconds: click loads
+    with the command line, torch once the command line is valid."""
     program = f"""
 import builtins, runpy, sys
 sys.path.insert(0, {str(REPOSITORY)!r})
 imported = builtins.__import__
-def ctrl_c_in_torch(name, *args, **kwargs):
-    if name.split(".")[0] == "torch":
+def ctrl_c_in_import(name, *args, **kwargs):
+    if name.split(".")[0] == {module!r}:
         raise KeyboardInterrupt
     return imported(name, *args, **kwargs)
-builtins.__import__ = ctrl_c_in_torch
-sys.argv = ["run_ucad.py", "--help"]
+builtins.__import__ = ctrl_c_in_import
+sys.argv = ["run_ucad.py", "--cpu", {str(tmp_path / "out")!r}, "dataset", "mvtec", {str(tmp_path)!r}]
 runpy.run_path({str(REPOSITORY / "run_ucad.py")!r}, run_name="__main__")
 """
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=REPOSITORY,
                           timeout=120)
     assert done.returncode == 130, done.stderr
-    assert done.stderr.strip().splitlines() == ["interrupted while starting, before anything was read or written"]
+    assert done.stderr.strip().splitlines() == [message]
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_ctrl_c_test_passes_when_pytest_was_started_with_ctrl_c_ignored(tmp_path):

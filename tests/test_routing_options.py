@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from test_cli import TINY, dataset, global_options, run
-from ucad.model.router import ROUTINGS, TaskKeyIndex, route, routing_scores, routing_statistics
+from ucad.config import LearningConfig, ModelConfig
+from ucad.learning.task import learn_task
+from ucad.model.coreset import CoresetSampler
+from ucad.model.ucad_model import UcadModel
+from ucad.runtime.timing import PhaseTimer
+from ucad.config import ROUTINGS
+from ucad.model.router import TaskKeyIndex, route, routing_scores, routing_statistics
 
 
 def two_tasks():
@@ -103,3 +109,23 @@ def test_pq_keys_keep_their_bytes_and_a_saved_model_routes_as_the_run(demo_root,
     routed = {r["image"]: r["routed_task"] for r in csv.DictReader(open(tmp_path / "ev" / "scores_per_image.csv"))}
     final = [r for r in csv.DictReader(open(run_dir / "scores_per_image.csv")) if r["phase"] == "1"]
     assert final and all(routed[r["image"]] == r["routed_task"] for r in final)
+
+
+@pytest.mark.parametrize("held_out", [True, False], ids=["held_out_images", "training_images"])
+def test_statistics_are_measured_at_the_precision_test_images_are_routed_at(held_out):
+    """fp16, as UcadModel.frozen_features gives test images: the held-out images' frozen features, or the training
+    features the keys come from rounded to it; fp32 statistics would be those of other features."""
+    model = UcadModel(ModelConfig(backbone="resnet18", layers=("layer2", "layer3"), weights="random", imagesize=32,
+                                  resize=32, pretrain_embed_dimension=16, target_embed_dimension=16,
+                                  routing="calibrated_gaussian"), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    images, validation = (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g) for n in (6, 3))
+    config = LearningConfig(memory_size=8, key_size=4, basic_size=0, train_prompt=False)
+    memory, _ = learn_task(model, 0, "t", images, None, CoresetSampler(seed=0), config, PhaseTimer(),
+                           validation if held_out else None)
+    full = model.features(validation if held_out else images)
+    for features, same in ((full.half(), True), (full, False)):
+        scale = TaskKeyIndex([memory.keys]).distances(features)[:, 0].mean()
+        mean = features.float().mean(dim=1).mean(dim=0)
+        assert torch.equal(memory.routing["key_distance_scale"], scale) is same
+        assert torch.equal(memory.routing["image_mean"], mean) is same

@@ -16,6 +16,7 @@ import ucad.continual.experiment
 import ucad.results.tables
 import ucad.persistence.run_folder
 from ucad.cli.run import main
+from ucad.continual.hooks import RunHooks
 from ucad.runtime.errors import UcadError
 from ucad.results.tables import write_heatmap
 from ucad.persistence.run_folder import atomic_write, check_results_path, new_run_dir, remove_temporary_files
@@ -187,6 +188,47 @@ def test_kill_between_result_files_is_healed_by_resume(tmp_path, demo_root, monk
     assert json.loads((run_dir / "summary.json").read_text())["tasks_finished"] == 1
     assert {r["tasks_finished"] for r in csv.DictReader(open(run_dir / "results_mean.csv"))} == {"1"}
     assert not list(run_dir.rglob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- observers
+def test_observers_are_told_every_point_of_the_run_in_order(tmp_path, demo_root, monkeypatch):
+    told = []
+
+    class Recorder(RunHooks):
+        def run_started(self, run):
+            told.append(("run_started", run.finished))
+
+        def task_started(self, run, index):
+            told.append(("task_started", index))
+
+        def task_learned(self, run, index, seconds):
+            told.append(("task_learned", index, run.model.tasks[index].name, sorted(run.model.tasks[index].thresholds)))
+
+        def phase_evaluated(self, run, index, seconds):
+            kept = checkpoint_tasks(run.run_dir) if (run.run_dir / "checkpoint.pt").is_file() else 0
+            told.append(("phase_evaluated", index, max(r["phase"] for r in run.records), kept))
+
+        def phase_finished(self, run, index):
+            told.append(("phase_finished", index, run.finished))
+
+        def phase_kept(self, run, index, seconds):
+            told.append(("phase_kept", index, run.finished, checkpoint_tasks(run.run_dir)))
+
+        def run_finished(self, run):
+            told.append(("run_finished", len(run.model.tasks)))
+
+    run_experiment = ucad.continual.experiment.run_experiment
+    monkeypatch.setattr(ucad.continual.experiment, "run_experiment", lambda configs: run_experiment(configs, Recorder()))
+    args = command(tmp_path, demo_root)
+    args[args.index("dataset") + 1:args.index("dataset") + 1] = ["--train_val_split", "0.75"]
+    code, output = run(args)
+    assert code == 0, output
+    banks = ["knowledge", "knowledge_unlimited"]  # thresholds are set before the task is reported learned
+    assert told == [("run_started", 0),
+                    ("task_started", 0), ("task_learned", 0, "weave", banks), ("phase_evaluated", 0, 0, 0),
+                    ("phase_finished", 0, 0), ("phase_kept", 0, 1, 1),
+                    ("task_started", 1), ("task_learned", 1, "washer", banks), ("phase_evaluated", 1, 1, 1),
+                    ("phase_finished", 1, 1), ("phase_kept", 1, 2, 2), ("run_finished", 2)]
 
 
 # ----------------------------------------------------------------------------- Ctrl-C

@@ -16,6 +16,10 @@ import ucad.continual.experiment
 from ucad.cli.run import main
 
 REPOSITORY = Path(__file__).resolve().parents[1]
+TASKS = {"mvtec": ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",
+                   "tile", "toothbrush", "transistor", "wood", "zipper"],
+         "visa": ["candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2",
+                  "pcb3", "pcb4", "pipe_fryum"]}
 
 
 @pytest.fixture
@@ -62,7 +66,49 @@ def test_experiment_scripts_work_from_any_folder_and_pass_global_options(tmp_pat
     assert config["data"]["data_path"] == str(elsewhere / "data" / name)
     assert config["learning"]["seed"] == 1  # the caller's value wins over the script's 0
     assert config["run"]["resume"] and config["run"]["save_patchcore_model"] and config["run"]["gpu"] == [1]
-    assert len(config["data"]["categories"]) in (12, 15) and config["model"]["backbone"] == "vit_base_patch16_224"
+    assert config["data"]["categories"] == TASKS[name] and config["model"]["backbone"] == "vit_base_patch16_224"
+    assert config["run"]["log_project"] == {"mvtec": "MVTecAD_Results", "visa": "VisA_Results"}[name]
+
+
+def print_config(script: str, args: list[str], cwd: Path) -> dict:
+    """The configuration a sequence script would run, shown by run_ucad.py's --print_config (nothing is loaded)."""
+    completed = subprocess.run(["bash", str(REPOSITORY / "scripts" / script), "data", "out", *args, "--print_config"],
+                               cwd=cwd, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
+                               timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout)
+
+
+def holds(printed: dict, recipe: dict) -> bool:
+    return all(printed[part][key] == value for part, values in recipe.items() for key, value in values.items())
+
+
+@pytest.mark.parametrize("recipe", sorted((REPOSITORY / "configs").glob("*.json")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("script", ["run_mvtec.sh", "run_visa.sh"])
+def test_a_recipe_given_to_a_sequence_script_reaches_the_run(tmp_path, script, recipe):
+    values = json.loads(recipe.read_text())
+    printed = print_config(script, ["--config", str(recipe)], tmp_path)
+    assert holds(printed, values)
+    assert (printed["data"]["name"], printed["data"]["data_path"]) == (script[4:-3], str(tmp_path / "data"))
+    assert printed["run"]["results_path"] == str(tmp_path / "out")
+
+
+@pytest.mark.parametrize("script, name", [("run_mvtec.sh", "mvtec"), ("run_visa.sh", "visa")])
+def test_sequence_scripts_run_the_released_recipe_and_only_what_the_user_names_changes(tmp_path, script, name):
+    benchmark = json.loads((REPOSITORY / "configs" / f"{name}.json").read_text())
+    released = json.loads((REPOSITORY / "configs" / "ucad_released.json").read_text())
+    printed = print_config(script, [], tmp_path)
+    assert holds(printed, released) and holds(printed, benchmark) and printed["data"]["categories"] == TASKS[name]
+    assert (printed["learning"]["memory_size"], printed["model"]["patchsize"]) == (196, 3)
+    plus = print_config(script, ["--config", str(REPOSITORY / "configs" / "ucad_plus.json"), "--epochs_num", "5"],
+                        tmp_path)
+    assert (plus["learning"]["memory_size"], plus["learning"]["knowledge_storage"], plus["model"]["patchsize"]) == (
+        2176, "pq", 3)
+    assert plus["learning"]["epochs_num"] == 5
+    for part in printed:  # nothing else moved
+        for key, value in printed[part].items():
+            if key not in ("memory_size", "knowledge_storage", "epochs_num"):
+                assert plus[part][key] == value, (part, key)
 
 
 def test_results_path_may_be_left_out_before_options(tmp_path, recorder, monkeypatch):

@@ -19,7 +19,8 @@ if str(REPO) not in sys.path:  # plain `pytest` without installation or a python
 
 from segment_anything_prep.label_maps import find_images, masks_to_label_map, relabel_by_area, save_structure_map
 from segment_anything_prep.make_structure_maps import main as cli_main
-from segment_anything_prep.make_structure_maps import make_structure_maps
+from segment_anything_prep.make_structure_maps import FelzenszwalbSegmenter, make_structure_maps
+from ucad.data.decode import read_rgb
 from ucad.runtime.errors import UcadError
 from ucad.data.structure_maps import default_structure_root, load_structure_map, structure_map_path
 
@@ -215,6 +216,32 @@ def test_max_side_and_refusals(mvtec, tmp_path):
         make_structure_maps(mvtec, tmp_path / "x", progress=False, log=None)
 
 
+def test_the_maker_segments_the_picture_the_run_decodes(tmp_path, monkeypatch):
+    """A dark 16-bit picture is scaled by its bit depth and a float picture in [0, 1] from [0, 1] (not each by its
+    own range): the segmenter gets exactly what ucad.data.decode gives the run, checked against values by hand."""
+    root = make_mvtec(tmp_path / "mvtec", categories=("alpha",), n_train=1)
+    good = root / "alpha" / "train" / "good"
+    dark = (np.arange(H * W).reshape(H, W) * 7 % 4000).astype(np.uint16)  # at most 3999 of 65535
+    Image.fromarray(dark).save(good / "001.png")
+    grey = np.linspace(0.1, 0.6, H * W, dtype=np.float32).reshape(H, W)
+    Image.fromarray(grey, mode="F").save(good / "002.tif")
+    seen = []
+
+    def segment(self, image):
+        seen.append(image)
+        return np.ones(image.shape[:2], dtype=np.int64)
+
+    monkeypatch.setattr(FelzenszwalbSegmenter, "__call__", segment)
+    assert make_structure_maps(root, tmp_path / "maps", method="felzenszwalb", progress=False, log=None)["made"] == 3
+    images = find_images(root)
+    assert [p.name for p in images] == ["000.png", "001.png", "002.tif"]
+    for path, image in zip(images, seen):
+        assert image.dtype == np.uint8 and np.array_equal(image, read_rgb(path))
+    by_hand = [np.rint(dark / 65535.0 * 255.0), np.rint(grey.astype(np.float64) * 255.0)]
+    for image, grey_levels in zip(seen[1:], by_hand):
+        assert np.array_equal(image, np.repeat(grey_levels.astype(np.uint8)[:, :, None], 3, axis=2))
+
+
 def test_cli(mvtec, tmp_path):
     runner = CliRunner()
     res = runner.invoke(cli_main, ["--data_path", str(mvtec), "--out_path", str(tmp_path / "cli")])
@@ -235,7 +262,7 @@ def test_runs_as_script_and_module(mvtec, tmp_path):
                              [sys.executable, "-m", "segment_anything_prep.make_structure_maps"])):
         res = subprocess.run(cmd + ["--data_path", str(mvtec), "--out_path", str(tmp_path / f"s{i}"),
                                     "--method", "slic", "-d", "alpha"],
-                             cwd=tmp_path if i == 0 else REPO, capture_output=True, text=True, timeout=60)
+                             cwd=tmp_path if i == 0 else REPO, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr
         assert len(list((tmp_path / f"s{i}").rglob("*.png"))) == 3
 

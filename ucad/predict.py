@@ -9,7 +9,6 @@ area, output name) and per image maps/<name>.npy, masks/<name>.png (pixels above
 Maps and masks are at the model's input geometry (after its resize and crop)."""
 from __future__ import annotations
 
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -21,10 +20,11 @@ from tqdm import tqdm
 from ucad.cli.options import one_line_errors, shared_options
 from ucad.data.layouts import IMAGE_SUFFIXES, Sample
 from ucad.runtime.device import select_device
-from ucad.runtime.errors import RunInterrupted, UcadError
+from ucad.runtime.errors import UcadError
 from ucad.data.decode import load_images
 from ucad.model.ucad_model import KNOWLEDGE, UcadModel
 from ucad.persistence.model_file import load_model
+from ucad.persistence.run_folder import prepare_output_folder
 from ucad.results.tables import write_csv
 from ucad.results.pictures import prediction_picture
 
@@ -54,21 +54,10 @@ def output_names(relative_paths: list[Path]) -> list[str]:
     shared = Counter(plain)
     names = [name if shared[name] == 1 else "__".join(path.parts) for name, path in zip(plain, relative_paths)]
     taken: Counter[str] = Counter()
-    unique = []
-    for name in names:
+    for index, name in enumerate(names):
         taken[name] += 1
-        unique.append(name if taken[name] == 1 else f"{name}__{taken[name]}")
-    return unique
-
-
-def prepare_output_folder(folder: Path, option: str) -> None:
-    """Make the output folder and write a file there, so that an unusable one is one line before any work."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(prefix=".ucad-write-test-", dir=folder).close()
-    except OSError as error:
-        raise UcadError(f"{option} '{folder}' cannot be written ({error.strerror or error}); choose a folder you can "
-                        "write to") from None
+        names[index] = name if taken[name] == 1 else f"{name}__{taken[name]}"
+    return names
 
 
 @click.command()
@@ -80,18 +69,14 @@ def prepare_output_folder(folder: Path, option: str) -> None:
               help="Take the backbone weights from here (auto | hub | random | PATH) instead of the model file.")
 @shared_options("feature_batch_size", "num_workers", renamed={"feature_batch_size": "--batch_size"})
 @click.option("--no_pictures", is_flag=True, help="Only write predictions.csv, the .npy maps and the masks.")
+@one_line_errors("interrupted; predictions.csv is written once every image is scored: run the same command again")
 def main(model_path, image_folder, output_folder, gpu, cpu, weights, feature_batch_size, num_workers, no_pictures):
     """Score every image under IMAGE_FOLDER (recursively) with a saved model."""
-    with one_line_errors():
-        try:
-            device = select_device(gpu, cpu, warn=lambda m: click.echo(m, err=True))
-            paths = find_images(image_folder, output_folder)
-            prepare_output_folder(output_folder, "OUTPUT_FOLDER")
-            model = load_model(model_path, device, weights)
-            _predict(model, image_folder, paths, output_folder, feature_batch_size, num_workers, not no_pictures)
-        except KeyboardInterrupt:
-            raise RunInterrupted("interrupted; predictions.csv is written once every image is scored: run the same "
-                                 "command again") from None
+    device = select_device(gpu, cpu, warn=lambda m: click.echo(m, err=True))
+    paths = find_images(image_folder, output_folder)
+    prepare_output_folder(output_folder, "OUTPUT_FOLDER")
+    model = load_model(model_path, device, weights)
+    _predict(model, image_folder, paths, output_folder, feature_batch_size, num_workers, not no_pictures)
 
 
 def _predict(model: UcadModel, folder: Path, paths: list[Path], out: Path, batch_size: int, workers: int,

@@ -1,4 +1,4 @@
-"""Click options built from the fields of ucad.config, shared by every command, and one-line errors."""
+"""Click options built from the fields of ucad.config, shared by every command; --config files; one-line errors."""
 from __future__ import annotations
 
 import json
@@ -11,72 +11,81 @@ import click
 from click.core import ParameterSource
 
 from ucad import __version__
-from ucad.config import CONFIG_CLASSES, Configs, bounds_problem, cli_parameter
+from ucad.config import CONFIG_CLASSES, FIELDS, Configs, checked_value, cli_parameter, field_kind, from_text
+from ucad.data.layouts import LAYOUTS
 from ucad.runtime.errors import RunInterrupted, UcadError
 
 # the configuration a command is mostly about: its fields are listed first in --help
 HOME_CONFIG = {"main": "run", "ucad": "model", "sampler": "learning", "dataset": "data"}
-CLICK_TYPES = {"path": click.Path(), "folder": click.Path(file_okay=False)}
-# every configuration field by name (names are unique across the four configurations), with its configuration
-FIELDS = {f.name: (name, f) for name, cls in CONFIG_CLASSES.items() for f in fields(cls)}
+CLICK_TYPES = {"path": click.Path(), "folder": click.Path(file_okay=False), "layout": click.Choice(tuple(LAYOUTS))}
 # what a run's config.json records beside the four configurations
 RUN_RECORD_KEYS = ("version", "task_order", "device", "backbone_description", "input_norm_used", "input_mean",
                    "input_std", "patch_grid", "nn")
+# PatchCore options that its command lines type, each with the one behaviour implemented here: read and ignored
+PATCHCORE_ONLY = ("preprocessing", "aggregation", "patchscore", "patchoverlap", "patchsize_aggregate")
 
 
 def config_parameters(command: str, only: tuple[str, ...] | None = None):
-    """A decorator adding the click arguments and options of every configuration field shown by `command`
-    (`only`: just these fields), in the order the fields are declared."""
+    """A decorator adding the click parameters of the configuration fields that `command` shows (`only`: these)."""
     classes = sorted(CONFIG_CLASSES, key=lambda name: name != HOME_CONFIG[command])
     return _adding([f for name in classes for f in fields(CONFIG_CLASSES[name])
                     if cli_parameter(f) and cli_parameter(f).command == command and (only is None or f.name in only)])
 
 
 def shared_options(*names: str, renamed: dict[str, str] | None = None):
-    """A decorator giving ucad.predict or ucad.evaluate the run's options of the named fields, with the run's defaults
-    and help; `renamed` maps a field to its option there (--feature_batch_size is their --batch_size). Values out of
-    a field's limits are refused as click parses them: these commands build no Configs to check."""
-    return _adding([FIELDS[name][1] for name in names], renamed, check_bounds=True)
+    """A decorator giving ucad.predict or ucad.evaluate the run's options of the named fields (`renamed`: field ->
+    option there); values are checked as click parses them, since these commands build no Configs to check."""
+    return _adding([FIELDS[name][1] for name in names], renamed, check_now=True)
 
 
-def _adding(config_fields: list[Field], renamed: dict[str, str] | None = None, check_bounds: bool = False):
+def _adding(config_fields: list[Field], renamed: dict[str, str] | None = None, check_now: bool = False):
     def decorate(function):
         for config_field in reversed(config_fields):  # click lists the last decorator first
-            function = _click_parameter(config_field, (renamed or {}).get(config_field.name), check_bounds)(function)
+            function = _click_parameter(config_field, (renamed or {}).get(config_field.name), check_now)(function)
         return function
     return decorate
 
 
-def _click_parameter(config_field: Field, renamed: str | None, check_bounds: bool):
+def _click_parameter(config_field: Field, renamed: str | None, check_now: bool):
     parameter = cli_parameter(config_field)
     keywords = dict(parameter.click)
-    kind = keywords.get("type")  # None: click's default, as when left out
-    keywords["type"] = click.Choice(kind) if isinstance(kind, tuple) else CLICK_TYPES.get(kind, kind)
+    kind = keywords.pop("type", None)
+    if not keywords.get("is_flag"):  # text that ucad.config reads and checks as it does a file's values
+        keywords["type"] = CLICK_TYPES.get(kind, click.STRING)
+        text = f"[{'|'.join(kind)}]" if isinstance(kind, tuple) else \
+            {"int": "INTEGER", "float": "FLOAT"}.get(field_kind(config_field)[0], "TEXT")
+        keywords["metavar"] = parameter.metavar or (None if kind in CLICK_TYPES else text)
+
+    def read(context, option, value):
+        value = from_text(config_field, value)
+        try:
+            return checked_value(config_field, value, renamed or parameter.typed) if check_now else value
+        except UcadError as error:
+            raise click.BadParameter(str(error)) from None
+
     if not parameter.declarations:  # required once its sub-command is given (a left-out one keeps the default)
-        return click.argument(config_field.name, metavar=parameter.metavar, **keywords)
+        return click.argument(config_field.name, callback=read, **keywords)
     default = config_field.default
     if keywords.get("multiple") and not isinstance(default, tuple):
         default = (default,)  # -b: a multiple option in the released CLI, one value here
-
-    def refuse_out_of_bounds(context, option, value):
-        if problem := bounds_problem(parameter, value):
-            raise click.BadParameter(problem)
-        return value
-
     return click.option(*([renamed] if renamed else parameter.declarations), config_field.name, default=default,
                         show_default=not keywords.get("is_flag") and not keywords.get("hidden"), help=parameter.help,
-                        callback=refuse_out_of_bounds if check_bounds else None, **keywords)
+                        callback=read, **keywords)
 
 
-def build_configs(typed: dict, from_file: dict[str, dict] | None = None) -> Configs:
-    """The four configurations from the values typed on the command line ({field name: value}), else those of a
-    --config file (its sections), else the fields' defaults."""
-    values = {name: dict((from_file or {}).get(name, {})) for name in CONFIG_CLASSES}
+def build_configs(typed: dict, recipes: list[dict[str, dict]] = ()) -> Configs:
+    """The four configurations: the fields' defaults, then each --config file's sections in order, then the values
+    typed on the command line ({field name: value}); checked whatever their source (Configs.check)."""
+    values = {name: {key: value for recipe in recipes for key, value in recipe.get(name, {}).items()}
+              for name in CONFIG_CLASSES}
     for name, value in typed.items():
         config, parse = FIELDS[name][0], cli_parameter(FIELDS[name][1]).parse
         values[config][name] = parse(value) if parse else value
-    if "name" not in values["data"] or "data_path" not in values["data"]:
+    data = values["data"]
+    if "name" not in data or "data_path" not in data:
         raise UcadError("the 'dataset NAME DATA_PATH' sub-command is missing (e.g. ... dataset mvtec /data/mvtec)")
+    if not isinstance(data["name"], str) or data["name"] not in LAYOUTS:  # layouts register at run time
+        raise UcadError(f"dataset NAME '{data['name']}' is not one of {', '.join(LAYOUTS)}")
     configs = Configs(**{name: cls(**values[name]) for name, cls in CONFIG_CLASSES.items()})
     configs.check()
     return configs
@@ -92,7 +101,8 @@ def typed_values(values: dict) -> dict:
 
 def read_recipe(path: str) -> dict[str, dict]:
     """{section: {field: value}} from a --config file in the layout of a run's config.json (a recipe may name a few
-    options only). A key that names no option is an error, or a note when another version of ucad wrote the file."""
+    options only). A key that names no option is an error, or a note when another version of ucad wrote the file;
+    PatchCore's options, which older runs recorded, are passed over."""
     try:
         data = json.loads(Path(path).read_text())
     except OSError as error:
@@ -105,8 +115,10 @@ def read_recipe(path: str) -> dict[str, dict]:
     for key, value in data.items():
         if key in CONFIG_CLASSES and isinstance(value, dict):
             names = {f.name for f in fields(CONFIG_CLASSES[key])}
-            unknown += [f"{key}.{name}" for name in value if name not in names]
-            sections[key] = {name: tuple(v) if isinstance(v, list) else v for name, v in value.items() if name in names}
+            unknown += [f"{key}.{name}" for name in value if name not in names and name not in PATCHCORE_ONLY]
+            # checked here as well as in Configs.check, so that a wrong value names its file and key
+            sections[key] = {name: checked_value(FIELDS[name][1], v, f"--config '{path}': {key}.{name}")
+                             for name, v in value.items() if name in names}
         elif key not in RUN_RECORD_KEYS:
             unknown.append(key)
     version = data.get("version")
@@ -119,16 +131,14 @@ def read_recipe(path: str) -> dict[str, dict]:
 
 
 @contextmanager
-def one_line_errors():
-    """A problem the user can fix ends the command with one line and status 2, an interrupted run with one line and
-    status 130 (what shells report for a program ended by Ctrl-C), never with a traceback."""
+def one_line_errors(interrupted: str):
+    """A problem the user can fix ends the command with one line and status 2, Ctrl-C with one line and status 130
+    (what shells report for a program ended by Ctrl-C): RunInterrupted's message, else `interrupted`; no traceback."""
     try:
         yield
     except UcadError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
-    except RunInterrupted as interrupted:
-        click.echo(str(interrupted), err=True)
+    except (RunInterrupted, KeyboardInterrupt) as error:
+        click.echo(str(error) if isinstance(error, RunInterrupted) else interrupted, err=True)
         sys.exit(130)
-
-

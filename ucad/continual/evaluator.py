@@ -1,5 +1,4 @@
-"""Continual evaluation: after each task, every task seen so far is scored with task-agnostic routing
-(and with the task given, the oracle).
+"""Continual evaluation: after each task, every task seen so far is scored, task-agnostic and as its task (oracle).
 
 Images are routed and scored by `UcadModel.score`, the path `ucad.predict` takes too. What this module adds is a
 `ScoreCache` per test set, kept from phase to phase, and the metrics of each variant, kept while the routes that
@@ -11,6 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ucad.data.decode import ImageGeometry, load_images, load_masks
+from ucad.data.layouts import TaskSamples
 from ucad.results.metrics import PixelGroundTruth, compute_task_metrics, one_class_note
 from ucad.model.ucad_model import BANKS, KNOWLEDGE, UNLIMITED, ScoreCache, ScoredImages, UcadModel
 from ucad.model.router import routing_margin
@@ -35,6 +36,13 @@ class TestSet:
     cache: ScoreCache = field(default_factory=ScoreCache)
     metric_cache: dict = field(default_factory=dict)  # (variant, routes) -> metrics
     ground_truth: PixelGroundTruth | None = None  # pixel labels and AUPRO regions, built once on the device
+
+
+def load_test_set(index: int, task: TaskSamples, geometry: ImageGeometry, workers: int) -> TestSet:
+    images = load_images(task.test, geometry, workers, description=f"[{task.category}] decode test")
+    return TestSet(index, task.category, images, load_masks(task.test, geometry, workers),
+                   np.array([int(s.is_anomalous) for s in task.test]), [s.image_path for s in task.test],
+                   [s.defect_type for s in task.test])
 
 
 class ContinualEvaluator:
@@ -100,8 +108,7 @@ class ContinualEvaluator:
         return records
 
     def image_rows(self, phase: int) -> list[dict]:
-        """One row per test image of every task <= phase: routing, key distances, scores, threshold decision
-        (from the caches `evaluate_phase` filled)."""
+        """One row per test image of every task <= phase, from the caches `evaluate_phase` filled."""
         names = [t.name for t in self.model.tasks[: phase + 1]]
         rows = []
         for test_set in self._seen(phase):

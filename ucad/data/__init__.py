@@ -1,1 +1,1 @@
-"""Data: the layouts a run reads (MVTec AD, VisA), image decoding, structure maps, and the check of every file before learning starts."""
+"""Data: the layouts a run reads (MVTec AD, VisA), image decoding, structure maps, and the check of every file."""

@@ -51,10 +51,6 @@ def relation_of_sizes(image_size: tuple[int, int], other_size: tuple[int, int]) 
     return "scaled" if by_width or by_height else "different"
 
 
-def _size_text(size: tuple[int, int]) -> str:
-    return f"{size[0]}x{size[1]}"
-
-
 def _ends_like_a_jpeg(path: Path) -> bool:
     with open(path, "rb") as handle:
         handle.seek(max(0, path.stat().st_size - 64))
@@ -105,9 +101,8 @@ def _files(tasks: list[TaskSamples], structure_root: Path | None, skip_training_
             for sample in task.train:
                 files.append(_File(index, "image", sample.image_path))
                 if structure_root is not None:
-                    files.append(_File(index, "structure map",
-                                       structure_map_path(sample.image_path, task.root, structure_root),
-                                       sample.image_path))
+                    map_path = structure_map_path(sample.image_path, task.root, structure_root)
+                    files.append(_File(index, "structure map", map_path, sample.image_path))
         for sample in task.test:
             files.append(_File(index, "image", sample.image_path))
             if sample.mask_path is not None:
@@ -122,16 +117,14 @@ def check_data(tasks: list[TaskSamples], structure_root: Path | None, workers: i
     have finished already (--resume): their training images are not read."""
     # the data folder given as the tree of maps would use every grey image as a map of region ids
     if structure_root is not None and any(Path(structure_root).resolve() == Path(t.root).resolve() for t in tasks):
-        raise UcadError(f"dataset --structure_path '{structure_root}' is the data folder itself: structure maps "
-                        "are a separate tree of region maps (default DATA_PATH-sam-b); give that tree, or "
-                        f"{MAKE_MAPS_HINT}")
+        raise UcadError(f"dataset --structure_path '{structure_root}' is the data folder itself: structure maps are a "
+                        f"separate tree of region maps (default DATA_PATH-sam-b); give that tree, or {MAKE_MAPS_HINT}")
     files = parallel_map(_probe, _files(tasks, structure_root, skip_training_of), workers, show,
                          desc="checking data", unit="file")
     image_sizes = {f.path: f.size for f in files if f.kind == "image" and f.size is not None}
     problems: list[str] = []
-    scaled: dict[tuple[int, str], list[_File]] = defaultdict(list)
-    wide: dict[tuple[int, str], list[_File]] = defaultdict(list)
-    maps: dict[int, list[_File]] = defaultdict(list)  # the structure maps read, per task
+    # (task, kind) -> scaled files, (task, rule) -> images of more than 8 bits, task -> the structure maps read
+    scaled, wide, maps = defaultdict(list), defaultdict(list), defaultdict(list)
     for file in files:
         if file.problem is not None:
             problems.append(file.problem if file.kind == "structure map" else
@@ -145,21 +138,18 @@ def check_data(tasks: list[TaskSamples], structure_root: Path | None, workers: i
         elif relation == "different":
             fix = ("remake it with segment_anything_prep/make_structure_maps.py --overwrite"
                    if file.kind == "structure map" else "replace it with a mask of the image's size")
-            problems.append(f"{file.kind} '{file.path}' is {_size_text(file.size)} but its image '{file.image}' "
-                            f"is {_size_text(image_size)} (another aspect ratio, so it cannot be resized to fit): "
-                            f"{fix}")
+            problems.append(f"{file.kind} '{file.path}' is {'%dx%d' % file.size} but its image '{file.image}' "
+                            f"is {'%dx%d' % image_size} (another aspect ratio, so it cannot be resized to fit): {fix}")
         if file.scaling is not None:
             wide[file.task, file.scaling].append(file)
         if file.kind == "structure map":
             maps[file.task].append(file)
 
-    missing_maps = [f.path for f in files if f.missing]
-    if missing_maps:
+    if missing_maps := [f.path for f in files if f.missing]:
         problems.append(f"{len(missing_maps)} structure map(s) missing under '{structure_root}', e.g. "
                         f"'{missing_maps[0]}'; {MAKE_MAPS_HINT}")
     for index, found in maps.items():
-        photographs = [f for f in found if f.photograph]
-        if photographs:
+        if photographs := [f for f in found if f.photograph]:
             problems.append(f"task '{tasks[index].category}': {len(photographs)} of {len(found)} structure maps look "
                             "like grey pictures, not region maps (hundreds of values changing in small steps), e.g. "
                             f"'{photographs[0].path}': --structure_path must name the tree of maps that "
@@ -168,25 +158,23 @@ def check_data(tasks: list[TaskSamples], structure_root: Path | None, workers: i
                 for (index, rule), found in wide.items()]
     for task in tasks:
         anomalous = sum(sample.is_anomalous for sample in task.test)
-        note = one_class_note(len(task.test) - anomalous, anomalous)
-        if note:
+        if note := one_class_note(len(task.test) - anomalous, anomalous):
             messages.append(f"warning: task '{task.category}': {note}; they are left empty in the results")
     for (index, kind), found in scaled.items():
         messages.append(f"note: task '{tasks[index].category}': {len(found)} {kind}(s) are a scaled copy of their "
-                        f"image's size, e.g. '{found[0].path}' {_size_text(found[0].size)} for "
-                        f"{_size_text(image_sizes[found[0].image])}; they are resized to the image")
+                        f"image's size, e.g. '{found[0].path}' {'%dx%d' % found[0].size} for "
+                        f"{'%dx%d' % image_sizes[found[0].image]}; they are resized to the image")
     for index, found in maps.items():
         few = [f for f in found if not f.photograph and f.regions < MIN_REGIONS]
-        category = tasks[index].category
         if few and len(few) == len(found):
-            problems.append(f"task '{category}': every structure map ({len(found)}) has fewer than {MIN_REGIONS} "
-                            f"regions (label 0 = no region), e.g. '{few[0].path}', so SCL has nothing to learn from: "
-                            "remake the maps (e.g. with --method felzenszwalb) or train with the option --no_scl of "
-                            "the ucad sub-command")
+            problems.append(f"task '{tasks[index].category}': every structure map ({len(found)}) has fewer than "
+                            f"{MIN_REGIONS} regions (label 0 = no region), e.g. '{few[0].path}', so SCL has nothing to "
+                            "learn from: remake the maps (e.g. with --method felzenszwalb) or train with the option "
+                            "--no_scl of the ucad sub-command")
         elif few:
-            messages.append(f"warning: task '{category}': {len(few)} of {len(found)} structure maps have fewer than "
-                            f"{MIN_REGIONS} regions (label 0 = no region), e.g. '{few[0].path}'; those images "
-                            "take no part in prompt training (SCL)")
+            messages.append(f"warning: task '{tasks[index].category}': {len(few)} of {len(found)} structure maps have "
+                            f"fewer than {MIN_REGIONS} regions (label 0 = no region), e.g. '{few[0].path}'; those "
+                            "images take no part in prompt training (SCL)")
     if problems:
         listed = problems[:MAX_LISTED_PROBLEMS]
         more = len(problems) - len(listed)

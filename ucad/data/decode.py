@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
+from torchvision.transforms.v2 import InterpolationMode, functional as TF
 from tqdm import tqdm
 
 from ucad.data.layouts import Sample
@@ -30,13 +29,6 @@ class ImageGeometry:
     resize: int
     imagesize: int
     resize_mode: str
-
-    def check(self) -> None:
-        """A crop larger than the resized image would pad every image with a black border, silently."""
-        if self.resize_mode == "crop" and self.imagesize > self.resize:
-            raise UcadError(f"dataset --imagesize {self.imagesize} is larger than --resize {self.resize}: the centre "
-                            "crop would pad every image with a black border; give --resize at least --imagesize, or "
-                            "--resize_mode square")
 
     def apply(self, image: torch.Tensor, nearest: bool = False) -> torch.Tensor:
         """(C, H, W) or (H, W) tensor -> the same at the input geometry. Bilinear with antialiasing for images
@@ -88,8 +80,7 @@ class Scaling:
 def bit_depth(image: Image.Image) -> int:
     """Bits per sample: as a TIFF declares them (12-bit cameras), 16 for the 16-bit modes (PNG has no depth between
     8 and 16), and for a mode I picture without a declared depth the bits its largest value needs, at least 16."""
-    declared = _declared_depth(image)
-    if declared is not None:
+    if (declared := _declared_depth(image)) is not None:
         return declared
     if image.mode == "I" and image.format != "PNG":
         return max(LEAST_WIDE_DEPTH, int(np.asarray(image).max(initial=0)).bit_length())
@@ -125,10 +116,9 @@ def scaling(image: Image.Image) -> Scaling | None:
         return Scaling(low, high, f"signed integer (mode {image.mode}) with negative values: each scaled by its "
                                   "own range")
     depth = bit_depth(image)
-    if _declared_depth(image) is None and image.mode == "I" and image.format != "PNG":
-        rule = f"32-bit integer (mode I) without a stored bit depth: scaled by the {depth} bits their values reach"
-    else:
-        rule = f"{depth}-bit (mode {image.mode}): scaled by their bit depth"
+    rule = (f"32-bit integer (mode I) without a stored bit depth: scaled by the {depth} bits their values reach"
+            if _declared_depth(image) is None and image.mode == "I" and image.format != "PNG"
+            else f"{depth}-bit (mode {image.mode}): scaled by their bit depth")
     return Scaling(0.0, float(2 ** depth - 1), rule)
 
 
@@ -139,8 +129,9 @@ def to_8_bit(image: Image.Image) -> Image.Image:
     return image if rule is None else Image.fromarray(rule.apply(np.asarray(image)))
 
 
-def load_image(path: Path, geometry: ImageGeometry) -> np.ndarray:
-    """uint8 array (3, S, S); grayscale and palette images become RGB, wider ones are scaled to 8 bits."""
+def read_rgb(path: Path) -> np.ndarray:
+    """uint8 array (H, W, 3) at the file's own size; grayscale and palette images become RGB, wider ones are scaled
+    to 8 bits. The one decoding rule of every picture: the run's inputs and the structure maps made from them."""
     image = _open(path, "image")
     try:
         rgb = to_8_bit(image).convert("RGB")
@@ -149,8 +140,11 @@ def load_image(path: Path, geometry: ImageGeometry) -> np.ndarray:
     except ValueError as error:  # PIL: "conversion from La to RGB not supported"
         raise UcadError(f"image '{path}' has the mode {image.mode}, which cannot be shown as RGB ({error}); save "
                         "it as an 8-bit or 16-bit PNG") from None
-    array = np.asarray(rgb, dtype=np.uint8)
-    return geometry.apply(torch.from_numpy(array.transpose(2, 0, 1).copy())).numpy()
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def load_image(path: Path, geometry: ImageGeometry) -> np.ndarray:
+    return geometry.apply(torch.from_numpy(read_rgb(path).transpose(2, 0, 1).copy())).numpy()
 
 
 def load_mask(path: Path | None, geometry: ImageGeometry) -> np.ndarray:
@@ -160,10 +154,8 @@ def load_mask(path: Path | None, geometry: ImageGeometry) -> np.ndarray:
     mask = _open(path, "mask")
     # single-channel values are compared with 0 as stored, whatever their bit depth (a 16-bit mask holding 1
     # is defect); colour and palette masks by their brightness
-    raw = mask.mode in (("1", "L", "F") + WIDE_INTEGER_MODES)
-    array = np.asarray(mask if raw else mask.convert("L"))
-    binary = torch.from_numpy((array > 0).astype(np.uint8))
-    return geometry.apply(binary, nearest=True).numpy()
+    array = np.asarray(mask if mask.mode in ("1", "L", "F") + WIDE_INTEGER_MODES else mask.convert("L"))
+    return geometry.apply(torch.from_numpy((array > 0).astype(np.uint8)), nearest=True).numpy()
 
 
 def load_label_map(array: np.ndarray, geometry: ImageGeometry) -> np.ndarray:
@@ -187,8 +179,7 @@ def load_images(samples: list[Sample], geometry: ImageGeometry, workers: int, sh
 
 
 def load_masks(samples: list[Sample], geometry: ImageGeometry, workers: int) -> torch.Tensor:
-    arrays = parallel_map(lambda s: load_mask(s.mask_path, geometry), samples, workers, False)
-    return torch.from_numpy(np.stack(arrays))
+    return torch.from_numpy(np.stack(parallel_map(lambda s: load_mask(s.mask_path, geometry), samples, workers, False)))
 
 
 def normalize(images_uint8: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:

@@ -91,14 +91,12 @@ def _check_names(task: TaskSamples) -> None:
     and two test images sharing an output name one picture: each is an error naming both files."""
     seen: dict[Path, Path] = {}
     for sample in task.train + task.validation + task.test:
-        other = seen.setdefault(sample.image_path.with_suffix(""), sample.image_path)
-        if other != sample.image_path:
+        if (other := seen.setdefault(sample.image_path.with_suffix(""), sample.image_path)) != sample.image_path:
             raise UcadError(f"images '{other}' and '{sample.image_path}' have the same name without suffix, so "
                             "they would share one structure map and one output file: rename or remove one of them")
     names: dict[str, Path] = {}
     for sample in task.test:
-        other = names.setdefault(output_name(sample.image_path), sample.image_path)
-        if other != sample.image_path:
+        if (other := names.setdefault(output_name(sample.image_path), sample.image_path)) != sample.image_path:
             raise UcadError(f"test images '{other}' and '{sample.image_path}' would both be saved as "
                             f"'{output_name(sample.image_path)}' (folder and file name) among the run's pictures and "
                             "anomaly maps: rename one of them")
@@ -136,7 +134,6 @@ def _unknown_category(category: str, found: list[str], root: Path, layout: str) 
 
 
 def mvtec_categories(root: Path) -> list[str]:
-    """Sub-folders of root that look like MVTec-layout categories (have train/ and test/)."""
     return sorted(p.name for p in root.iterdir()
                   if not is_hidden(p) and (p / "train").is_dir() and (p / "test").is_dir())
 
@@ -185,21 +182,18 @@ def read_visa_split(split_file: Path, required=VISA_COLUMNS) -> list[VisaRow]:
     try:
         with open(split_file, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
-            header = [name.strip().lower() for name in (reader.fieldnames or [])]
-            reader.fieldnames = header
+            reader.fieldnames = header = [name.strip().lower() for name in (reader.fieldnames or [])]
             raw = [(reader.line_num, row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise UcadError(f"split file '{split_file}' cannot be read as CSV text ({type(error).__name__}: {error}); "
                         "restore it from the VisA download (split_csv/1cls.csv)") from None
-    missing = [c for c in required if c not in header]
-    if missing:
+    if missing := [c for c in required if c not in header]:
         raise UcadError(f"split file '{split_file}' lacks the columns {missing} (has {header}); "
                         f"expected the columns {', '.join(VISA_COLUMNS)}")
     rows, first_line = [], {}
     for line, row in raw:
         extra = [v for v in row.pop(None, []) if v.strip()]  # a trailing comma is harmless, more values are not
-        fields = sum(v is not None for v in row.values()) + len(extra)
-        if fields != len(header):
+        if (fields := sum(v is not None for v in row.values()) + len(extra)) != len(header):
             raise UcadError(f"split file '{split_file}' line {line} has {fields} fields instead of {len(header)} "
                             "(a truncated or damaged file?): restore it from the VisA download")
         values = {c: (row.get(c) or "").strip() for c in VISA_COLUMNS}
@@ -208,8 +202,7 @@ def read_visa_split(split_file: Path, required=VISA_COLUMNS) -> list[VisaRow]:
             if column in required and values[column] not in allowed:
                 raise UcadError(f"split file '{split_file}' line {line}: {column} '{row[column]}' is neither "
                                 f"{allowed[0]} nor {allowed[1]} ({values['image']}); fix that row")
-        earlier = first_line.setdefault(nfc(values["image"]), line)
-        if earlier != line:
+        if (earlier := first_line.setdefault(nfc(values["image"]), line)) != line:
             raise UcadError(f"split file '{split_file}' line {line} repeats the image {values['image']} of line "
                             f"{earlier}, so it would be counted twice: remove one of the two rows")
         if not is_hidden(Path(values["image"])):
@@ -300,7 +293,8 @@ def list_tasks(name: str, root: str | Path, categories: list[str], train_val_spl
     """All tasks of a run, in the order given, every category checked before anything trains. Without `need_masks`
     (the structure-map maker) a defect image's missing mask is no error: its mask_path is None."""
     root = Path(root)
-    layout = LAYOUTS[name]
+    if (layout := LAYOUTS.get(name)) is None:
+        raise UcadError(f"dataset NAME '{name}' is not one of {', '.join(LAYOUTS)}")
     check_root(root, f"DATA_PATH of 'dataset {name}'")
     single_category = (root / "train").is_dir()  # "." lists the root itself as the one category
     if single_category and list(categories) == [root.name]:

@@ -9,8 +9,7 @@ maps and training reads them by this convention:
 * Resolution: the image's full original size as PIL opens it (no EXIF rotation), so that maps do not depend on
   ``--resize`` / ``--imagesize``: training resizes and crops a map as it does the image, with nearest sampling.
 * Encoding: 16-bit grayscale PNG; 0 = pixel in no region, 1..K = regions numbered by decreasing area (1 = largest),
-  K <= 65535.
-"""
+  K <= 65535."""
 from __future__ import annotations
 
 import os

@@ -4,8 +4,7 @@
 The released code keeps, per task, the epoch with the best *test* AUROC; that number is not a result. Here, after
 every epoch the prompt is scored as it would be used: knowledge = coreset of the prompted training features, each
 validation image scored against it. The best epoch's prompt is kept, or none (frozen features) when no epoch beats
-the unprompted backbone. Criterion: image AUROC + pixel AP on the validation set; ties keep the earlier epoch.
-"""
+the unprompted backbone. Criterion: image AUROC + pixel AP on the validation set; ties keep the earlier epoch."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,8 +15,6 @@ from ucad.model.anomaly_map import image_scores
 from ucad.model.coreset import CoresetSampler
 from ucad.results.metrics import average_precision, roc_auc
 from ucad.learning.synthetic_defects import make_validation_set
-
-EPOCH_SELECTIONS = ("last", "validation")
 
 
 @dataclass
@@ -54,8 +51,7 @@ class EpochJudge:
         return float(image_auroc + pixel_ap)
 
     def after_epoch(self, prompt: torch.nn.Module) -> None:
-        features = self.model.features(self.train_images, prompt, self.feature_batch_size)
-        features = features.reshape(-1, features.shape[-1])
+        features = self.model.features(self.train_images, prompt, self.feature_batch_size).flatten(0, 1)
         self.scores.append(self.score(prompt, features))
         if self.scores[-1] > self.scores[self.chosen_epoch]:
             self.chosen_epoch = len(self.scores) - 1

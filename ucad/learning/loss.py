@@ -16,8 +16,7 @@ def labels_to_grid(label_maps: torch.Tensor, grid: tuple[int, int], sampling: st
     return resized.reshape(label_maps.shape[0], -1).long()
 
 
-def structure_contrastive_loss(features: torch.Tensor, labels: torch.Tensor,
-                               temperature: float = 0.5) -> torch.Tensor:
+def structure_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
     """features (B, P, D), labels (B, P): per image, the mean over pairs i != j of labelled patches of -s_ij for
     same-region pairs and exp(s_ij) for different-region pairs (s = cosine / temperature), then the mean over images.
 

@@ -1,19 +1,13 @@
-"""Training one task's prompt with the structure-based contrastive loss. Nothing here sees test data: the number of
-epochs is fixed up front, and the last prompt is kept unless ucad.learning.epoch_selection picks one on held-out images."""
+"""Training a task's prompt with the structure-based contrastive loss. Nothing here sees test data: the epoch count is
+fixed up front, and the last prompt is kept unless ucad.learning.epoch_selection picks one on held-out images."""
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
-from ucad.runtime.device import OutOfMemoryRetry
+from ucad.config import LearningConfig
 from ucad.learning.loss import anchor_penalty, labels_to_grid, structure_contrastive_loss
-
-if TYPE_CHECKING:  # ucad.config imports SCL_FEATURES from here
-    from ucad.config import LearningConfig
-
-SCL_FEATURES = ("raw", "embedded")
+from ucad.runtime.device import OutOfMemoryRetry
 
 
 def train_prompt(model, prompt: torch.nn.Module, images: torch.Tensor, label_maps: torch.Tensor,

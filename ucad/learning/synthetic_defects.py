@@ -47,7 +47,6 @@ def cutpaste(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, n
 
 
 def perlin_blend(image: np.ndarray, other: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Blend a shifted, colour-inverted `other` image into `image` inside a thresholded Perlin-noise region."""
     _, size, _ = image.shape
     for _ in range(20):  # redraw until the region is neither empty nor most of the image
         region = perlin_noise(size, int(rng.choice([2, 4, 8])), rng) > rng.uniform(0.3, 0.6)

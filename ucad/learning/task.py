@@ -8,11 +8,10 @@ from ucad.config import LearningConfig
 from ucad.model.coreset import CoresetSampler
 from ucad.learning.epoch_selection import EpochJudge
 from ucad.runtime.errors import UcadError
-from ucad.model.keys import select_keys
+from ucad.model.keys import task_keys
 from ucad.model.knowledge import pack_knowledge
 from ucad.model.task_memory import TaskMemory
 from ucad.model.ucad_model import UcadModel
-from ucad.model.router import routing_statistics
 from ucad.runtime.timing import PhaseTimer
 from ucad.learning.prompt_training import train_prompt
 
@@ -20,20 +19,15 @@ from ucad.learning.prompt_training import train_prompt
 def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tensor, label_maps: torch.Tensor | None,
                sampler: CoresetSampler, config: LearningConfig, timer: PhaseTimer,
                validation_images: torch.Tensor | None = None) -> tuple[TaskMemory, list[float]]:
-    """images: (N,3,S,S) uint8 (CPU or device); validation_images: held-out normal training images (only used by
-    --epoch_selection validation). Returns the task's memory and the loss per epoch."""
+    """images: (N,3,S,S) uint8 (CPU or device); validation_images: held-out normal training images (used by
+    --epoch_selection validation and --routing's statistics). Returns the task's memory and the loss per epoch."""
     n, seed = images.shape[0], config.task_seed(task_index)
     with timer.phase("key_features", n):
-        frozen = model.features(images, None, config.feature_batch_size, f"[{name}] key features")
-        frozen = frozen.reshape(-1, frozen.shape[-1])
+        frozen = model.features(images, None, config.feature_batch_size, f"[{name}] key features").flatten(0, 1)
     with timer.phase("keys"):
-        keys = select_keys(frozen, config.key_size, config.key_sampler, seed=seed)
-        packed_keys = None
-        if config.key_storage != "fp32":
-            # routing (and its statistics) use exactly the keys a saved model will decode
-            packed_keys = pack_knowledge(keys, config.key_storage, training=frozen, seed=seed, option="--key_storage")
-            keys = packed_keys.decode()
-        routing = _routing_statistics(model, keys, frozen.view(n, -1, frozen.shape[-1]), validation_images, config)
+        keys, packed_keys = task_keys(frozen, config.key_size, config.key_sampler, config.key_storage, seed)
+        routing = model.routing_statistics(keys, frozen.view(n, -1, frozen.shape[-1]), validation_images,
+                                           config.feature_batch_size)
 
     if not model.config.learns_prompts:
         # PatchCore per task: the memory bank is a coreset of the frozen features themselves, sized by -p
@@ -41,8 +35,7 @@ def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tenso
             knowledge = sampler.subsample(frozen)
         return TaskMemory(name, keys, None, knowledge, routing=routing, packed_keys=packed_keys), []
     prompt = model.new_prompt(seed)
-    history: list[float] = []
-    extra: dict = {}
+    history, extra = [], {}
     prompted = None  # the training images' features under the kept prompt, where already known
     if not config.train_prompt and prompt.is_identity():
         prompted = frozen  # a prompt that starts as the identity and never trains changes no feature
@@ -86,14 +79,3 @@ def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tenso
     # scoring uses exactly the vectors a saved model will decode, whatever the storage
     return TaskMemory(name, keys, state, packed.decode(), unlimited, {"loss_history": history, **extra},
                       packed=packed, routing=routing, packed_keys=packed_keys), history
-
-
-def _routing_statistics(model: UcadModel, keys: torch.Tensor, frozen: torch.Tensor,
-                        validation_images: torch.Tensor | None, config: LearningConfig) -> dict[str, torch.Tensor]:
-    """--routing's statistics of the task's normal images: the held-out ones where there are (their distances to
-    the keys are those of unseen images), else the training images the keys were chosen from."""
-    if model.config.routing == "mean":
-        return {}
-    if validation_images is not None and validation_images.shape[0] > 0:
-        frozen = model.features(validation_images, None, config.feature_batch_size)
-    return routing_statistics(frozen, keys, model.config.routing, model.config.patch_distance)

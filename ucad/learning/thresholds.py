@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ucad.model.anomaly_map import image_scores
+from ucad.model.scoring import BANKS
 from ucad.results.metrics import precision_recall_f1
 
 
@@ -27,10 +28,9 @@ class Threshold:
 
 
 @torch.no_grad()
-def calibrate(model, task: int, normal_images: torch.Tensor, quantile: float, batch_size: int,
-              banks: tuple[str, ...] | None = None) -> dict[str, Threshold]:
+def calibrate(model, task: int, normal_images: torch.Tensor, quantile: float, batch_size: int) -> dict[str, Threshold]:
     """Thresholds of `task` (for each of its knowledge banks) from (N,3,S,S) uint8 held-out normal images of it."""
-    patch_scores = model.score_patches(normal_images, task, banks or model.BANKS, batch_size=batch_size)
+    patch_scores = model.score_patches(normal_images, task, BANKS, batch_size=batch_size)
     return {bank: Threshold(float(np.quantile(image_scores(scores).numpy(), quantile)),
                             float(np.quantile(model.anomaly_maps(scores).cpu().numpy(), quantile)), quantile,
                             int(scores.shape[0]))

@@ -13,9 +13,16 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
-def anomaly_maps(patch_scores: torch.Tensor, grid: tuple[int, int], image_size: int, sigma: float) -> torch.Tensor:
-    """(N, h*w) patch scores -> (N, S, S) smoothed maps, as scipy.ndimage.gaussian_filter(mode="reflect")."""
-    maps = patch_scores.float().reshape(-1, 1, grid[0], grid[1])
+CHUNK = 64  # maps are upsampled this many at a time, to bound device memory
+
+
+def anomaly_maps(patch_scores: torch.Tensor, grid: tuple[int, int], image_size: int, sigma: float,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """(N, h*w) patch scores -> (N, S, S) smoothed maps on `device` (default: the scores'), as
+    scipy.ndimage.gaussian_filter(mode="reflect")."""
+    if patch_scores.shape[0] > CHUNK:
+        return torch.cat([anomaly_maps(part, grid, image_size, sigma, device) for part in patch_scores.split(CHUNK)])
+    maps = patch_scores.to(device).float().reshape(-1, 1, grid[0], grid[1])
     maps = F.interpolate(maps, size=(image_size, image_size), mode="bilinear", align_corners=False)[:, 0]
     if sigma > 0:
         weights = gaussian_kernel(sigma).tolist()

@@ -20,8 +20,6 @@ from ucad.model.weights import create_backbone
 
 DEFAULT_LAYERS_VIT = ["5"]
 DEFAULT_LAYERS_CNN = ["2", "3"]  # timm feature stages of stride 8 and 16 (layer2/layer3 of a ResNet)
-# auto: ImageNet mean/std for every backbone as released (even ViTs trained on [-1, 1]), unless ucad.model.weights says not
-INPUT_NORMS = ("auto", "imagenet", "backbone")
 
 
 class _StopForward(Exception):
@@ -50,8 +48,7 @@ class FeatureExtractor(nn.Module):
         depth = len(self.model.blocks)
         indices = set()
         for layer in layers:
-            match = re.fullmatch(r"(?:blocks\.)?(\d+)", layer)
-            if not match or int(match.group(1)) >= depth:
+            if not (match := re.fullmatch(r"(?:blocks\.)?(\d+)", layer)) or int(match.group(1)) >= depth:
                 raise UcadError(f"-le/--layers_to_extract_from '{layer}' is not a block of this ViT: use an index "
                                 f"0..{depth - 1} or blocks.N (UCAD uses 5)")
             indices.add(int(match.group(1)))
@@ -68,8 +65,7 @@ class FeatureExtractor(nn.Module):
     def _attention(attn: nn.Module, x: torch.Tensor, prefix: torch.Tensor | None):
         """timm's attention, with `prefix` (2, length, dim), the prompt's keys and values, before the tokens' own."""
         batch, tokens, _ = x.shape
-        qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
         if prefix is not None:
             prefix_k, prefix_v = (p.to(x.dtype).reshape(1, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
@@ -78,8 +74,7 @@ class FeatureExtractor(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(batch, tokens, -1)
         out = getattr(attn, "norm", nn.Identity())(out)
-        gate = getattr(attn, "gate", None)
-        if gate is not None:
+        if (gate := getattr(attn, "gate", None)) is not None:
             out = out * gate(x).sigmoid()
         return attn.proj(out)
 
@@ -132,7 +127,7 @@ class FeatureExtractor(nn.Module):
     def _prompt_stage_input(self, stage_index: int, module: nn.Module, inputs: tuple) -> tuple | None:
         self._stage_channels[stage_index] = inputs[0].shape[1]
         if self._active_prompt is not None:  # else None: the input passes unchanged
-            return (self._active_prompt.apply(stage_index, inputs[0]), *inputs[1:])
+            return (self._active_prompt.scale_and_shift(stage_index, inputs[0]), *inputs[1:])
 
     def _cnn_features(self, x: torch.Tensor, prompt: ChannelPrompt | None) -> list[torch.Tensor]:
         self._captured, self._active_prompt = {}, prompt
@@ -166,15 +161,12 @@ class FeatureExtractor(nn.Module):
         called = {""}  # the model's own tensors
         with contextlib.ExitStack() as hooks:
             for name, module in self.model.named_modules():
-                hook = module.register_forward_pre_hook(lambda _module, _inputs, name=name: called.add(name))
-                hooks.callback(hook.remove)
+                hooks.enter_context(module.register_forward_pre_hook(lambda *_, name=name: called.add(name)))
             self.feature_maps_of_size(imagesize)
         return {key: value for key, value in self.model.state_dict().items() if key.rpartition(".")[0] in called}
 
     def load_scoring_state_dict(self, state_dict: dict[str, torch.Tensor], imagesize: int, source: str) -> None:
-        """Load what `scoring_state_dict` saved; every tensor feature extraction needs must be there."""
-        missing = sorted(set(self.scoring_state_dict(imagesize)) - set(state_dict))
-        if missing:
+        if missing := sorted(set(self.scoring_state_dict(imagesize)) - set(state_dict)):
             raise UcadError(f"{source}: the stored backbone lacks {len(missing)} tensor(s) feature extraction needs "
                             f"(e.g. {missing[0]}): the model file is damaged or from another backbone")
         result = self.model.load_state_dict(state_dict, strict=False)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-SAMPLER_NAMES = ("identity", "greedy_coreset", "approx_greedy_coreset")
-
 
 class CoresetSampler:
     """Selects rows of a feature matrix, either a fraction `percentage` or a fixed `size`."""
@@ -35,8 +33,7 @@ class CoresetSampler:
         del work
 
         def squared_distances(index: int) -> torch.Tensor:
-            point = work_t[:, index]
-            return (squared_norms - 2.0 * (point @ work_t) + squared_norms[index]).clamp_min(0)
+            return (squared_norms - 2.0 * (work_t[:, index] @ work_t) + squared_norms[index]).clamp_min(0)
 
         # min over squared distances selects the same points as over distances and saves a sqrt per step
         if self.name == "approx_greedy_coreset":

@@ -3,16 +3,15 @@
 Routing compares, per task, the mean over an image's patches of the distance to the nearest key, so keys must
 cover the *typical* patches of a task. Greedy k-center coresets (the released code's choice) pick the most
 outlying patches instead: on look-alike products that shifts the mean distance of normal patches and routes
-images to the wrong task. k-means centroids (or plain random patches) cover the bulk of the distribution.
-"""
+images to the wrong task. k-means centroids (or plain random patches) cover the bulk of the distribution."""
 from __future__ import annotations
 
 import torch
 
 from ucad.model.coreset import CoresetSampler
+from ucad.model.knowledge import PackedKnowledge, pack_knowledge
 from ucad.runtime.errors import UcadError
 
-KEY_SAMPLERS = ("kmeans", "random", "approx_greedy_coreset", "greedy_coreset")
 KMEANS_ITERATIONS = 25
 
 
@@ -39,3 +38,12 @@ def select_keys(features: torch.Tensor, size: int, sampler: str, seed: int) -> t
                           max_points_per_centroid=max(256, data.shape[0] // size + 1), min_points_per_centroid=1)
     kmeans.train(data)
     return torch.from_numpy(kmeans.centroids.copy()).to(features.device)
+
+
+def task_keys(features: torch.Tensor, size: int, sampler: str, storage: str,
+              seed: int) -> tuple[torch.Tensor, PackedKnowledge | None]:
+    """A task's keys from its (N, D) frozen training patches, as routing uses them, and how --key_storage stores them
+    (None: as they are, fp32). Routing and its statistics use exactly the keys a saved model will decode."""
+    keys = select_keys(features, size, sampler, seed=seed)
+    packed = None if storage == "fp32" else pack_knowledge(keys, storage, features, seed, option="--key_storage")
+    return (keys, None) if packed is None else (packed.decode(), packed)

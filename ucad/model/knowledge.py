@@ -13,7 +13,6 @@ import torch
 
 from ucad.runtime.errors import UcadError
 
-KNOWLEDGE_STORAGES = ("fp32", "fp16", "pq")
 VECTOR_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 PQ_BITS = 8  # 256 centroids per sub-space: one byte per code
 PQ_SUBVECTOR_DIM = 8  # 1024-d features -> 128 codes (bytes) per vector

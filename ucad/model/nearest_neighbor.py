@@ -3,8 +3,7 @@
 Distances are squared L2 by default, as the released code's faiss `IndexFlatL2` returns them (its patch scores
 are squared distances before upsampling and smoothing); `patch_distance="euclidean"` takes the square root.
 With k > 1 the score is the mean of the k distances, as PatchCore's scorer does. Both back ends give the same
-numbers to float tolerance. faiss on a GPU needs a faiss GPU build (`pip install .[gpu]`) and `--faiss_on_gpu`.
-"""
+numbers to float tolerance. faiss on a GPU needs a faiss GPU build (`pip install .[gpu]`) and `--faiss_on_gpu`."""
 from __future__ import annotations
 
 import functools
@@ -13,9 +12,6 @@ import numpy as np
 import torch
 
 from ucad.runtime.errors import UcadError
-
-BACKENDS = ("auto", "faiss", "torch")
-PATCH_DISTANCES = ("squared", "euclidean")
 
 
 def faiss_has_gpu() -> bool:
@@ -65,12 +61,9 @@ class NearestNeighbourScorer:
             except ImportError:
                 raise UcadError("faiss is not installed: pip install faiss-cpu (or faiss-gpu), "
                                 "or choose --nn_backend torch") from None
-        self.k = k
-        self.backend = backend
-        self.faiss_num_workers = faiss_num_workers
-        self.chunk_size = chunk_size
+        self.k, self.backend, self.chunk_size = k, backend, chunk_size
+        self.faiss_num_workers, self.patch_distance = faiss_num_workers, patch_distance
         self.squared = patch_distance == "squared"
-        self.patch_distance = patch_distance
 
     def describe(self) -> str:
         where = f"GPU {self.gpu_index}" if self.faiss_on_gpu else "CPU"

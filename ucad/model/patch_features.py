@@ -11,8 +11,7 @@ class PatchEmbedder:
 
     def __init__(self, patchsize: int, pretrain_embed_dimension: int, target_embed_dimension: int):
         self.patchsize = patchsize
-        self.pretrain_dim = pretrain_embed_dimension
-        self.target_dim = target_embed_dimension
+        self.pretrain_dim, self.target_dim = pretrain_embed_dimension, target_embed_dimension
 
     def grid_of(self, map_size: tuple[int, int]) -> tuple[int, int]:
         """Patch grid of an (h, w) feature map, as PatchCore computes it: the map size for odd p, one less for even."""
@@ -34,5 +33,4 @@ class PatchEmbedder:
             vectors = fmap.permute(0, 2, 3, 1).reshape(batch * height * width, 1, -1)
             per_layer.append(F.adaptive_avg_pool1d(vectors, self.pretrain_dim))
         stacked = torch.cat(per_layer, dim=1).reshape(batch * height * width, 1, -1)
-        embedded = F.adaptive_avg_pool1d(stacked, self.target_dim).reshape(batch, height * width, -1)
-        return embedded, (height, width)
+        return F.adaptive_avg_pool1d(stacked, self.target_dim).reshape(batch, height * width, -1), (height, width)

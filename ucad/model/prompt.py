@@ -32,6 +32,6 @@ class ChannelPrompt(nn.Module):
         """True while the prompt leaves every feature as it is, bit for bit (x * 1 + 0)."""
         return all(not p.any() for p in (*self.scale, *self.shift))
 
-    def apply(self, stage: int, x: torch.Tensor) -> torch.Tensor:
+    def scale_and_shift(self, stage: int, x: torch.Tensor) -> torch.Tensor:
         scale, shift = (p[stage].view(1, -1, 1, 1).to(x.dtype) for p in (self.scale, self.shift))
         return x * (1.0 + scale) + shift

@@ -1,14 +1,11 @@
 """Task-agnostic inference: each test image picks the stored task whose keys its frozen patch features are closest
-to (mean over patches of the distance to the nearest key).
+to (mean over patches of the distance to the nearest key: `--routing mean`, the released rule).
 
-`--routing` chooses what is compared across tasks. `mean` is that distance as it is (the released rule). Distances
-of different tasks are not on one scale, though: a task whose normal patches are spread wide attracts every image
-that is far from everything. `calibrated` divides each task's distance by the mean distance of that task's own
-normal images (held-out training images where there are, else its training images), stored with its keys.
-`gaussian` compares an image-level statistic instead: the diagonal Mahalanobis distance of the image's mean frozen
-feature to a Gaussian of the task's normal images, calibrated the same way; `calibrated_gaussian` averages the two
-calibrated scores. Each is a few numbers per task, fixed once the task is learned.
-"""
+Distances of different tasks are not on one scale, though: a task whose normal patches are spread wide attracts
+every image that is far from everything. `calibrated` divides each task's distance by its mean on the task's own
+normal images; `gaussian` compares the diagonal Mahalanobis distance of the image's mean frozen feature to a
+Gaussian of the task's normal images, calibrated alike; `calibrated_gaussian` averages the two. Each keeps a few
+numbers per task, fixed once the task is learned (`UcadModel.routing_statistics`)."""
 from __future__ import annotations
 
 import torch
@@ -16,7 +13,6 @@ import torch
 from ucad.runtime.errors import UcadError
 from ucad.model.nearest_neighbor import exact_distances, ranking
 
-ROUTINGS = ("mean", "calibrated", "gaussian", "calibrated_gaussian")
 # keeps the Gaussian's variances away from zero, relative to their mean (a constant feature would divide by zero)
 VARIANCE_FLOOR = 1e-6
 
@@ -61,6 +57,14 @@ def routing_scores(key_distances: torch.Tensor, frozen: torch.Tensor, statistics
     return sum(scores) / len(scores)
 
 
+def task_distances(index: TaskKeyIndex, frozen: torch.Tensor, statistics: list[dict[str, torch.Tensor]],
+                   routing: str) -> torch.Tensor:
+    """(N, T) what routing compares (`route` picks the smallest) for each task of `index`, whose statistics are
+    `statistics` in the same order, from the images' (N, P, D) frozen features."""
+    distances = index.distances(frozen).unbind(1)
+    return torch.stack([routing_scores(d, frozen, task, routing) for d, task in zip(distances, statistics)], dim=1)
+
+
 def _mahalanobis(pooled: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
     """(N, D) image descriptors -> (N,) mean squared standardised distance to a diagonal Gaussian."""
     return ((pooled - mean) ** 2 / variance).mean(dim=1)
@@ -90,9 +94,7 @@ class TaskKeyIndex:
             raise UcadError("a stored task has no keys: the model file is damaged; learn the task again")
         self.keys = torch.cat([keys.to(device, torch.float32) for keys in key_sets])
         self.keys_squared = (self.keys * self.keys).sum(dim=1)
-        self.squared = patch_distance == "squared"
-        self.block_elements = block_elements
-        self.task_count = len(key_sets)
+        self.squared, self.block_elements = patch_distance == "squared", block_elements
         # (T, largest) key rows per task; shorter tasks are padded with a column that always loses (+inf)
         starts, offsets = torch.tensor([0] + sizes[:-1]).cumsum(0), torch.arange(max(sizes))
         padded = torch.where(offsets < torch.tensor(sizes)[:, None], starts[:, None] + offsets, self.keys.shape[0])
@@ -118,7 +120,6 @@ class TaskKeyIndex:
 
     def distances(self, frozen_features: torch.Tensor) -> torch.Tensor:
         """(N, P, D) frozen features of N images -> (N, T) mean nearest-key distance per task."""
-        n, p, d = frozen_features.shape
-        per_patch = self.patch_distances(frozen_features.reshape(n * p, d))
+        per_patch = self.patch_distances(frozen_features.flatten(0, 1)).unflatten(0, frozen_features.shape[:2])
         # the mean over each image's patches, reduced along a contiguous axis
-        return per_patch.view(n, p, self.task_count).transpose(1, 2).contiguous().mean(dim=2)
+        return per_patch.transpose(1, 2).contiguous().mean(dim=2)

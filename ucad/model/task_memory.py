@@ -1,7 +1,8 @@
-"""What one learned task keeps: keys (its identity), a prompt, knowledge (its normal patches) and thresholds."""
+"""What one learned task keeps: keys (its identity), a prompt, knowledge (its normal patches) and thresholds; and its
+stored form, which model files and checkpoints hold (ucad.persistence.model_file)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -30,3 +31,37 @@ class TaskMemory:
         keys = self.packed_keys.nbytes if self.packed_keys is not None else size([self.keys])
         return {"keys": keys + size(self.routing.values()), "prompt": size((self.prompt_state or {}).values()),
                 "knowledge": knowledge}
+
+    def to_state(self, scoring_only: bool = False) -> dict:
+        """The stored form: tensors on the CPU and plain values, by name (it loads with weights_only). Packed knowledge
+        and keys stay packed (their bytes are the point). `scoring_only` leaves out the unlimited knowledge and its
+        thresholds, a reference variant that scoring never uses (bank names are the fields' names)."""
+        packed, keys = self.packed, self.packed_keys
+        return _moved({"name": self.name, "keys": None if keys is not None else self.keys,
+                       "keys_packed": keys.state() if keys is not None else None, "prompt_state": self.prompt_state,
+                       "knowledge": None if packed is not None else self.knowledge,
+                       "knowledge_packed": packed.state() if packed is not None else None,
+                       "knowledge_unlimited": None if scoring_only else self.knowledge_unlimited,
+                       "thresholds": {bank: asdict(threshold) for bank, threshold in self.thresholds.items()
+                                      if not (scoring_only and bank == "knowledge_unlimited")},
+                       "extra": self.extra, "routing": self.routing}, "cpu")
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device | str = "cpu") -> TaskMemory:
+        """The task `to_state` stored (as model files of format 2 store it too), its tensors on `device`; packed
+        knowledge and keys are decoded for scoring and routing."""
+        state = _moved(state, device)
+        packed, keys = (PackedKnowledge.from_state(state[name], device) if state.get(name) else None
+                        for name in ("knowledge_packed", "keys_packed"))
+        thresholds = {bank: Threshold.from_dict(values) for bank, values in (state.get("thresholds") or {}).items()}
+        return cls(name=state["name"], keys=keys.decode() if keys is not None else state["keys"], packed=packed,
+                   knowledge=packed.decode() if packed is not None else state["knowledge"], thresholds=thresholds,
+                   knowledge_unlimited=state.get("knowledge_unlimited"), prompt_state=state["prompt_state"],
+                   extra=state.get("extra", {}), routing=state.get("routing") or {}, packed_keys=keys)
+
+
+def _moved(value, device):
+    """`value` with every tensor in it (through nested dicts) detached and on `device`."""
+    if isinstance(value, dict):
+        return {key: _moved(item, device) for key, item in value.items()}
+    return value.detach().to(device) if isinstance(value, torch.Tensor) else value

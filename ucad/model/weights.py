@@ -213,14 +213,13 @@ def _create_with_state_dict(name: str, timm_kwargs: dict[str, Any], state_dict: 
         notes.append("lukemelas EfficientNet names mapped to timm")
     notes += _load_checked(model, state_dict, source)
     if features:
-        checked = model.state_dict()
         # timm logs the head tensors that its feature wrapper leaves out as unexpected: here they are expected
         builder_log = logging.getLogger("timm.models._builder")
         level = builder_log.level
         builder_log.setLevel(logging.ERROR)
         try:
             model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(
-                state_dict=checked, file=None, hf_hub_id=None, url=None, source=""), **timm_kwargs)
+                state_dict=model.state_dict(), file=None, hf_hub_id=None, url=None, source=""), **timm_kwargs)
         finally:
             builder_log.setLevel(level)
     return model, notes

@@ -1,8 +1,4 @@
-"""The run folder RESULTS_PATH/LOG_PROJECT/LOG_GROUP_N and how its files are kept consistent.
-
-The folder is checked before anything slow starts, numbered so that no run overwrites another, and found again by
---resume. Every file in it is written through :func:`atomic_write`, and :func:`interrupts_held` keeps Ctrl-C from
-landing between the files of one phase."""
+"""The run folder RESULTS_PATH/LOG_PROJECT/LOG_GROUP_N and how its files are kept consistent."""
 from __future__ import annotations
 
 import contextlib
@@ -33,10 +29,9 @@ def check_results_path(results_path: str | Path, log_project: str, log_group: st
     if not existing.is_dir():
         raise UcadError(f"results path '{project}' cannot be made: '{existing}' is a file, not a folder; "
                         "choose another RESULTS_PATH")
-    try:
+    name_max = 255
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         name_max = os.pathconf(existing, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):
-        name_max = 255
     for part in project.relative_to(existing).parts:
         if len(part.encode()) > name_max:
             raise UcadError(f"'{part}' in the results path '{project}' is {len(part.encode())} bytes long; this file "
@@ -52,17 +47,25 @@ def check_results_path(results_path: str | Path, log_project: str, log_group: st
                         f"({error.strerror or error}); choose a RESULTS_PATH you can write to") from None
 
 
+def prepare_output_folder(folder: Path, option: str) -> None:
+    """Make the output folder of ucad.predict or ucad.evaluate and write a file there, so that an unusable one is
+    one line (naming `option`) before any work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(prefix=".ucad-write-test-", dir=folder).close()
+    except OSError as error:
+        raise UcadError(f"{option} '{folder}' cannot be written ({error.strerror or error}); choose a folder you can "
+                        "write to") from None
+
+
 def _run_numbers(project: Path, log_group: str) -> dict[int, Path]:
-    if not project.is_dir():
-        return {}
-    return {int(m.group(1)): p for p in project.iterdir()
+    return {int(m.group(1)): p for p in (project.iterdir() if project.is_dir() else ())
             if (m := re.fullmatch(re.escape(log_group) + r"_(\d+)", p.name))}
 
 
 def new_run_dir(results_path: str | Path, log_project: str, log_group: str) -> Path:
-    """results_path/log_project/log_group_N with N one more than the largest there: nothing is overwritten.
-
-    Two runs started at once may pick the same N; the one whose mkdir loses takes the next number."""
+    """results_path/log_project/log_group_N with N one more than the largest there: nothing is overwritten. Two
+    runs started at once may pick the same N; the one whose mkdir loses takes the next number."""
     project = Path(results_path) / log_project
     project.mkdir(parents=True, exist_ok=True)
     for _ in range(1000):
@@ -74,12 +77,10 @@ def new_run_dir(results_path: str | Path, log_project: str, log_group: str) -> P
                     "taking the numbers; start this run again")
 
 
-def latest_run_dir(results_path: str | Path, log_project: str, log_group: str,
-                   containing: str | None = None) -> Path | None:
-    """The run folder of log_group with the largest N; with `containing`, the largest that holds that file."""
+def latest_run_dir(results_path: str | Path, log_project: str, log_group: str, containing: str) -> Path | None:
+    """The run folder of log_group with the largest N among those that hold the file `containing`."""
     runs = _run_numbers(Path(results_path) / log_project, log_group)
-    found = (runs[n] for n in sorted(runs, reverse=True) if containing is None or (runs[n] / containing).is_file())
-    return next(found, None)
+    return next((runs[n] for n in sorted(runs, reverse=True) if (runs[n] / containing).is_file()), None)
 
 
 @contextlib.contextmanager

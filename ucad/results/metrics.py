@@ -43,11 +43,9 @@ def _binary_from_sorted(y_sorted: np.ndarray, ends: np.ndarray):
     # The ROC curve starts at (0, 0); its trapezoids on integer counts are exact up to the final division.
     auroc = float(np.trapezoid(np.append(0, tps), np.append(0, fps)) / (n_pos * n_neg))
     # sklearn's AP: sum over distinct thresholds of (recall step) * precision, no interpolation.
-    precision = tps / (ends + 1.0)
-    recall = tps / float(n_pos)
+    precision, recall = tps / (ends + 1.0), tps / float(n_pos)
     ap = float(np.sum(np.diff(recall, prepend=0.0) * precision))
-    denom = precision + recall
-    f1 = np.divide(2.0 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+    f1 = np.divide(2.0 * precision * recall, precision + recall, out=np.zeros_like(precision), where=tps > 0)
     return auroc, ap, float(f1.max())
 
 
@@ -69,10 +67,8 @@ def one_class_note(normal_images: int, anomalous_images: int, defect_pixels: int
     if anomalous_images == 0:
         return ("its test set has no anomalous image, so no image or pixel metric can be computed (they need normal "
                 "and anomalous test images)")
-    notes = []
-    if normal_images == 0:
-        notes.append("its test set has no normal image, so image AUROC, AP and F1-max cannot be computed (they need "
-                     "normal and anomalous test images)")
+    notes = [] if normal_images else ["its test set has no normal image, so image AUROC, AP and F1-max cannot be "
+                                      "computed (they need normal and anomalous test images)"]
     if defect_pixels == 0:
         notes.append("its masks hold no defect pixel, so no pixel metric can be computed")
     return "; ".join(notes)
@@ -96,8 +92,7 @@ def precision_recall_f1(labels, predicted) -> tuple[float, float, float]:
     positives = int(labels.sum())
     if positives == 0:
         return _NAN, _NAN, _NAN
-    true_positives = int((labels & predicted).sum())
-    flagged = int(predicted.sum())
+    true_positives, flagged = int((labels & predicted).sum()), int(predicted.sum())
     precision = true_positives / flagged if flagged else 0.0
     return precision, true_positives / positives, 2.0 * true_positives / (flagged + positives)
 
@@ -211,8 +206,7 @@ def pixel_metrics_torch(ground_truth: PixelGroundTruth, anomaly_maps, fpr_limit:
     # ROC trapezoids from (0, 0): dfp * (tp_prev + tp) = dfp * (2 tp - dtp), summed exactly.
     twice_area = torch.sum(torch.diff(fps, prepend=fps.new_zeros(1)) * (2 * tps - dtp))
     # sklearn's AP: sum of (recall step) * precision = sum(dtp * tp / k) / n_pos; F1 = 2 tp / (k + n_pos).
-    tps_f = tps.to(torch.float64)
-    k_f = k_pred.to(torch.float64)
+    tps_f, k_f = tps.to(torch.float64), k_pred.to(torch.float64)
     ap = torch.sum(dtp.to(torch.float64) * tps_f / k_f) / float(n_pos)
     f1max = 2.0 * torch.max(tps_f / (k_f + float(n_pos)))
     del tps_f, k_f, dtp, tps  # freed before the AUPRO's own buffers of the same size

@@ -1,6 +1,5 @@
-"""The result files of a run, rewritten after every task in its run folder (see ucad.persistence.run_folder): per-phase
-records, accuracy matrices, the final summary (mean and forgetting), configuration and timings; and the tables
-printed at the end of a run."""
+"""The result files of a run, rewritten after every task in its run folder: per-phase records, accuracy matrices, the
+final summary (mean and forgetting), configuration and timings; and the tables printed at the end of a run."""
 from __future__ import annotations
 
 import csv
@@ -77,7 +76,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def write_json(path: Path, data) -> None:
     with atomic_write(path) as temporary:
-        temporary.write_text(json.dumps(_jsonable(data), indent=2))
+        temporary.write_text(json.dumps(_jsonable(data), indent=2, default=str))  # default: the paths in it
 
 
 def _jsonable(value):
@@ -87,15 +86,12 @@ def _jsonable(value):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
     return None if isinstance(value, float) and math.isnan(value) else value  # JSON has no NaN
 
 
 def write_run_results(run_dir: Path, records: list[dict], image_rows: list[dict], task_names: list[str],
-                      summary_extra: dict | None = None) -> list[dict]:
-    """The result files of a run (or of ucad.evaluate on a saved model): metrics per (phase, task, variant),
-    their final mean and forgetting, accuracy matrices, and one row per test image and phase."""
+                      summary_extra: dict | None = None) -> None:
+    """The result files of a run (or of ucad.evaluate on a saved model), each metric per phase, task and variant."""
     phases = _phases(records)
     write_csv(run_dir / "results_all_phases.csv", records)
     write_csv(run_dir / "results_per_task.csv", [r for r in records if r["phase"] == phases - 1])
@@ -113,7 +109,6 @@ def write_run_results(run_dir: Path, records: list[dict], image_rows: list[dict]
     write_heatmap(run_dir / "image_auroc_matrix.png", records, task_names)
     write_json(run_dir / "summary.json", {"summary": summary, "tasks_finished": phases, "task_order": task_names,
                                           "metrics_left_empty": notes_of_last_phase(records), **(summary_extra or {})})
-    return summary
 
 
 def write_heatmap(path: Path, records: list[dict], task_names: list[str]) -> None:
@@ -190,8 +185,8 @@ def _render(header: list[str], lines: list[list[str]], rule_before: int | None =
 
 
 def final_tables(records: list[dict], task_names: list[str], mode: str, thresholds: dict) -> str:
-    """The end-of-run table and, where some task has thresholds (task name -> ucad.learning.thresholds.Threshold or None),
-    per task after the last phase: its thresholds and the task-agnostic decisions they give on its test set."""
+    """The end-of-run table and, where some task has thresholds (task name -> ucad.learning.thresholds.Threshold or
+    None), per task after the last phase: its thresholds and the task-agnostic decisions they give on its test set."""
     table = final_table(records, task_names, mode)
     if not any(thresholds.values()):
         return table
