@@ -138,7 +138,7 @@ class LearningConfig:
     epochs_num: int = option(25, "main", "--epochs_num", limits="[0, inf)", help=(
         "Prompt training epochs per task (fixed; never chosen on test data)."))
     key_size: int = option(196, "main", "--key_size", limits="[1, inf)", help=(
-        "Key vectors per task used to route test images."))
+        "Key vectors per task: what test images are routed by."))
     key_sampler: str = option("kmeans", "ucad", "--key_sampler", type=KEY_SAMPLERS, help=(
         "How a task's keys are chosen from its frozen patches: kmeans centroids or random patches cover the typical "
         "ones; approx_greedy_coreset and greedy_coreset pick the most outlying."))
