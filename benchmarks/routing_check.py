@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -32,9 +33,12 @@ from ucad.data.layouts import list_tasks  # noqa: E402
 from ucad.runtime.device import select_device  # noqa: E402
 from ucad.data.decode import load_images  # noqa: E402
 from ucad.config import KEY_SAMPLERS, KNOWLEDGE_STORAGES, ROUTINGS  # noqa: E402
+from ucad.model.anomaly_map import image_scores  # noqa: E402
+from ucad.model.coreset import CoresetSampler  # noqa: E402
 from ucad.model.keys import task_keys  # noqa: E402
 from ucad.model.ucad_model import UcadModel  # noqa: E402
-from ucad.model.router import TaskKeyIndex, route, routing_margin, task_distances  # noqa: E402
+from ucad.model.router import (TaskKeyIndex, route, route_trust_threshold, routing_margin,  # noqa: E402
+                               task_distances)
 
 MODEL, LEARNING = ModelConfig(), LearningConfig()  # a run's defaults
 BATCH_SIZE = LEARNING.feature_batch_size  # images per forward
@@ -67,6 +71,12 @@ def main() -> int:
                         help="as run_ucad.py dataset --train_val_split: the fraction of each task's training images "
                              "the keys are chosen from; the rest calibrate the routing rules that measure normal "
                              "images (1.0: they measure the training images themselves)")
+    parser.add_argument("--auroc_cost", action="store_true",
+                        help="also the image AUROC routing costs (task-agnostic minus task given) when each task's "
+                             "knowledge is a coreset of --memory_size frozen training patches, as a --no_scl run "
+                             "scores")
+    parser.add_argument("--memory_size", type=int, default=LEARNING.memory_size,
+                        help="as run_ucad.py --memory_size (with --auroc_cost)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is visible")
     parser.add_argument("--json", help="write every result here")
     args = parser.parse_args()
@@ -94,7 +104,11 @@ def main() -> int:
                                 f"[{task.category}] key features") for task in tasks]
         held_out = [load_images(task.validation, model.config.geometry, 4, show=False) if task.validation else None
                     for task in tasks]
+        held_out_frozen = [model.frozen_features(images, BATCH_SIZE) if images is not None else None
+                           for images in held_out]
         task_seeds = [LearningConfig(seed=seed).task_seed(i) for i in range(len(tasks))]
+        # (test set, task) -> image scores of the test set under that task's knowledge, as a --no_scl run scores
+        scores_under = _scores_under_every_task(model, train, test, seed, args.memory_size) if args.auroc_cost else None
         for sampler in args.samplers.split(","):
             learned = [task_keys(features.reshape(-1, features.shape[-1]), args.key_size, sampler, args.key_storage,
                                  task_seed) for features, task_seed in zip(train, task_seeds)]
@@ -102,53 +116,97 @@ def main() -> int:
             for routing in args.routings.split(","):
                 statistics_per_task = [model.routing_statistics(keys, features, images, BATCH_SIZE, routing)
                                        for (keys, _), features, images in zip(learned, train, held_out)]
+                # as a run keeps them: each task's held-out margins among the tasks learned up to it
+                held_out_margins = [routing_margin(task_distances(
+                    TaskKeyIndex([keys for keys, _ in learned[:t + 1]], model.config.patch_distance, device),
+                    features, statistics_per_task[:t + 1], routing)) for t, features in enumerate(held_out_frozen)
+                    if features is not None]
+                trust_threshold = route_trust_threshold(held_out_margins, MODEL.route_trust_quantile)
                 per_task = {}
                 for j, features in enumerate(test):
                     scores = task_distances(index, features, statistics_per_task, routing)
                     routes = route(scores).cpu()
+                    if trust_threshold is not None:
+                        trusted = (routing_margin(scores) >= trust_threshold).cpu()
+                        trust = {"untrusted": int((~trusted).sum()),
+                                 "trusted_correct": int((routes[trusted] == j).sum())}
+                    if scores_under is not None:
+                        labels = [sample.is_anomalous for sample in listed[j].test]
+                        routed = torch.stack([scores_under[j][k][i] for i, k in enumerate(routes.tolist())])
+                        oracle = roc_auc_score(labels, scores_under[j][j])
+                        auroc = {"oracle_image_auroc": oracle, "auroc_cost": oracle - roc_auc_score(labels, routed)}
                     per_task[names[j]] = {"routing_accuracy": float((routes == j).float().mean()),
+                                          "images": len(routes),
+                                          **(auroc if scores_under is not None else {}),
+                                          **(trust if trust_threshold is not None else {}),
                                           "routing_margin": float(routing_margin(scores).mean()),
                                           "misrouted": {str(listed[j].test[i].image_path): names[k]
                                                         for i, k in enumerate(routes.tolist()) if k != j}}
                 keys, packed = learned[0]
                 key_bytes = packed.nbytes if packed is not None else keys.numel() * keys.element_size()
                 extra = sum(v.numel() * v.element_size() for v in statistics_per_task[0].values())
-                results.append({"seed": seed, "sampler": sampler, "routing": routing, "key_size": args.key_size,
-                                "key_storage": args.key_storage, "bytes_per_task": key_bytes + extra,
+                results.append({"seed": seed, "sampler": sampler, "routing": routing,
+                                "key_size": int(learned[0][0].shape[0]), "key_storage": args.key_storage,
+                                "bytes_per_task": key_bytes + extra,
                                 "per_task": per_task})
     _print_summary(results, names)
+    _print_trust(results)
     _print_misrouted(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
 
 
+def _scores_under_every_task(model: UcadModel, train: list[torch.Tensor], test: list[torch.Tensor], seed: int,
+                             memory_size: int) -> list[list[torch.Tensor]]:
+    """[test set][task] -> (N,) image scores (largest patch distance) against the task's knowledge: a coreset of its
+    frozen training patches, chosen as a run chooses it (the run's sampler and seed)."""
+    sampler = CoresetSampler(LEARNING.sampler, LEARNING.sampler_percentage, seed)
+    knowledge = [sampler.subsample(features.flatten(0, 1).float(), memory_size) for features in train]
+    return [[image_scores(model.scorer.distances(features.flatten(0, 1).float(), bank).reshape(features.shape[:2]))
+             .cpu() for bank in knowledge] for features in test]
+
+
 def _print_summary(results: list[dict], names: list[str]) -> None:
-    """Per (sampler, routing): per task and mean over tasks, mean ± std over seeds; the worst task."""
+    """Per (sampler, routing): per task, mean over tasks and the worst task, mean ± std over seeds."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["sampler"], r["routing"]), []).append(r)
     width = max(len(n) for n in names + ["mean", "worst"])
-    print(f"\n{len(next(iter(groups.values())))} seed(s); routing accuracy and mean margin, mean ± std over seeds")
-    print(f"{'sampler / routing':<32} | {'task':<{width}} | {'routing':>15} | {'margin':>15} | bytes/task")
+    metrics = ["routing_accuracy", "routing_margin"] + (["auroc_cost"] if "auroc_cost" in
+                                                         next(iter(results[0]["per_task"].values())) else [])
+    print(f"\n{len(next(iter(groups.values())))} seed(s); routing accuracy, mean margin and (--auroc_cost) the image "
+          "AUROC routing costs, mean ± std over seeds")
+    print(f"{'sampler / routing':<32} | {'task':<{width}} | " + " | ".join(f"{m.split('_')[-1]:>15}" for m in metrics)
+          + " | bytes/task")
+    # the worst task has the lowest accuracy and margin, and the highest cost
+    worst = {"routing_accuracy": min, "routing_margin": min, "auroc_cost": max}
     for (sampler, routing), runs in groups.items():
         label = f"{sampler} / {routing}"
         for name in names + ["mean", "worst"]:
-            accuracies, margins = [], []
-            for run in runs:
-                rows = run["per_task"]
-                if name == "mean":
-                    accuracies.append(statistics.mean(r["routing_accuracy"] for r in rows.values()))
-                    margins.append(statistics.mean(r["routing_margin"] for r in rows.values()))
-                elif name == "worst":
-                    accuracies.append(min(r["routing_accuracy"] for r in rows.values()))
-                    margins.append(min(r["routing_margin"] for r in rows.values()))
-                else:
-                    accuracies.append(rows[name]["routing_accuracy"])
-                    margins.append(rows[name]["routing_margin"])
-            print(f"{label:<32} | {name:<{width}} | {_mean_std(accuracies):>15} | {_mean_std(margins):>15} | "
-                  f"{runs[0]['bytes_per_task']:,}")
+            cells = []
+            for metric in metrics:
+                per_run = [[row[metric] for row in run["per_task"].values()] for run in runs]
+                values = ([statistics.mean(v) for v in per_run] if name == "mean" else
+                          [worst[metric](v) for v in per_run] if name == "worst" else
+                          [run["per_task"][name][metric] for run in runs])
+                cells.append(f"{_mean_std(values):>15}")
+            print(f"{label:<32} | {name:<{width}} | " + " | ".join(cells) + f" | {runs[0]['bytes_per_task']:,}")
             label = ""
+
+
+def _print_trust(results: list[dict]) -> None:
+    """Per run: test images whose route is not trusted (margin below the run's threshold from held-out images, at
+    the default --route_trust_quantile) and the routing accuracy of the others."""
+    for r in results:
+        rows = r["per_task"].values()
+        if rows and all("untrusted" in row for row in rows):
+            images = sum(row["images"] for row in rows)
+            untrusted = sum(row["untrusted"] for row in rows)
+            correct = sum(row["trusted_correct"] for row in rows)
+            accuracy = f"{correct / (images - untrusted):.3f}" if images > untrusted else "-"
+            print(f"seed {r['seed']} {r['sampler']} / {r['routing']}: routes not trusted {untrusted} of {images}; "
+                  f"routing accuracy on the trusted {accuracy}")
 
 
 def _print_misrouted(results: list[dict]) -> None:

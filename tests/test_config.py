@@ -140,7 +140,7 @@ def test_predict_and_evaluate_take_the_runs_options_for_shared_settings():
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--memory_size", "0"], "--memory_size must be at least 1, got 0"),
+    (["--memory_size", "-1"], "--memory_size must be at least 0, got -1"),
     (["--threshold_quantile", "1.5"], "--threshold_quantile must be in (0, 1], got 1.5"),
     (["x", "dataset", "--train_val_split", "0", "mvtec", "/d"], "--train_val_split must be in (0, 1], got 0.0"),
     (["x", "ucad", "-b", "resnet18", "-b", "resnet50", "dataset", "mvtec", "/d"], "-b/--backbone_names: one backbone per run"),

@@ -66,10 +66,21 @@ def test_predict_gives_the_scores_and_maps_of_the_runs_final_evaluation(trained,
             assert float(mine["score"]) == pytest.approx(float(row["image_score"]), abs=1e-5)
             assert float(mine["key_distance"]) == pytest.approx(float(row["key_distance"]), abs=1e-5)
             assert mine["is_anomalous"] == row["is_anomalous"]
+            assert mine["route_trusted"] == row["route_trusted"] and row["route_trusted"] in ("0", "1")
             name = f"{Path(image).parent.name}_{Path(image).stem}"
             run_map = np.load(run_dir / "anomaly_maps" / task / f"{name}.npy")
             predicted_map = np.load(tmp_path / task / "maps" / f"{Path(image).parent.name}__{Path(image).stem}.npy")
             np.testing.assert_allclose(predicted_map, run_map, atol=1e-5, rtol=0)
+
+
+def test_the_run_ends_with_the_untrusted_routes_and_the_routing_accuracy_of_the_trusted(trained):
+    run_dir, output = trained
+    rows = final_rows(run_dir)
+    untrusted = sum(r["route_trusted"] == "0" for r in rows)
+    trusted = [r for r in rows if r["route_trusted"] == "1"]
+    accuracy = np.mean([r["routed_task"] == r["true_task"] for r in trusted])
+    assert f"routes not trusted: {untrusted} of {len(rows)} test images" in output
+    assert f"Routing accuracy on the trusted routes {accuracy:.3f}" in output
 
 
 def test_the_grid_is_known_before_any_forward():
@@ -272,6 +283,7 @@ def test_predict_writes_decisions_masks_and_pictures(trained, demo_root, tmp_pat
                                  "anomalous_area"]
     for row in rows:
         assert row["is_anomalous"] == str(int(float(row["score"]) > float(row["image_threshold"])))
+        assert row["route_trusted"] in ("0", "1") and float(row["routing_margin"]) > 0
         name = Path(row["image"]).stem
         mask = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(tmp_path / "out" / "masks" / f"{name}.png"))
         assert set(np.unique(mask)) <= {0, 255} and mask.mean() / 255 == pytest.approx(float(row["anomalous_area"]))

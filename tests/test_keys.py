@@ -80,3 +80,14 @@ def test_every_accepted_seed_gives_a_key_seed_faiss_takes():
         assert 0 <= task_seed < 2 ** 31
         select_keys(torch.randn(300, 8), 4, "kmeans", seed=task_seed)
     assert LearningConfig(seed=7).task_seed(3) == 7003  # small seeds keep the numbers they always gave
+
+
+def test_key_size_zero_fills_the_papers_bytes_with_the_storage_chosen():
+    from ucad.model.keys import task_keys
+    from ucad.model.knowledge import vectors_in_budget
+
+    features = torch.randn(5000, 1024, generator=torch.Generator().manual_seed(0))
+    keys, packed = task_keys(features, 0, "random", "pca_sq8", seed=0)
+    assert keys.shape == (vectors_in_budget("pca_sq8", 1024), 1024) == (4200, 1024)
+    assert packed.nbytes <= 196 * 1024 * 4 < packed.nbytes + 128  # the paper's bytes, less than one key left over
+    assert torch.equal(keys, packed.decode())

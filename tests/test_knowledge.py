@@ -1,35 +1,51 @@
-"""ucad.model.knowledge: fp32 / fp16 / product-quantised knowledge, its bytes, and decoding without faiss."""
+"""ucad.model.knowledge: every knowledge storage, its bytes against the paper's budget, its stored form, and decoding
+without faiss."""
 from __future__ import annotations
 
+import csv
+import io
+import json
+
+import numpy as np
 import pytest
 import torch
 
+from ucad.config import KNOWLEDGE_STORAGES
+from ucad.model.knowledge import PCA_DIM, PackedKnowledge, pack_knowledge, vectors_in_budget
+from ucad.model.nearest_neighbor import NearestNeighbourScorer
+from ucad.model.task_memory import TaskMemory
 from ucad.runtime.errors import UcadError
-from ucad.model.knowledge import PQ_BITS, PQ_SUBVECTOR_DIM, VECTOR_DTYPES, PackedKnowledge, pack_knowledge
 
-pytest.importorskip("faiss")
+faiss = pytest.importorskip("faiss")
 
 PAPER_BUDGET = 196 * 1024 * 4  # 784 KiB per task
 
 
-def vectors_in_budget(storage: str, budget_bytes: int, dim: int) -> int:
-    """How many knowledge vectors of `dim` fit in `budget_bytes` with this storage (codebook included)."""
-    if storage in VECTOR_DTYPES:
-        return budget_bytes // (VECTOR_DTYPES[storage].itemsize * dim)
-    codebook = (dim // PQ_SUBVECTOR_DIM) * 2 ** PQ_BITS * PQ_SUBVECTOR_DIM * 2
-    return max(0, (budget_bytes - codebook) // (dim // PQ_SUBVECTOR_DIM))
-
-
-def features(n=3000, dim=64, seed=0):
+def features(n=3000, dim=64, seed=0, rank=8):
     g = torch.Generator().manual_seed(seed)
     # low-rank structure plus noise, as patch features have
-    return torch.randn(n, 8, generator=g) @ torch.randn(8, dim, generator=g) + 0.1 * torch.randn(n, dim, generator=g)
+    return torch.randn(n, rank, generator=g) @ torch.randn(rank, dim, generator=g) + 0.1 * torch.randn(n, dim,
+                                                                                                      generator=g)
 
 
-def test_budget_of_the_paper_fits_2x_fp16_and_about_10x_pq_vectors():
-    assert vectors_in_budget("fp32", PAPER_BUDGET, 1024) == 196
-    assert vectors_in_budget("fp16", PAPER_BUDGET, 1024) == 392
-    assert 2000 <= vectors_in_budget("pq", PAPER_BUDGET, 1024) <= 2200  # 128 B codes + a 512 KiB fp16 codebook
+def test_the_papers_budget_in_vectors_of_each_storage():
+    fits = {storage: vectors_in_budget(storage, 1024) for storage in KNOWLEDGE_STORAGES}
+    # codebooks and principal directions come out of the budget: sq8 keeps 8 KiB of levels, pq a 512 KiB codebook,
+    # pca_ 129 x 1024 fp16 (258 KiB) of directions and centre
+    assert fits == {"fp32": 196, "fp16": 392, "sq8": 776, "pq": 2176, "pca_fp16": 2104, "pca_sq8": 4200}
+    assert vectors_in_budget("pca_pq", 1024) == 29568  # PQ codes of the coefficients: 16 bytes a vector
+    assert vectors_in_budget("fp32", 1024, budget=PAPER_BUDGET) == 196
+    assert vectors_in_budget("pq", 64) == 2176  # budget and codebook both scale with the dimension
+
+
+@pytest.mark.parametrize("storage", [*KNOWLEDGE_STORAGES, "pca_pq"])
+def test_each_storage_fills_its_budget_and_no_more(storage):
+    x, budget, reduced = features(20_000, dim=128, rank=16), 100_000, 32
+    size = vectors_in_budget(storage, 128, budget, reduced_dim=reduced)
+    packed = pack_knowledge(x[:size], storage, training=x, seed=0, reduced_dim=reduced)
+    one_more = pack_knowledge(x[:size + 1], storage, training=x, seed=0, reduced_dim=reduced)
+    assert packed.nbytes <= budget < one_more.nbytes
+    assert packed.decode().shape == (size, 128) and packed.decode().dtype == torch.float32
 
 
 def test_fp32_and_fp16_store_the_vectors():
@@ -38,6 +54,20 @@ def test_fp32_and_fp16_store_the_vectors():
     half = pack_knowledge(x[:50], "fp16")
     assert half.nbytes == 50 * 64 * 2
     torch.testing.assert_close(half.decode(), x[:50], atol=1e-2, rtol=1e-3)
+
+
+def test_sq8_decodes_in_torch_as_faiss_does():
+    x = features()
+    packed = pack_knowledge(x[:500], "sq8")
+    assert packed.codes.shape == (500, 64) and packed.codes.dtype == torch.uint8 and packed.codebook.shape == (2, 64)
+    quantiser = faiss.ScalarQuantizer(64, faiss.ScalarQuantizer.QT_8bit)
+    quantiser.train(x[:500].numpy())
+    np.testing.assert_array_equal(packed.codes.numpy(), quantiser.compute_codes(x[:500].numpy()))
+    np.testing.assert_allclose(packed.decode().numpy(), quantiser.decode(packed.codes.numpy()), rtol=1e-6,
+                               atol=1e-5)
+    # half a level of each dimension's range at most
+    span = x[:500].max(dim=0).values - x[:500].min(dim=0).values
+    assert ((packed.decode() - x[:500]).abs() <= span / 255 * 0.5 + 1e-5).all()
 
 
 def test_pq_codes_reconstruct_closely_and_count_their_bytes():
@@ -51,11 +81,51 @@ def test_pq_codes_reconstruct_closely_and_count_their_bytes():
     assert relative_error.mean() < 0.5  # one bit per dimension on this unstructured toy data
     # each vector is still recognisably itself: its reconstruction is its nearest stored vector
     assert (torch.cdist(x[:500], decoded).argmin(dim=1) == torch.arange(500)).float().mean() > 0.9
-    # the nearest neighbour of a query among PQ vectors equals the search against their reconstruction (ADC)
     assert torch.equal(pack_knowledge(x[:500], "pq", training=x, seed=0).codes, packed.codes)  # seeded
 
 
-def test_packed_state_round_trips_and_decodes_with_torch_only():
+@pytest.mark.parametrize("storage", ["pca_fp16", "pca_sq8", "pca_pq"])
+def test_projected_vectors_decode_to_full_size_within_the_tasks_principal_subspace(storage):
+    x = features(dim=256, rank=16)
+    packed = pack_knowledge(x[:400], storage, training=x, seed=0, reduced_dim=32)
+    assert packed.basis.shape == (32, 256) and packed.centre.shape == (256,)
+    assert packed.basis.dtype == packed.centre.dtype == torch.float16
+    decoded = packed.decode()
+    relative_error = (decoded - x[:400]).norm(dim=1) / x[:400].norm(dim=1)
+    # 16-d structure in 32 directions: nearly exact in fp16 or sq8; pca_pq keeps only 4 one-byte codes per vector
+    assert relative_error.mean() < (0.6 if storage == "pca_pq" else 0.05)
+    basis, centre = packed.basis.float(), packed.centre.float()
+    offsets = decoded - centre
+    outside = offsets - offsets @ torch.linalg.pinv(basis) @ basis
+    assert outside.norm(dim=1).max() < 1e-3 * offsets.norm(dim=1).max()
+    # a query's part outside the subspace still counts: its distance to every stored vector is at least that part
+    query = x[:1] + 5.0 * torch.linalg.svd(basis, full_matrices=True).Vh[-1:]
+    assert torch.cdist(query, decoded).min() >= 5.0 * 0.99
+
+
+def test_projected_storage_names_the_dimension_it_needs():
+    with pytest.raises(UcadError, match=f"--knowledge_storage pca_sq8 keeps {PCA_DIM} principal directions.*"
+                                        "larger --target_embed_dimension than 64"):
+        pack_knowledge(features(), "pca_sq8")
+
+
+@pytest.mark.parametrize("storage", [*KNOWLEDGE_STORAGES, "pca_pq"])
+def test_the_stored_form_reloads_to_the_same_scores_with_torch_only(storage):
+    x = features(dim=256, rank=16)
+    packed = pack_knowledge(x[:300], storage, training=x, seed=1, reduced_dim=32)
+    memory = TaskMemory("t", x[:4], None, packed.decode(), packed=packed if storage != "fp32" else None)
+    buffer = io.BytesIO()
+    torch.save(memory.to_state(), buffer)
+    buffer.seek(0)
+    again = TaskMemory.from_state(torch.load(buffer, weights_only=True))
+    assert again.memory_bytes()["knowledge"] == memory.memory_bytes()["knowledge"] == packed.nbytes
+    queries = features(200, dim=256, seed=2, rank=16)
+    scorer = NearestNeighbourScorer(backend="torch")
+    assert torch.equal(scorer.distances(queries, again.knowledge), scorer.distances(queries, memory.knowledge))
+    assert set(packed.state()) <= {"storage", "vectors", "codes", "codebook", "basis", "centre"}
+
+
+def test_packed_state_round_trips():
     x = features()
     packed = pack_knowledge(x[:100], "pq", training=x, seed=1)
     again = PackedKnowledge.from_state(packed.state())
@@ -72,25 +142,70 @@ def test_pq_needs_a_dimension_its_subvectors_divide():
         pack_knowledge(torch.randn(100, 64), "pq", option="--key_storage")
 
 
-def test_a_run_reports_bytes_and_saves_pq_knowledge_that_reloads(demo_root, tmp_path):
-    import json
-
+def test_a_run_fills_the_budget_reports_its_bytes_and_predict_scores_as_the_run(demo_root, tmp_path):
     from click.testing import CliRunner
 
     from ucad.cli.run import main
     from ucad.persistence.model_file import load_model
+    from ucad.predict import main as predict
 
     result = CliRunner().invoke(main, [
-        "--cpu", "--epochs_num", "0", "--memory_size", "40", "--key_size", "8", "--basic_size", "0",
+        "--cpu", "--epochs_num", "0", "--memory_size", "0", "--key_size", "8", "--basic_size", "0",
         "--save_patchcore_model", "--log_group", "g", "--log_project", "p", str(tmp_path),
-        "ucad", "-b", "resnet18", "--weights", "random", "--pretrain_embed_dimension", "64",
-        "--target_embed_dimension", "64", "--knowledge_storage", "pq", "--no_scl",
-        "dataset", "--resize", "64", "--imagesize", "64", "--num_workers", "1", "-d", "weave", "mvtec",
+        "ucad", "-b", "resnet18", "--weights", "random", "--pretrain_embed_dimension", "256",
+        "--target_embed_dimension", "256", "--knowledge_storage", "pca_sq8", "--no_scl",
+        "dataset", "--resize", "128", "--imagesize", "128", "--num_workers", "1", "-d", "weave", "mvtec",
         str(demo_root)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "knowledge 33,088 as pq" in result.output  # 40 x 8 code bytes + the 8 x 256 x 8 fp16 codebook
+    # 6 images of 16 x 16 patches, of which the coreset keeps what fills 196 x 256 fp32 = 200,704 B: 129 x 256 fp16
+    # directions and centre, 2 x 128 fp32 levels and 1044 x 128 codes
+    assert "knowledge 200,704 as pca_sq8" in result.output
     run_dir = tmp_path / "p" / "g_0"
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["memory_bytes_per_task"]["weave"]["knowledge"] == 33088
+    assert summary["memory_bytes_per_task"]["weave"]["knowledge"] == 200_704
     model = load_model(run_dir / "models" / "ucad_model.pt", torch.device("cpu"), weights="random")
-    assert model.tasks[0].packed.storage == "pq" and model.tasks[0].knowledge.shape == (40, 64)
+    assert model.tasks[0].packed.storage == "pca_sq8" and model.tasks[0].knowledge.shape == (1044, 256)
+    folder = demo_root / "weave" / "test"
+    predicted = CliRunner().invoke(predict, [str(run_dir / "models" / "ucad_model.pt"), str(folder),
+                                             str(tmp_path / "out"), "--cpu", "--no_pictures"], catch_exceptions=False)
+    assert predicted.exit_code == 0, predicted.output
+    scores = {str(folder / r["image"]): float(r["score"])
+              for r in csv.DictReader(open(tmp_path / "out" / "predictions.csv"))}
+    evaluated = {r["image"]: float(r["image_score"]) for r in csv.DictReader(open(run_dir / "scores_per_image.csv"))}
+    assert set(scores) == set(evaluated) and len(scores) == 12  # 4 good and 2 x 4 defect images
+    for image, score in evaluated.items():
+        assert scores[image] == pytest.approx(score, abs=1e-5)
+
+
+def test_the_budget_instrument_scores_a_storage_as_a_no_scl_run_does(demo_root, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from ucad.cli.run import main
+
+    network = ["-b", "resnet18", "--weights", "random", "-le", "layer2", "-le", "layer3"]
+    result = CliRunner().invoke(main, [
+        "--cpu", "--epochs_num", "0", "--memory_size", "16", "--key_size", "8", "--basic_size", "0", "--log_group",
+        "g", "--log_project", "p", str(tmp_path), "ucad", *network, "--no_scl", "dataset", "--resize", "64",
+        "--imagesize", "64", "--resize_mode", "square", "--num_workers", "1", "-d", "weave", "mvtec", str(demo_root)],
+        catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    oracle = next(r for r in csv.DictReader(open(tmp_path / "p" / "g_0" / "results_per_task.csv"))
+                  if r["variant"] == "oracle")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "knowledge_budget.py"
+    out = tmp_path / "budget.json"
+    measured = subprocess.run([sys.executable, str(script), "--data", str(demo_root), "-d", "weave",
+                               "--backbone", "resnet18", "--weights", "random", "-le", "layer2", "-le", "layer3",
+                               "--imagesize", "64", "--storages", "fp32:16,pq,fp32:pq", "--cpu", "--json", str(out)],
+                              capture_output=True, text=True, timeout=600)
+    assert measured.returncode == 0, measured.stdout + measured.stderr
+    rows = json.loads(out.read_text())
+    assert rows["fp32:16"][0]["image_auroc"] == pytest.approx(float(oracle["image_auroc"]), abs=1e-12)
+    assert rows["fp32:16"][0]["pixel_ap"] == pytest.approx(float(oracle["pixel_ap"]), abs=1e-9)
+    assert rows["fp32:16"][0]["bytes"] == 16 * 1024 * 4
+    # 6 images of 8 x 8 patches: fewer than the 2176 PQ vectors the budget holds, so pq keeps them all, as fp32:pq
+    assert rows["pq:2176"][0]["vectors"] == rows["fp32:2176"][0]["vectors"] == 384
+    assert rows["pq:2176"][0]["bytes"] == 384 * 128 + 128 * 256 * 8 * 2

@@ -68,6 +68,10 @@ def test_routing_check_gives_exact_figures_and_bytes_per_task_of_pq_keys(two_kin
     for name, accuracy in (("mean", "0.875 ± 0.000"), ("worst", "0.750 ± 0.000")):  # a row per routing rule
         assert stdout.count(f"| {name:<7} | {accuracy:>15} |") == 2
     assert f"  4 x -> stripes: {stray}" in stdout
+    for r in results:  # a route to trust or not for every test image, from the held-out image of each task
+        assert sum(row["images"] for row in r["per_task"].values()) == 8
+        assert 0 <= sum(row["untrusted"] for row in r["per_task"].values()) <= 8
+    assert stdout.count("routes not trusted") == 4  # a line per seed and rule
 
 
 def test_routing_check_routes_as_the_run_with_the_same_settings(demo_root, tmp_path):
@@ -81,13 +85,18 @@ def test_routing_check_routes_as_the_run_with_the_same_settings(demo_root, tmp_p
     run_dir = tmp_path / "p" / "g_0"
     [result], _ = routing_check(tmp_path, "--data", str(demo_root), "-d", "weave", "-d", "washer",
                                 "--resize_mode", "crop", "--key_size", "16", "--train_val_split", "0.75",
-                                "--routings", "calibrated")
-    rows = [r for r in csv.DictReader(open(run_dir / "results_per_task.csv")) if r["variant"] == "task_agnostic"]
+                                "--routings", "calibrated", "--auroc_cost", "--memory_size", "196")
+    every = list(csv.DictReader(open(run_dir / "results_per_task.csv")))
+    rows = [r for r in every if r["variant"] == "task_agnostic"]
     assert len(rows) == 2
     for row in rows:
         figures = result["per_task"][row["task"]]
         assert figures["routing_accuracy"] == pytest.approx(float(row["routing_accuracy"]), abs=1e-9)
         assert figures["routing_margin"] == pytest.approx(float(row["routing_margin"]), rel=1e-5)
+        oracle = next(r for r in every if r["variant"] == "oracle" and r["task"] == row["task"])
+        assert figures["oracle_image_auroc"] == pytest.approx(float(oracle["image_auroc"]), abs=1e-3)
+        assert figures["auroc_cost"] == pytest.approx(float(oracle["image_auroc"]) - float(row["image_auroc"]),
+                                                      abs=1e-3)
     images = [r for r in csv.DictReader(open(run_dir / "scores_per_image.csv")) if r["phase"] == "1"]
     misrouted = {r["image"]: r["routed_task"] for r in images if r["routed_task"] != r["test_set"]}
     assert misrouted == {**result["per_task"]["weave"]["misrouted"], **result["per_task"]["washer"]["misrouted"]}

@@ -18,7 +18,7 @@ PATCH_DISTANCES = ("squared", "euclidean")
 ROUTINGS = ("mean", "calibrated", "gaussian", "calibrated_gaussian")
 SAMPLER_NAMES = ("identity", "greedy_coreset", "approx_greedy_coreset")
 KEY_SAMPLERS = ("kmeans", "random", "approx_greedy_coreset", "greedy_coreset")
-KNOWLEDGE_STORAGES = ("fp32", "fp16", "pq")
+KNOWLEDGE_STORAGES = ("fp32", "fp16", "sq8", "pq", "pca_fp16", "pca_sq8")
 EPOCH_SELECTIONS = ("last", "validation")
 SCL_FEATURES = ("raw", "embedded")
 LABEL_SAMPLINGS = ("centre", "corner")
@@ -106,6 +106,10 @@ class ModelConfig:
         "What routing compares across tasks: mean = mean nearest-key distance; calibrated = that distance over its "
         "mean on the task's own normal images; gaussian = an image-level diagonal Gaussian of frozen features, "
         "calibrated alike; calibrated_gaussian = the mean of the two."))
+    route_trust_quantile: float = option(0.05, "ucad", "--route_trust_quantile", limits="[0, 1]", help=(
+        "A route is trusted when its margin (relative gap between the best and the runner-up task) is at least this "
+        "quantile of the margins of every learned task's held-out normal training images (dataset "
+        "--train_val_split), each measured when its task was learned; 0 trusts every route."))
     prompt_length: int = option(1, "ucad", "--prompt_length", limits="[1, inf)", help=(
         "Prefix key/value tokens per layer."))
     smoothing_sigma: float = option(4.0, "ucad", "--smoothing_sigma", limits="[0, inf)", help=(
@@ -133,24 +137,27 @@ class LearningConfig:
 
     seed: int = option(0, "main", "--seed", limits=f"[0, {2 ** 32})", help=(
         "Seed of every random choice (prompts, coresets, shuffles, splits)."))
-    memory_size: int = option(196, "main", "--memory_size", limits="[1, inf)", help=(
-        "Knowledge vectors per task (the coreset)."))
+    memory_size: int = option(196, "main", "--memory_size", limits="[0, inf)", help=(
+        "Knowledge vectors per task (the coreset); 0 = as many as --knowledge_storage fits in the bytes of 196 fp32 "
+        "vectors (the paper's 784 KiB per task at 1024-d)."))
     epochs_num: int = option(25, "main", "--epochs_num", limits="[0, inf)", help=(
         "Prompt training epochs per task (fixed; never chosen on test data)."))
-    key_size: int = option(196, "main", "--key_size", limits="[1, inf)", help=(
-        "Key vectors per task: what test images are routed by."))
+    key_size: int = option(196, "main", "--key_size", limits="[0, inf)", help=(
+        "Key vectors per task: what test images are routed by; 0 = as many as --key_storage fits in the bytes of 196 "
+        "fp32 vectors (the paper's 784 KiB per task at 1024-d)."))
     key_sampler: str = option("kmeans", "ucad", "--key_sampler", type=KEY_SAMPLERS, help=(
         "How a task's keys are chosen from its frozen patches: kmeans centroids or random patches cover the typical "
         "ones; approx_greedy_coreset and greedy_coreset pick the most outlying."))
     key_storage: str = option("fp32", "ucad", "--key_storage", type=KNOWLEDGE_STORAGES, help=(
-        "How keys are stored: fp32, fp16 or pq (product quantisation, as knowledge); --key_size 392 (fp16) or 2176 "
-        "(pq) keeps the paper's 784 KiB of keys per task."))
+        "How keys are stored, with the choices of --knowledge_storage; --key_size 0 fills the paper's 784 KiB of "
+        "keys per task (e.g. 4200 pca_sq8 keys at 1024-d)."))
     epoch_selection: str = option("last", "ucad", "--epoch_selection", type=EPOCH_SELECTIONS, help=(
         "last: the prompt after --epochs_num epochs; validation: the best epoch (or none) on held-out normal images "
         "with synthetic defects, never the test set (needs dataset --train_val_split < 1)."))
     knowledge_storage: str = option("fp32", "ucad", "--knowledge_storage", type=KNOWLEDGE_STORAGES, help=(
-        "Knowledge storage: fp32, fp16 or pq (product quantisation); --memory_size 392 (fp16) or 2176 (pq) keeps the "
-        "paper's 784 KiB per task."))
+        "Knowledge storage: fp32, fp16, sq8 (one byte per dimension), pq (product quantisation), or pca_fp16 and "
+        "pca_sq8 (coefficients on the task's 128 principal directions, so stored); --memory_size 0 fills the paper's "
+        "784 KiB per task (392 fp16, 776 sq8, 2176 pq, 2104 pca_fp16, 4200 pca_sq8 vectors at 1024-d)."))
     basic_size: int = option(1960, "main", "--basic_size", limits="[0, inf)", help=(
         "Knowledge size of the 'unlimited' variant reported beside (0 = off)."))
     threshold_quantile: float = option(0.99, "main", "--threshold_quantile", limits="(0, 1]", help=(

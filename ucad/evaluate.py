@@ -20,7 +20,7 @@ from ucad.model.ucad_model import KNOWLEDGE
 from ucad.persistence.model_file import load_model
 from ucad.persistence.run_folder import new_run_dir, prepare_output_folder
 from ucad.results.pictures import save_final_outputs
-from ucad.results.tables import final_tables, write_json, write_run_results
+from ucad.results.tables import final_tables, route_trust_line, write_json, write_run_results
 from ucad.runtime.timing import PhaseTimer
 
 
@@ -74,11 +74,14 @@ def run(datasets, model_path, gpu, cpu, output_path, feature_batch_size, save_se
         evaluator.add_test_set(load_test_set(index, task, model.config.geometry, data.num_workers))
     records = evaluator.evaluate_phase(phase)
     out = Path(output_path) if output_path else new_run_dir(base, "", "evaluation")  # --output_path was made above
-    write_run_results(out, records, evaluator.image_rows(phase), task_names, {"timings": timer.as_dict()})
+    rows = evaluator.image_rows(phase)
+    write_run_results(out, records, rows, task_names, {"timings": timer.as_dict()})
     write_json(out / "config.json", {"model_path": str(model_path), "data": to_dict(data), "device": str(device),
                                      "model_run_configuration": model.run_configuration})
     thresholds = {t.name: t.thresholds.get(KNOWLEDGE) for t in model.tasks}
     click.echo(final_tables(records, task_names, model.config.mode, thresholds))
+    if trust := route_trust_line(rows, model.route_trust_threshold(), model.config.route_trust_quantile):
+        click.echo(trust)
     for line in save_final_outputs(evaluator, out, phase, save_segmentation_images, save_anomaly_maps):
         click.echo(line)
     click.echo(f"results: {out}")

@@ -3,10 +3,11 @@
     python -m ucad.predict results/.../models/ucad_model.pt IMAGE_FOLDER OUTPUT_FOLDER [--cpu | --gpu N]
 
 Input and output only: the scoring is `UcadModel.score`, the path the run's own evaluation takes. Writes
-predictions.csv (image, routed task, key distances, score, the routed task's threshold, is_anomalous, anomalous
-area, output name) and per image maps/<name>.npy, masks/<name>.png (pixels above the routed task's pixel threshold,
-0/255) and pictures/<name>.png, where <name> is the image's path under IMAGE_FOLDER with '__' between folders.
-Maps and masks are at the model's input geometry (after its resize and crop)."""
+predictions.csv (image, routed task, key distances, routing margin and whether the route is trusted, score, the
+routed task's threshold, is_anomalous, anomalous area, output name) and per image maps/<name>.npy, masks/<name>.png
+(pixels above the routed task's pixel threshold, 0/255) and pictures/<name>.png, where <name> is the image's path
+under IMAGE_FOLDER with '__' between folders. Maps and masks are at the model's input geometry (after its resize
+and crop)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -99,6 +100,7 @@ def _predict(model: UcadModel, folder: Path, paths: list[Path], out: Path, batch
                                  workers, show=False)
             scored = model.score(images, batch_size=batch_size)
             maps, distances = scored.anomaly_maps.numpy(), scored.key_distances.tolist()
+            trusted = scored.route_trusted.tolist() if scored.route_trusted is not None else [None] * len(batch)
             colour_range = colour_range or (float(np.percentile(maps, 1)), float(np.percentile(maps, 99.9)))
             for i, j in enumerate(batch):
                 task, score, name = int(scored.routed_task[i]), float(scored.image_scores[i]), outputs[j]
@@ -106,7 +108,8 @@ def _predict(model: UcadModel, folder: Path, paths: list[Path], out: Path, batch
                 np.save(out / "maps" / f"{name}.npy", maps[i].astype(np.float32))
                 row = {"image": str(relative[j]), "task": names[task], "key_distance": distances[i][task],
                        "score": score, "image_threshold": "", "is_anomalous": "", "anomalous_area": "",
-                       "output_name": name}
+                       "routing_margin": float(scored.routing_margins[i]),
+                       "route_trusted": "" if trusted[i] is None else int(trusted[i]), "output_name": name}
                 mask, verdict = None, ": no threshold"
                 if threshold:
                     mask = maps[i] > threshold.pixel
@@ -116,15 +119,18 @@ def _predict(model: UcadModel, folder: Path, paths: list[Path], out: Path, batch
                     verdict = f" vs threshold {threshold.image:.4g}: {'ANOMALOUS' if row['is_anomalous'] else 'normal'}"
                 rows.append({**row, **{f"key_distance_{n}": distances[i][k] for k, n in enumerate(names)}})
                 if pictures:
+                    route = "" if trusted[i] is not False else ", NOT TRUSTED: too close to another task"
                     caption = (f"{row['image']}: routed to task '{row['task']}' (key distance "
-                               f"{row['key_distance']:.4g}); score {score:.4g}{verdict}")
+                               f"{row['key_distance']:.4g}{route}); score {score:.4g}{verdict}")
                     prediction_picture(images[i].numpy(), maps[i], mask, threshold, colour_range, caption,
                                        out / "pictures" / f"{name}.png")
             progress.update(len(batch))
     write_csv(out / "predictions.csv", rows)
     flagged = sum(r["is_anomalous"] == 1 for r in rows)
+    untrusted = sum(r["route_trusted"] == 0 for r in rows)
     click.echo(f"scored {len(paths)} images with {len(model.tasks)} task(s) on {model.device}"
                + (f"; {flagged} anomalous at the stored thresholds" if all(thresholds) else "")
+               + (f"; {untrusted} with a route not trusted (route_trusted 0: send to a person)" if untrusted else "")
                + f"; results in {out / 'predictions.csv'}")
 
 

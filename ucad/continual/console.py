@@ -11,7 +11,7 @@ import torch
 from ucad.config import departures_from_released_code
 from ucad.continual.hooks import RunHooks
 from ucad.model.ucad_model import KNOWLEDGE
-from ucad.results.tables import final_tables
+from ucad.results.tables import final_tables, route_trust_line
 
 echo = partial(print, flush=True)
 
@@ -37,7 +37,9 @@ class ConsoleReport(RunHooks):
         if model_config.learns_prompts:
             training = (f"{learning.epochs_num} epochs, SCL with structure maps from {run.structure_root}"
                         if learning.train_prompt else "OFF (--no_scl): prompts keep their random initialisation")
-            echo(f"memory: keys {learning.key_size} ({learning.key_storage}), knowledge {learning.memory_size}, "
+            fill = "as many as fit in the paper's 784 KiB"
+            echo(f"memory: keys {learning.key_size or fill} ({learning.key_storage}), knowledge "
+                 f"{learning.memory_size or fill} ({learning.knowledge_storage}), "
                  f"unlimited {learning.basic_size} per task; prompt training: {training}")
         echo("departures from the released code: " + departures_line(run))
         echo(f"tasks ({len(run.tasks)}): {', '.join(t.category for t in run.tasks)}"
@@ -82,5 +84,10 @@ class ConsoleReport(RunHooks):
         total = time.perf_counter() - run.started
         echo("\n" + final_tables(run.records, [t.category for t in run.tasks], run.configs.model.mode,
                                  {t.name: t.thresholds.get(KNOWLEDGE) for t in run.model.tasks}))
+        last = run.finished - 1
+        if trust := route_trust_line([r for r in run.image_rows if r["phase"] == last],
+                                     run.model.route_trust_threshold(last + 1), run.configs.model.route_trust_quantile):
+            echo(trust)
         echo(f"\nwall time {total:.1f} s; per phase: " + ", ".join(f"{k} {v['seconds']:.1f}s"
                                                                  for k, v in run.timer.as_dict().items()))
+

@@ -14,7 +14,6 @@ from ucad.data.decode import ImageGeometry, load_images, load_masks
 from ucad.data.layouts import TaskSamples
 from ucad.results.metrics import PixelGroundTruth, compute_task_metrics, one_class_note
 from ucad.model.ucad_model import BANKS, KNOWLEDGE, UNLIMITED, ScoreCache, ScoredImages, UcadModel
-from ucad.model.router import routing_margin
 from ucad.learning.thresholds import metrics_at_threshold, per_image
 from ucad.runtime.timing import PhaseTimer
 
@@ -96,15 +95,20 @@ class ContinualEvaluator:
                 test_set.cache, test_set.metric_cache, test_set.ground_truth = ScoreCache(BANKS, self.timer), {}, None
             routed = self._score(test_set, phase)
             # how clearly images were routed: mean relative gap to the runner-up task (none with a single task)
-            margin = float(routing_margin(routed.key_distances).mean()) if phase else float("nan")
-            routing_accuracy = float((routed.routed_task == test_set.index).float().mean())
+            margin = float(routed.routing_margins.mean()) if phase else float("nan")
+            correct = routed.routed_task == test_set.index
+            routing_accuracy = float(correct.float().mean())
+            trusted = routed.route_trusted
+            trust = {"untrusted_routes": int((~trusted).sum()) if trusted is not None else None,
+                     "trusted_routing_accuracy": float(correct[trusted].float().mean())
+                     if trusted is not None and trusted.any() else float("nan")}
             for variant in self._variants(test_set):
                 scored = routed if variant == "task_agnostic" else self._score(test_set, phase, variant)
                 records.append({"phase": phase, "phase_task": self.model.tasks[phase].name,
                                 "task_index": test_set.index, "task": test_set.name, "variant": variant,
                                 **self._metrics(test_set, variant, scored),
                                 "routing_accuracy": 1.0 if variant == "oracle" else routing_accuracy,
-                                "routing_margin": margin})
+                                "routing_margin": margin, **trust})
         return records
 
     def image_rows(self, phase: int) -> list[dict]:
@@ -116,7 +120,7 @@ class ContinualEvaluator:
             agnostic = scored["task_agnostic"]
             routes, distances, scores = agnostic.routed_task, agnostic.key_distances, agnostic.image_scores
             thresholds = per_image(self.model.tasks, routes, KNOWLEDGE)
-            margins = routing_margin(distances)
+            margins = agnostic.routing_margins
             for i, path in enumerate(test_set.paths):
                 routed = int(routes[i])
                 row = {"phase": phase, "phase_task": names[phase], "test_set": test_set.name, "image": str(path),
@@ -124,7 +128,9 @@ class ContinualEvaluator:
                        "defect_type": test_set.defect_types[i] if test_set.defect_types else "",
                        "true_task": test_set.name, "routed_task": names[routed],
                        "key_distance": float(distances[i, routed]),
-                       "routing_margin": float(margins[i]) if phase else None, "image_score": float(scores[i]),
+                       "routing_margin": float(margins[i]) if phase else None,
+                       "route_trusted": int(agnostic.route_trusted[i]) if agnostic.route_trusted is not None else None,
+                       "image_score": float(scores[i]),
                        "image_threshold": float(thresholds[0][i]) if thresholds else None,
                        "is_anomalous": int(scores[i] > thresholds[0][i]) if thresholds else None}
                 row.update({c: float(scored[v].image_scores[i]) for v, c in SCORE_COLUMNS.items() if v in scored})

@@ -24,6 +24,7 @@ from ucad.learning.task import learn_task
 from ucad.learning.thresholds import calibrate
 from ucad.model.coreset import CoresetSampler
 from ucad.model.nearest_neighbor import NearestNeighbourScorer
+from ucad.model.scoring import held_out_margins
 from ucad.model.task_memory import TaskMemory
 from ucad.model.ucad_model import UcadModel
 from ucad.persistence.model_file import CHECKPOINT, read_checkpoint
@@ -161,6 +162,8 @@ class ContinualRun:
             with self.timer.phase("thresholds", validation_images.shape[0]):
                 memory.thresholds = calibrate(self.model, index, validation_images, learning.threshold_quantile,
                                               learning.feature_batch_size)
+                memory.routing["held_out_margins"] = held_out_margins(self.model, validation_images,
+                                                                      learning.feature_batch_size)
         del validation_images
         self.notify("task_learned", index, seconds)
 

@@ -9,7 +9,7 @@ from ucad.model.coreset import CoresetSampler
 from ucad.learning.epoch_selection import EpochJudge
 from ucad.runtime.errors import UcadError
 from ucad.model.keys import task_keys
-from ucad.model.knowledge import pack_knowledge
+from ucad.model.knowledge import pack_knowledge, vectors_in_budget
 from ucad.model.task_memory import TaskMemory
 from ucad.model.ucad_model import UcadModel
 from ucad.runtime.timing import PhaseTimer
@@ -24,6 +24,8 @@ def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tenso
     n, seed = images.shape[0], config.task_seed(task_index)
     with timer.phase("key_features", n):
         frozen = model.features(images, None, config.feature_batch_size, f"[{name}] key features").flatten(0, 1)
+    # --memory_size 0: as many knowledge vectors as the storage keeps in the paper's bytes
+    memory_size = config.memory_size or vectors_in_budget(config.knowledge_storage, frozen.shape[-1])
     with timer.phase("keys"):
         keys, packed_keys = task_keys(frozen, config.key_size, config.key_sampler, config.key_storage, seed)
         routing = model.routing_statistics(keys, frozen.view(n, -1, frozen.shape[-1]), validation_images,
@@ -45,7 +47,7 @@ def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tenso
             raise UcadError("--epoch_selection validation scores each epoch on held-out normal training images: "
                             "keep some aside with `dataset --train_val_split 0.9`")
         with timer.phase("epoch_selection", validation_images.shape[0]):
-            judge = EpochJudge(model, images, validation_images, sampler, config.memory_size,
+            judge = EpochJudge(model, images, validation_images, sampler, memory_size,
                                config.feature_batch_size, frozen, seed=seed)
     frozen = frozen.half()  # kept through training to measure the prompt's drift below (and for --prompt_anchor)
     if config.train_prompt:
@@ -72,7 +74,7 @@ def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tenso
         extra["feature_drift"] = float(((prompted - frozen).norm(dim=1) / frozen.norm(dim=1).clamp_min(1e-12)).mean())
     del frozen
     with timer.phase("coreset"):
-        selected = sampler.subsample(prompted, config.memory_size)
+        selected = sampler.subsample(prompted, memory_size)
         unlimited = sampler.subsample(prompted, config.basic_size) if config.basic_size > 0 else None
     packed = pack_knowledge(selected, config.knowledge_storage, training=prompted, seed=seed)
     state = {k: v.detach().clone() for k, v in prompt.state_dict().items()} if prompt is not None else None

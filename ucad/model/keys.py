@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ucad.model.coreset import CoresetSampler
-from ucad.model.knowledge import PackedKnowledge, pack_knowledge
+from ucad.model.knowledge import PackedKnowledge, pack_knowledge, vectors_in_budget
 from ucad.runtime.errors import UcadError
 
 KMEANS_ITERATIONS = 25
@@ -43,7 +43,8 @@ def select_keys(features: torch.Tensor, size: int, sampler: str, seed: int) -> t
 def task_keys(features: torch.Tensor, size: int, sampler: str, storage: str,
               seed: int) -> tuple[torch.Tensor, PackedKnowledge | None]:
     """A task's keys from its (N, D) frozen training patches, as routing uses them, and how --key_storage stores them
-    (None: as they are, fp32). Routing and its statistics use exactly the keys a saved model will decode."""
-    keys = select_keys(features, size, sampler, seed=seed)
+    (None: as they are, fp32). Routing and its statistics use exactly the keys a saved model will decode. `size` 0:
+    as many as `storage` keeps in the paper's bytes."""
+    keys = select_keys(features, size or vectors_in_budget(storage, features.shape[1]), sampler, seed=seed)
     packed = None if storage == "fp32" else pack_knowledge(keys, storage, features, seed, option="--key_storage")
     return (keys, None) if packed is None else (packed.decode(), packed)

@@ -79,6 +79,15 @@ def routing_margin(distances_per_task: torch.Tensor) -> torch.Tensor:
     return (best_two[:, 1] - best_two[:, 0]) / best_two[:, 0].clamp_min(1e-12)
 
 
+def route_trust_threshold(held_out_margins: list[torch.Tensor], quantile: float) -> float | None:
+    """The smallest margin a trusted route has: `quantile` of the routing margins of held-out normal images of the
+    tasks (each measured against the tasks learned up to its own, so later rivals can only make real margins
+    smaller: the threshold errs towards flagging). None where no task has a finite held-out margin to go by."""
+    margins = torch.cat([m.flatten().float().cpu() for m in held_out_margins]) if held_out_margins else torch.empty(0)
+    margins = margins[torch.isfinite(margins)]
+    return float(torch.quantile(margins, quantile)) if margins.numel() else None
+
+
 class TaskKeyIndex:
     """The keys of every task in one matrix: one product per block of patches (`ranking`), a minimum within each
     task's segment of keys, then that key's distance computed exactly, as the knowledge scorer does. With hundreds

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from ucad.model.anomaly_map import image_scores
-from ucad.model.router import route, task_distances
+from ucad.model.router import route, routing_margin, task_distances
 from ucad.runtime.errors import UcadError
 from ucad.runtime.timing import PhaseTimer
 
@@ -24,6 +24,8 @@ class ScoredImages:
 
     routed_task: torch.Tensor  # (N,) long: the task each image was scored as
     key_distances: torch.Tensor  # (N, T) mean nearest-key distance to every task (routing compares these)
+    routing_margins: torch.Tensor  # (N,) relative gap between the best and the runner-up task (inf: one task)
+    route_trusted: torch.Tensor | None  # (N,) bool: margin at least the model's trust threshold; None: it has none
     patch_scores: torch.Tensor  # (N, P) each patch's distance to the routed task's knowledge
     image_scores: torch.Tensor  # (N,) the largest patch score
     anomaly_maps: torch.Tensor | None  # (N, S, S) upsampled, smoothed patch scores; None when not asked for
@@ -80,7 +82,9 @@ def _score(model, images_uint8: torch.Tensor, task: int | None, bank: str, tasks
     for chosen in routes.unique().tolist():
         members = routes == chosen
         patch_scores[members] = _patch_scores(model, images_uint8, chosen, bank, members, cache, batch_size)[members]
-    return ScoredImages(routes, distances, patch_scores, image_scores(patch_scores),
+    margins, trust_threshold = routing_margin(distances), model.route_trust_threshold(tasks)
+    trusted = margins >= trust_threshold if trust_threshold is not None else None
+    return ScoredImages(routes, distances, margins, trusted, patch_scores, image_scores(patch_scores),
                         model.anomaly_maps(patch_scores).cpu() if maps else None)
 
 
@@ -95,6 +99,12 @@ def key_distances(model, images_uint8: torch.Tensor, tasks: int, cache: ScoreCac
                                        [model.tasks[k].routing for k in missing], model.config.routing)
             cache.key_distance.update(zip(missing, distances.cpu().unbind(1)))
     return torch.stack([cache.key_distance[k] for k in range(tasks)], dim=1)
+
+
+def held_out_margins(model, normal_images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """(N,) routing margins of a task's held-out normal images among the tasks learned so far, as a test image's are
+    measured: what `UcadModel.route_trust_threshold` goes by."""
+    return routing_margin(key_distances(model, normal_images, len(model.tasks), ScoreCache(), batch_size))
 
 
 def _patch_scores(model, images_uint8: torch.Tensor, task: int, bank: str, needed: torch.Tensor, cache: ScoreCache,

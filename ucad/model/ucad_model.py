@@ -14,7 +14,7 @@ from ucad.runtime.device import OutOfMemoryRetry, autocast, autocast_dtype, keep
 from ucad.model.task_memory import TaskMemory
 from ucad.model.nearest_neighbor import NearestNeighbourScorer
 from ucad.model.patch_features import PatchEmbedder
-from ucad.model.router import TaskKeyIndex, routing_statistics
+from ucad.model.router import TaskKeyIndex, route_trust_threshold, routing_statistics
 from ucad.model.scoring import BANKS, KNOWLEDGE, UNLIMITED, ScoreCache, ScoredImages, score_images  # noqa: F401
 
 
@@ -110,6 +110,11 @@ class UcadModel:
         held_out = held_out_images is not None and held_out_images.shape[0] > 0
         normal = self.frozen_features(held_out_images, batch_size) if held_out else training.to(self.frozen_dtype)
         return routing_statistics(normal, keys, routing, self.config.patch_distance)
+
+    def route_trust_threshold(self, tasks: int | None = None) -> float | None:
+        """The margin below which a route among the first `tasks` learned tasks (default: all) is not trusted."""
+        held_out = [t.routing["held_out_margins"] for t in self.tasks[:tasks] if "held_out_margins" in t.routing]
+        return route_trust_threshold(held_out, self.config.route_trust_quantile)
 
     def key_index(self, tasks=None) -> TaskKeyIndex:
         tasks = range(len(self.tasks)) if tasks is None else tasks

@@ -208,3 +208,17 @@ def final_tables(records: list[dict], task_names: list[str], mode: str, threshol
 
 def _num(value) -> str:
     return "-" if _missing(value) else f"{value:.3f}"
+
+
+def route_trust_line(image_rows: list[dict], threshold: float | None, quantile: float) -> str | None:
+    """How many of the images (rows of scores_per_image.csv) had a route too close to call, and the routing accuracy
+    of the rest; None where no route was judged."""
+    judged = [r for r in image_rows if r.get("route_trusted") is not None]
+    if not judged or threshold is None:
+        return None
+    trusted = [r for r in judged if r["route_trusted"]]
+    accuracy = {name: f"{np.mean([r['routed_task'] == r['true_task'] for r in rows]):.3f}" if rows else "-"
+                for name, rows in (("trusted", trusted), ("all", judged))}
+    return (f"routes not trusted: {len(judged) - len(trusted)} of {len(judged)} test images (routing margin below "
+            f"{threshold:.4g}, quantile {quantile:g} of the held-out normal images' margins): send them to a person. "
+            f"Routing accuracy on the trusted routes {accuracy['trusted']} (on all {accuracy['all']})")
