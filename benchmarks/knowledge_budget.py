@@ -11,10 +11,10 @@ and to score (patch scores + maps), summed over tasks.
 
 A storage is NAME (as many vectors as fit in the paper's bytes, 196 fp32 vectors, as `--memory_size 0` keeps) or
 NAME:SIZE (SIZE vectors, `all` patches, or another NAME: as many vectors as that storage keeps). Beside the run's
-storages, pca_pq holds the coefficients in PQ codes and pca_fp32 unquantised, which separates where a gap to the larger memory comes from,
-on the same coreset: too few vectors (fp32:196 against fp32:1960 and fp32:N), the projection (pca_fp32:N against
-fp32:N), quantisation (NAME:N against pca_fp32:N, or pq against fp32:2176), the coreset's choice (fp32:N against
-fp32:all, every training patch). Example:
+storages, pca_pq holds the coefficients in PQ codes and pca_fp32 unquantised, which separates where a gap to the
+larger memory comes from, on the same coreset: too few vectors (fp32:196 against fp32:1960 and fp32:N), the
+projection (pca_fp32:N against fp32:N), quantisation (NAME:N against pca_fp32:N, or pq against fp32:2176), the
+coreset's choice (fp32:N against fp32:all, every training patch). Example:
 
     python3 benchmarks/knowledge_budget.py --data /tmp/demo_data -d weave -d granite -d washer -d pcb_chip \
         --backbone efficientnet_lite0 -le 2 -le 3 --patchsize 3 --imagesize 224 --seeds 0,1,2
@@ -65,11 +65,12 @@ def main() -> int:
     parser.add_argument("--imagesize", type=int, default=MODEL.imagesize,
                         help="network input size (square), as run_ucad.py dataset --imagesize and --resize")
     parser.add_argument("--resize_mode", default="square", choices=["crop", "square"],
-                        help="as run_ucad.py dataset --resize_mode")
+                        help="as run_ucad.py dataset --resize_mode (square, as the recipes' runs)")
     parser.add_argument("--sampler", default=LEARNING.sampler, help="as run_ucad.py sampler NAME")
     parser.add_argument("--storages", default=DEFAULT_STORAGES,
-                        help=f"comma-separated NAME or NAME:SIZE (NAME: {', '.join(KNOWLEDGE_STORAGES)}, pca_fp32; "
-                             "SIZE: vectors per task or 'all'; without SIZE: as many as fit in the paper's bytes)")
+                        help=f"comma-separated NAME or NAME:SIZE (NAME: {', '.join(KNOWLEDGE_STORAGES)}, pca_pq, "
+                             "pca_fp32; SIZE: vectors per task, 'all', or a NAME: as many as that storage keeps; "
+                             "without SIZE: as many as fit in the paper's bytes)")
     parser.add_argument("--pca_dims", default=str(PCA_DIM),
                         help="comma-separated principal directions kept; each pca_ storage is measured with each")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, each as run_ucad.py --seed")

@@ -15,7 +15,8 @@ from ucad.config import FIELDS, field_kind
 
 # (option, value) pairs that are valid: everything else given 0 or -1 must be refused up front
 VALID = {("--gpu", "0"), ("--seed", "0"), ("--epochs_num", "0"), ("--basic_size", "0"), ("--num_workers", "0"),
-         ("--faiss_num_workers", "0"), ("--smoothing_sigma", "0"), ("--prompt_anchor", "0")}
+         ("--faiss_num_workers", "0"), ("--smoothing_sigma", "0"), ("--prompt_anchor", "0"), ("--memory_size", "0"),
+         ("--key_size", "0"), ("--route_trust_quantile", "0")}
 PARTS = {None: main, "ucad": ucad_command, "sampler": sampler_command, "dataset": dataset_command}
 
 
@@ -41,7 +42,7 @@ def test_every_numeric_option_is_covered():
         (None, "--gpu"), (None, "--seed"), (None, "--memory_size"), (None, "--epochs_num"), (None, "--key_size"),
         (None, "--basic_size"), (None, "--threshold_quantile"), ("ucad", "--pretrain_embed_dimension"),
         ("ucad", "--target_embed_dimension"), ("ucad", "--anomaly_scorer_num_nn"), ("ucad", "--patchsize"),
-        ("ucad", "--prompt_length"), ("ucad", "--smoothing_sigma"), ("ucad", "--prompt_anchor"), ("ucad", "--lr"),
+        ("ucad", "--prompt_length"), ("ucad", "--route_trust_quantile"), ("ucad", "--smoothing_sigma"), ("ucad", "--prompt_anchor"), ("ucad", "--lr"),
         ("ucad", "--feature_batch_size"), ("ucad", "--faiss_num_workers"), ("sampler", "--percentage"),
         ("dataset", "--resize"), ("dataset", "--imagesize"), ("dataset", "--batch_size"),
         ("dataset", "--train_val_split"), ("dataset", "--num_workers")], key=str)

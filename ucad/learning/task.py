@@ -76,7 +76,8 @@ def learn_task(model: UcadModel, task_index: int, name: str, images: torch.Tenso
     with timer.phase("coreset"):
         selected = sampler.subsample(prompted, memory_size)
         unlimited = sampler.subsample(prompted, config.basic_size) if config.basic_size > 0 else None
-    packed = pack_knowledge(selected, config.knowledge_storage, training=prompted, seed=seed)
+    with timer.phase("knowledge_packing"):  # learning principal directions or codebooks: seconds with faiss
+        packed = pack_knowledge(selected, config.knowledge_storage, training=prompted, seed=seed)
     state = {k: v.detach().clone() for k, v in prompt.state_dict().items()} if prompt is not None else None
     # scoring uses exactly the vectors a saved model will decode, whatever the storage
     return TaskMemory(name, keys, state, packed.decode(), unlimited, {"loss_history": history, **extra},
