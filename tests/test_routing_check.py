@@ -85,7 +85,7 @@ def test_routing_check_routes_as_the_run_with_the_same_settings(demo_root, tmp_p
     run_dir = tmp_path / "p" / "g_0"
     [result], _ = routing_check(tmp_path, "--data", str(demo_root), "-d", "weave", "-d", "washer",
                                 "--resize_mode", "crop", "--key_size", "16", "--train_val_split", "0.75",
-                                "--routings", "calibrated", "--auroc_cost", "--memory_size", "196")
+                                "--routings", "calibrated", "--auroc_cost", "--memory_size", "16")
     every = list(csv.DictReader(open(run_dir / "results_per_task.csv")))
     rows = [r for r in every if r["variant"] == "task_agnostic"]
     assert len(rows) == 2
