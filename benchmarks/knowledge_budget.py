@@ -6,8 +6,9 @@ the same cached features: per task the coreset of the run's sampler (`CoresetSam
 `learn_task` draws it), packed by each storage (`ucad.model.knowledge.pack_knowledge` with the task's seed), test
 images scored as their own task (the oracle variant) exactly as the model scores (`UcadModel.patch_scores` on the
 decoded vectors, `image_scores`, `UcadModel.anomaly_maps`, `compute_task_metrics`). Printed per storage: image AUROC,
-pixel AP (mean over tasks, mean ± std over seeds), bytes and vectors per task, seconds to build (coreset + packing)
-and to score (patch scores + maps), summed over tasks.
+pixel AP (mean over tasks, mean ± std over seeds), bytes and vectors per task, the quantisation error (squared
+reconstruction error of the kept vectors over their squared spread around their mean), seconds to build (coreset +
+packing) and to score (patch scores + maps), summed over tasks.
 
 A storage is NAME (as many vectors as fit in the paper's bytes, 196 fp32 vectors, as `--memory_size 0` keeps) or
 NAME:SIZE (SIZE vectors, `all` patches, or another NAME: as many vectors as that storage keeps). Beside the run's
@@ -116,6 +117,8 @@ def main() -> int:
                 started = time.perf_counter()
                 packed = pack_knowledge(selected, storage, training=features, seed=task_seed, reduced_dim=reduced)
                 knowledge = packed.decode()
+                centred = selected.float() - selected.float().mean(dim=0)
+                quantisation_error = float(((knowledge - selected.float()) ** 2).sum() / (centred ** 2).sum())
                 build_seconds = coreset_seconds + time.perf_counter() - started
                 started = time.perf_counter()
                 patch_scores = model.patch_scores(None, None, {"knowledge": knowledge}, test)["knowledge"]
@@ -124,10 +127,11 @@ def main() -> int:
                 metrics = compute_task_metrics(labels, image_scores(patch_scores).numpy(), None, maps,
                                                FPR_LIMIT, ground_truth=truth)
                 results[label].append({"seed": seed, "task": task.category, "vectors": len(knowledge),
-                                       "bytes": packed.nbytes, "build_s": build_seconds, "score_s": score_seconds,
+                                       "bytes": packed.nbytes, "quantisation_error": quantisation_error,
+                                       "build_s": build_seconds, "score_s": score_seconds,
                                        **{key: metrics[key] for key in ("image_auroc", "pixel_ap", "aupro")}})
                 print(f"[{task.category}] seed {seed} {label:<16} image AUROC {metrics['image_auroc']:.3f} pixel AP "
-                      f"{metrics['pixel_ap']:.3f} ({len(knowledge)} vectors, {packed.nbytes:,} B, build "
+                      f"{metrics['pixel_ap']:.3f} ({len(knowledge)} vectors, {packed.nbytes:,} B, error {quantisation_error:.3f}, build "
                       f"{build_seconds:.1f} s, score {score_seconds:.1f} s)", flush=True)
         del test, truth, features
     _print_summary(results, seeds)
@@ -157,15 +161,16 @@ def _print_summary(results: dict[str, list[dict]], seeds: list[int]) -> None:
     tasks where they differ), seconds summed over tasks."""
     print(f"\n{len(seeds)} seed(s); mean over tasks, mean ± std over seeds")
     print(f"{'storage:vectors':<18} | {'image AUROC':>13} | {'pixel AP':>13} | {'AUPRO':>13} | {'bytes/task':>11} | "
-          f"{'vectors/task':>12} | {'build s':>11} | {'score s':>11}")
+          f"{'vectors/task':>12} | {'quant. error':>13} | {'build s':>11} | {'score s':>11}")
     for label, records in results.items():
         per_seed = {key: [statistics.mean(r[key] for r in records if r["seed"] == seed) for seed in seeds]
-                    for key in ("image_auroc", "pixel_ap", "aupro")}
+                    for key in ("image_auroc", "pixel_ap", "aupro", "quantisation_error")}
         sums = {key: [sum(r[key] for r in records if r["seed"] == seed) for seed in seeds]
                 for key in ("build_s", "score_s")}
         print(f"{label:<18} | {_mean_std(per_seed['image_auroc']):>13} | {_mean_std(per_seed['pixel_ap']):>13} | "
               f"{_mean_std(per_seed['aupro']):>13} | {statistics.mean(r['bytes'] for r in records):>11,.0f} | "
-              f"{statistics.mean(r['vectors'] for r in records):>12,.0f} | {_mean_std(sums['build_s'], 1):>11} | "
+              f"{statistics.mean(r['vectors'] for r in records):>12,.0f} | {_mean_std(per_seed['quantisation_error']):>13} | "
+              f"{_mean_std(sums['build_s'], 1):>11} | "
               f"{_mean_std(sums['score_s'], 1):>11}")
 
 

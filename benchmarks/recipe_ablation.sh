@@ -26,6 +26,7 @@ dataset_options=${DATASET_OPTIONS:-"--resize_mode square --train_val_split 0.9"}
 declare -A variant=(
   [released]='{}'
   [pq2176]='{"learning": {"memory_size": 2176, "knowledge_storage": "pq"}}'
+  [pq_kept2176]='{"learning": {"memory_size": 2176, "knowledge_storage": "pq_kept"}}'
   [fp16_392]='{"learning": {"memory_size": 392, "knowledge_storage": "fp16"}}'
   [epoch_validation]='{"learning": {"epoch_selection": "validation"}}'
   [anchor100]='{"learning": {"prompt_anchor": 100.0}}'
@@ -33,7 +34,7 @@ declare -A variant=(
   [lr1e4]='{"learning": {"lr": 0.0001}}'
   [pq2176_keys]='{"learning": {"memory_size": 2176, "knowledge_storage": "pq", "key_size": 2176, "key_storage": "pq"}}'
 )
-variants=${VARIANTS:-"released pq2176 fp16_392 epoch_validation anchor100 no_scl lr1e4 pq2176_keys"}
+variants=${VARIANTS:-"released pq2176 pq_kept2176 fp16_392 epoch_validation anchor100 no_scl lr1e4 pq2176_keys"}
 mkdir -p "$results/ablation/recipes"
 runs=()
 for name in $variants; do

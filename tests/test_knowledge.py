@@ -32,7 +32,8 @@ def test_the_papers_budget_in_vectors_of_each_storage():
     fits = {storage: vectors_in_budget(storage, 1024) for storage in KNOWLEDGE_STORAGES}
     # codebooks and principal directions come out of the budget: sq8 keeps 8 KiB of levels, pq a 512 KiB codebook,
     # pca_ 129 x 1024 fp16 (258 KiB) of directions and centre
-    assert fits == {"fp32": 196, "fp16": 392, "sq8": 776, "pq": 2176, "pca_fp16": 2104, "pca_sq8": 4200}
+    assert fits == {"fp32": 196, "fp16": 392, "sq8": 776, "pq": 2176, "pq_kept": 2176, "pca_fp16": 2104,
+                    "pca_sq8": 4200}
     assert vectors_in_budget("pca_pq", 1024) == 29568  # PQ codes of the coefficients: 16 bytes a vector
     assert vectors_in_budget("fp32", 1024, budget=PAPER_BUDGET) == 196
     assert vectors_in_budget("pq", 64) == 2176  # budget and codebook both scale with the dimension
@@ -82,6 +83,24 @@ def test_pq_codes_reconstruct_closely_and_count_their_bytes():
     # each vector is still recognisably itself: its reconstruction is its nearest stored vector
     assert (torch.cdist(x[:500], decoded).argmin(dim=1) == torch.arange(500)).float().mean() > 0.9
     assert torch.equal(pack_knowledge(x[:500], "pq", training=x, seed=0).codes, packed.codes)  # seeded
+
+
+def test_pq_kept_fits_its_codebook_to_the_outlying_vectors_a_coreset_keeps(capfd):
+    from ucad.model.coreset import CoresetSampler
+
+    x = features(20_000, dim=64, rank=8)
+    kept = CoresetSampler("greedy_coreset", seed=0).subsample(x, 600)  # the most outlying patches
+
+    def error(storage):
+        return float(((pack_knowledge(kept, storage, training=x, seed=0).decode() - kept) ** 2).sum())
+
+    assert error("pq_kept") < 0.8 * error("pq")
+    assert "WARNING" not in capfd.readouterr().err  # 600 points for 256 centroids is meant, not warned about
+    packed = pack_knowledge(kept, "pq_kept", training=x, seed=0)
+    assert packed.nbytes == pack_knowledge(kept, "pq", training=x, seed=0).nbytes == 600 * 8 + 8 * 256 * 8 * 2
+    # fewer kept vectors than a sub-space's 256 centroids: the codebook is learned from the task's patches, as pq's
+    assert torch.equal(pack_knowledge(kept[:100], "pq_kept", training=x, seed=0).codes,
+                       pack_knowledge(kept[:100], "pq", training=x, seed=0).codes)
 
 
 @pytest.mark.parametrize("storage", ["pca_fp16", "pca_sq8", "pca_pq"])
@@ -142,7 +161,13 @@ def test_pq_needs_a_dimension_its_subvectors_divide():
         pack_knowledge(torch.randn(100, 64), "pq", option="--key_storage")
 
 
-def test_a_run_fills_the_budget_reports_its_bytes_and_predict_scores_as_the_run(demo_root, tmp_path):
+# 6 images of 16 x 16 patches at 256-d; what fills 196 x 256 fp32 = 200,704 B: pca_sq8 keeps 129 x 256 fp16
+# directions and centre, 2 x 128 fp32 levels and 1044 x 128 codes; pq_kept keeps every one of the 1536 patches
+# (32 one-byte codes each) and a 32 x 256 x 8 fp16 codebook learned from them
+@pytest.mark.parametrize("storage, kept, stored_bytes", [("pca_sq8", 1044, 200_704),
+                                                         ("pq_kept", 1536, 1536 * 32 + 32 * 256 * 8 * 2)])
+def test_a_run_fills_the_budget_reports_its_bytes_and_predict_scores_as_the_run(demo_root, tmp_path, storage, kept,
+                                                                               stored_bytes):
     from click.testing import CliRunner
 
     from ucad.cli.run import main
@@ -153,18 +178,16 @@ def test_a_run_fills_the_budget_reports_its_bytes_and_predict_scores_as_the_run(
         "--cpu", "--epochs_num", "0", "--memory_size", "0", "--key_size", "8", "--basic_size", "0",
         "--save_patchcore_model", "--log_group", "g", "--log_project", "p", str(tmp_path),
         "ucad", "-b", "resnet18", "--weights", "random", "--pretrain_embed_dimension", "256",
-        "--target_embed_dimension", "256", "--knowledge_storage", "pca_sq8", "--no_scl",
+        "--target_embed_dimension", "256", "--knowledge_storage", storage, "--no_scl",
         "dataset", "--resize", "128", "--imagesize", "128", "--num_workers", "1", "-d", "weave", "mvtec",
         str(demo_root)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    # 6 images of 16 x 16 patches, of which the coreset keeps what fills 196 x 256 fp32 = 200,704 B: 129 x 256 fp16
-    # directions and centre, 2 x 128 fp32 levels and 1044 x 128 codes
-    assert "knowledge 200,704 as pca_sq8" in result.output
+    assert f"knowledge {stored_bytes:,} as {storage}" in result.output
     run_dir = tmp_path / "p" / "g_0"
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["memory_bytes_per_task"]["weave"]["knowledge"] == 200_704
+    assert summary["memory_bytes_per_task"]["weave"]["knowledge"] == stored_bytes
     model = load_model(run_dir / "models" / "ucad_model.pt", torch.device("cpu"), weights="random")
-    assert model.tasks[0].packed.storage == "pca_sq8" and model.tasks[0].knowledge.shape == (1044, 256)
+    assert model.tasks[0].packed.storage == storage and model.tasks[0].knowledge.shape == (kept, 256)
     folder = demo_root / "weave" / "test"
     predicted = CliRunner().invoke(predict, [str(run_dir / "models" / "ucad_model.pt"), str(folder),
                                              str(tmp_path / "out"), "--cpu", "--no_pictures"], catch_exceptions=False)
@@ -199,7 +222,7 @@ def test_the_budget_instrument_scores_a_storage_as_a_no_scl_run_does(demo_root, 
     out = tmp_path / "budget.json"
     measured = subprocess.run([sys.executable, str(script), "--data", str(demo_root), "-d", "weave",
                                "--backbone", "resnet18", "--weights", "random", "-le", "layer2", "-le", "layer3",
-                               "--imagesize", "64", "--storages", "fp32:16,pq,fp32:pq", "--cpu", "--json", str(out)],
+                               "--imagesize", "64", "--storages", "fp32:16,pq,pq_kept,fp32:pq", "--cpu", "--json", str(out)],
                               capture_output=True, text=True, timeout=600)
     assert measured.returncode == 0, measured.stdout + measured.stderr
     rows = json.loads(out.read_text())
@@ -208,4 +231,7 @@ def test_the_budget_instrument_scores_a_storage_as_a_no_scl_run_does(demo_root, 
     assert rows["fp32:16"][0]["bytes"] == 16 * 1024 * 4
     # 6 images of 8 x 8 patches: fewer than the 2176 PQ vectors the budget holds, so pq keeps them all, as fp32:pq
     assert rows["pq:2176"][0]["vectors"] == rows["fp32:2176"][0]["vectors"] == 384
-    assert rows["pq:2176"][0]["bytes"] == 384 * 128 + 128 * 256 * 8 * 2
+    assert rows["pq:2176"][0]["bytes"] == rows["pq_kept:2176"][0]["bytes"] == 384 * 128 + 128 * 256 * 8 * 2
+    assert rows["fp32:16"][0]["quantisation_error"] == 0
+    # kept vectors and training patches are the same 384 here, so both learn one codebook
+    assert 0 < rows["pq_kept:2176"][0]["quantisation_error"] == rows["pq:2176"][0]["quantisation_error"]

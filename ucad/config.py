@@ -18,7 +18,7 @@ PATCH_DISTANCES = ("squared", "euclidean")
 ROUTINGS = ("mean", "calibrated", "gaussian", "calibrated_gaussian")
 SAMPLER_NAMES = ("identity", "greedy_coreset", "approx_greedy_coreset")
 KEY_SAMPLERS = ("kmeans", "random", "approx_greedy_coreset", "greedy_coreset")
-KNOWLEDGE_STORAGES = ("fp32", "fp16", "sq8", "pq", "pca_fp16", "pca_sq8")
+KNOWLEDGE_STORAGES = ("fp32", "fp16", "sq8", "pq", "pq_kept", "pca_fp16", "pca_sq8")
 EPOCH_SELECTIONS = ("last", "validation")
 SCL_FEATURES = ("raw", "embedded")
 LABEL_SAMPLINGS = ("centre", "corner")
@@ -155,9 +155,10 @@ class LearningConfig:
         "last: the prompt after --epochs_num epochs; validation: the best epoch (or none) on held-out normal images "
         "with synthetic defects, never the test set (needs dataset --train_val_split < 1)."))
     knowledge_storage: str = option("fp32", "ucad", "--knowledge_storage", type=KNOWLEDGE_STORAGES, help=(
-        "Knowledge storage: fp32, fp16, sq8 (one byte per dimension), pq (product quantisation), or pca_fp16 and "
+        "Knowledge storage: fp32, fp16, sq8 (one byte per dimension), pq (product quantisation, its codebook learned "
+        "from the task's patches), pq_kept (the codebook learned from the kept vectors themselves), or pca_fp16 and "
         "pca_sq8 (coefficients on the task's 128 principal directions, so stored); --memory_size 0 fills the paper's "
-        "784 KiB per task (392 fp16, 776 sq8, 2176 pq, 2104 pca_fp16, 4200 pca_sq8 vectors at 1024-d)."))
+        "784 KiB per task (392 fp16, 776 sq8, 2176 pq or pq_kept, 2104 pca_fp16, 4200 pca_sq8 vectors at 1024-d)."))
     basic_size: int = option(1960, "main", "--basic_size", limits="[0, inf)", help=(
         "Knowledge size of the 'unlimited' variant reported beside (0 = off)."))
     threshold_quantile: float = option(0.99, "main", "--threshold_quantile", limits="(0, 1]", help=(

@@ -1,6 +1,8 @@
 """How a task's knowledge (its memory of normal patch features) is stored: the paper's budget is 196 x 1024
 float32 = 784 KiB per task; fp16 stores twice as many vectors in those bytes, sq8 (one byte per dimension) four
-times, product quantisation (pq) about ten times. The pca_ storages keep each vector as its coefficients on the
+times, product quantisation (pq) about ten times. pq learns its codebook from a sample of the task's patches,
+pq_kept from the kept vectors themselves: a coreset keeps the outlying patches, which a codebook fitted to the bulk
+of the patches reconstructs worst, and a codebook fitted to exactly what it encodes reconstructs them best. The pca_ storages keep each vector as its coefficients on the
 task's own leading principal directions (learned from its patches, stored in fp16 with their centre), held as fp16
 or sq8 (pca_pq, PQ codes of them, is there for comparisons): a 128-d coefficient vector costs an eighth of a 1024-d
 one, so several thousand vectors fit.
@@ -49,7 +51,7 @@ class PackedKnowledge:
         """(N, D) float32 on the device the packed tensors are on."""
         if self.vectors is not None:
             inner = self.vectors.float()
-        elif self.storage.endswith("pq"):
+        elif self.codebook.dim() == 3:  # PQ: a centroid table per sub-space
             m = self.codebook.shape[0]
             inner = self.codebook.float()[torch.arange(m, device=self.codes.device), self.codes.long()]
             inner = inner.reshape(self.codes.shape[0], -1)
@@ -66,13 +68,18 @@ class PackedKnowledge:
         return cls(**{key: value.to(device) if torch.is_tensor(value) else value for key, value in state.items()})
 
 
+def inner_storage(storage: str) -> str:
+    """How the stored vectors or coefficients are held: the storage without its projection prefix."""
+    return storage.removeprefix(PROJECTED)
+
+
 def vectors_in_budget(storage: str, dim: int, budget: int | None = None, reduced_dim: int = PCA_DIM) -> int:
     """How many `dim`-d vectors `storage` keeps in `budget` bytes (default: the paper's, 196 fp32 vectors), its
     codebook and principal directions included."""
     budget = PAPER_VECTORS * dim * 4 if budget is None else budget
     if storage.startswith(PROJECTED):
         budget, dim = budget - (reduced_dim + 1) * dim * 2, reduced_dim
-    inner = storage.removeprefix(PROJECTED)
+    inner = inner_storage(storage)
     if inner in VECTOR_DTYPES:
         fixed, per_vector = 0, dim * VECTOR_DTYPES[inner].itemsize
     elif inner == "sq8":
@@ -85,7 +92,7 @@ def vectors_in_budget(storage: str, dim: int, budget: int | None = None, reduced
 def pack_knowledge(selected: torch.Tensor, storage: str, training: torch.Tensor | None = None, seed: int = 0,
                    option: str = "--knowledge_storage", reduced_dim: int = PCA_DIM) -> PackedKnowledge:
     """selected: the (N, D) vectors to keep (the knowledge coreset, or the keys); training: the task's patch features
-    the principal directions and the PQ codebook are learned from (default: `selected`); option: the command-line
+    the principal directions and pq's codebook are learned from (default: `selected`); option: the command-line
     option named in errors."""
     if storage in VECTOR_DTYPES:
         return PackedKnowledge(storage, vectors=selected.to(VECTOR_DTYPES[storage]))
@@ -98,7 +105,7 @@ def pack_knowledge(selected: torch.Tensor, storage: str, training: torch.Tensor 
         chosen = torch.randperm(training.shape[0], generator=torch.Generator().manual_seed(seed))[:TRAINING_POINTS]
         training = training[chosen.to(training.device)]
     kept, training = (np.ascontiguousarray(x.detach().float().cpu().numpy()) for x in (selected, training))
-    parts, inner = {}, storage.removeprefix(PROJECTED)
+    parts, inner = {}, inner_storage(storage)
     if storage.startswith(PROJECTED):
         if selected.shape[1] <= reduced_dim:
             raise UcadError(f"{option} {storage} keeps {reduced_dim} principal directions of the features: it needs "
@@ -118,8 +125,9 @@ def pack_knowledge(selected: torch.Tensor, storage: str, training: torch.Tensor 
         quantiser.train(kept)
         parts["codes"] = torch.from_numpy(quantiser.compute_codes(kept))
         parts["codebook"] = torch.from_numpy(faiss.vector_to_array(quantiser.trained).reshape(2, -1))
-    else:
-        parts.update(_product_quantised(kept, training, seed, f"{option} {storage}"))
+    else:  # pq_kept falls back to the task's patches when it keeps fewer vectors than a sub-space has centroids
+        fit_kept = inner == "pq_kept" and len(kept) >= 2 ** PQ_BITS
+        parts.update(_product_quantised(kept, kept if fit_kept else training, seed, f"{option} {storage}"))
     return PackedKnowledge(storage, **{name: value.to(selected.device) for name, value in parts.items()})
 
 
@@ -136,6 +144,7 @@ def _product_quantised(kept: np.ndarray, training: np.ndarray, seed: int, option
     subspaces = dim // PQ_SUBVECTOR_DIM
     quantiser = faiss.ProductQuantizer(dim, subspaces, PQ_BITS)
     quantiser.cp.seed = seed
+    quantiser.cp.min_points_per_centroid = 1  # a codebook fitted to a few thousand kept vectors is meant so
     quantiser.train(training)
     codebook = faiss.vector_to_array(quantiser.centroids).reshape(subspaces, 2 ** PQ_BITS, PQ_SUBVECTOR_DIM)
     codebook = torch.from_numpy(codebook).half()  # stored in fp16: the codebook is part of the task's bytes
