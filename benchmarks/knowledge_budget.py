@@ -131,8 +131,9 @@ def main() -> int:
                                        "build_s": build_seconds, "score_s": score_seconds,
                                        **{key: metrics[key] for key in ("image_auroc", "pixel_ap", "aupro")}})
                 print(f"[{task.category}] seed {seed} {label:<16} image AUROC {metrics['image_auroc']:.3f} pixel AP "
-                      f"{metrics['pixel_ap']:.3f} ({len(knowledge)} vectors, {packed.nbytes:,} B, error {quantisation_error:.3f}, build "
-                      f"{build_seconds:.1f} s, score {score_seconds:.1f} s)", flush=True)
+                      f"{metrics['pixel_ap']:.3f} ({len(knowledge)} vectors, {packed.nbytes:,} B, error "
+                      f"{quantisation_error:.3f}, build {build_seconds:.1f} s, score {score_seconds:.1f} s)",
+                      flush=True)
         del test, truth, features
     _print_summary(results, seeds)
     if args.json:
@@ -169,7 +170,8 @@ def _print_summary(results: dict[str, list[dict]], seeds: list[int]) -> None:
                 for key in ("build_s", "score_s")}
         print(f"{label:<18} | {_mean_std(per_seed['image_auroc']):>13} | {_mean_std(per_seed['pixel_ap']):>13} | "
               f"{_mean_std(per_seed['aupro']):>13} | {statistics.mean(r['bytes'] for r in records):>11,.0f} | "
-              f"{statistics.mean(r['vectors'] for r in records):>12,.0f} | {_mean_std(per_seed['quantisation_error']):>13} | "
+              f"{statistics.mean(r['vectors'] for r in records):>12,.0f} | "
+              f"{_mean_std(per_seed['quantisation_error']):>13} | "
               f"{_mean_std(sums['build_s'], 1):>11} | "
               f"{_mean_std(sums['score_s'], 1):>11}")
 

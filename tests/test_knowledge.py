@@ -222,7 +222,8 @@ def test_the_budget_instrument_scores_a_storage_as_a_no_scl_run_does(demo_root, 
     out = tmp_path / "budget.json"
     measured = subprocess.run([sys.executable, str(script), "--data", str(demo_root), "-d", "weave",
                                "--backbone", "resnet18", "--weights", "random", "-le", "layer2", "-le", "layer3",
-                               "--imagesize", "64", "--storages", "fp32:16,pq,pq_kept,fp32:pq", "--cpu", "--json", str(out)],
+                               "--imagesize", "64", "--storages", "fp32:16,pq,pq_kept,fp32:pq", "--cpu", "--json",
+                               str(out)],
                               capture_output=True, text=True, timeout=600)
     assert measured.returncode == 0, measured.stdout + measured.stderr
     rows = json.loads(out.read_text())

@@ -2,10 +2,10 @@
 float32 = 784 KiB per task; fp16 stores twice as many vectors in those bytes, sq8 (one byte per dimension) four
 times, product quantisation (pq) about ten times. pq learns its codebook from a sample of the task's patches,
 pq_kept from the kept vectors themselves: a coreset keeps the outlying patches, which a codebook fitted to the bulk
-of the patches reconstructs worst, and a codebook fitted to exactly what it encodes reconstructs them best. The pca_ storages keep each vector as its coefficients on the
-task's own leading principal directions (learned from its patches, stored in fp16 with their centre), held as fp16
-or sq8 (pca_pq, PQ codes of them, is there for comparisons): a 128-d coefficient vector costs an eighth of a 1024-d
-one, so several thousand vectors fit.
+of the patches reconstructs worst, and a codebook fitted to exactly what it encodes reconstructs them best. The pca_
+storages keep each vector as its coefficients on the task's own leading principal directions (learned from its
+patches, stored in fp16 with their centre), held as fp16 or sq8 (pca_pq, PQ codes of them, is there for
+comparisons): a 128-d coefficient vector costs an eighth of a 1024-d one, so several thousand vectors fit.
 
 Scoring always runs on the decoded float32 vectors, so a nearest-neighbour distance to quantised knowledge is the
 asymmetric distance faiss's IndexPQ computes (exact query, reconstructed memory), and a projected vector decodes
