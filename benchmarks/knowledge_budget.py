@@ -117,9 +117,9 @@ def main() -> int:
                 started = time.perf_counter()
                 packed = pack_knowledge(selected, storage, training=features, seed=task_seed, reduced_dim=reduced)
                 knowledge = packed.decode()
+                build_seconds = coreset_seconds + time.perf_counter() - started
                 centred = selected.float() - selected.float().mean(dim=0)
                 quantisation_error = float(((knowledge - selected.float()) ** 2).sum() / (centred ** 2).sum())
-                build_seconds = coreset_seconds + time.perf_counter() - started
                 started = time.perf_counter()
                 patch_scores = model.patch_scores(None, None, {"knowledge": knowledge}, test)["knowledge"]
                 maps = model.anomaly_maps(patch_scores)

@@ -68,18 +68,13 @@ class PackedKnowledge:
         return cls(**{key: value.to(device) if torch.is_tensor(value) else value for key, value in state.items()})
 
 
-def inner_storage(storage: str) -> str:
-    """How the stored vectors or coefficients are held: the storage without its projection prefix."""
-    return storage.removeprefix(PROJECTED)
-
-
 def vectors_in_budget(storage: str, dim: int, budget: int | None = None, reduced_dim: int = PCA_DIM) -> int:
     """How many `dim`-d vectors `storage` keeps in `budget` bytes (default: the paper's, 196 fp32 vectors), its
     codebook and principal directions included."""
     budget = PAPER_VECTORS * dim * 4 if budget is None else budget
     if storage.startswith(PROJECTED):
         budget, dim = budget - (reduced_dim + 1) * dim * 2, reduced_dim
-    inner = inner_storage(storage)
+    inner = storage.removeprefix(PROJECTED)
     if inner in VECTOR_DTYPES:
         fixed, per_vector = 0, dim * VECTOR_DTYPES[inner].itemsize
     elif inner == "sq8":
@@ -101,11 +96,13 @@ def pack_knowledge(selected: torch.Tensor, storage: str, training: torch.Tensor 
     except ImportError:
         raise UcadError(f"{option} {storage} needs faiss to learn its codes (pip install faiss-cpu)") from None
     training = selected if training is None else training
+    if storage == "pq_kept" and selected.shape[0] >= 2 ** PQ_BITS:  # else too few to fit 256 centroids: the patches
+        training = selected
     if training.shape[0] > TRAINING_POINTS:
         chosen = torch.randperm(training.shape[0], generator=torch.Generator().manual_seed(seed))[:TRAINING_POINTS]
         training = training[chosen.to(training.device)]
     kept, training = (np.ascontiguousarray(x.detach().float().cpu().numpy()) for x in (selected, training))
-    parts, inner = {}, inner_storage(storage)
+    parts, inner = {}, storage.removeprefix(PROJECTED)
     if storage.startswith(PROJECTED):
         if selected.shape[1] <= reduced_dim:
             raise UcadError(f"{option} {storage} keeps {reduced_dim} principal directions of the features: it needs "
@@ -125,9 +122,8 @@ def pack_knowledge(selected: torch.Tensor, storage: str, training: torch.Tensor 
         quantiser.train(kept)
         parts["codes"] = torch.from_numpy(quantiser.compute_codes(kept))
         parts["codebook"] = torch.from_numpy(faiss.vector_to_array(quantiser.trained).reshape(2, -1))
-    else:  # pq_kept falls back to the task's patches when it keeps fewer vectors than a sub-space has centroids
-        fit_kept = inner == "pq_kept" and len(kept) >= 2 ** PQ_BITS
-        parts.update(_product_quantised(kept, kept if fit_kept else training, seed, f"{option} {storage}"))
+    else:
+        parts.update(_product_quantised(kept, training, seed, f"{option} {storage}"))
     return PackedKnowledge(storage, **{name: value.to(selected.device) for name, value in parts.items()})
 
 
